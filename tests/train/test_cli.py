@@ -1,0 +1,164 @@
+"""The real training CLI (``python -m train``) end to end, in subprocesses, on CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import FAST, REPO, run_cli
+from tests.wandb_log import history, run_config
+from train.datamodules import MedMNISTDataModule
+
+pytestmark = pytest.mark.slow
+METRIC_KEYS = {"acc", "auroc", "precision", "recall", "f1", "loss"}
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with (run_dir / "csv" / "metrics.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def val_auroc_by_epoch(run_dir: Path) -> dict[int, float]:
+    return {int(r["epoch"]): float(r["val/auroc"]) for r in read_metrics(run_dir) if r.get("val/auroc")}
+
+
+def test_fast_dev_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "fdr"
+    proc = run_cli("debug=fdr", "model=smallcnn", "model.net.width=8", run_dir=run_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed"
+    assert record["data"]["fingerprint"].startswith("sha256:")
+    assert "val/auroc" in proc.stdout + proc.stderr or record["val"]
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+def test_short_real_fit_improves_and_records_everything(tmp_path: Path, breastmnist_small: Path) -> None:
+    run_dir = tmp_path / "fit"
+    run_cli("logger=csv", "model=resnet18", "model.net.width=16", "trainer=cpu", "trainer.precision=32-true",
+            "callbacks.model_summary=null", f"data.path={breastmnist_small}", "data.md5=false",
+            "trainer.max_epochs=8", "callbacks.ema.decay=0.9", "model.optimizer.lr=0.003", run_dir=run_dir)
+    aurocs = val_auroc_by_epoch(run_dir)
+    assert len(aurocs) == 8
+    assert max(aurocs.values()) > aurocs[0] + 0.1, aurocs
+
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and record["epochs"] == 8
+    assert set(record["test"]) >= METRIC_KEYS and 0.0 <= record["test"]["auroc"] <= 1.0
+    assert record["val"]["auroc"] == pytest.approx(max(aurocs.values()), abs=1e-4)  # best epoch kept
+    assert Path(record["checkpoints"]["best"]).is_file() and Path(record["checkpoints"]["last"]).is_file()
+    dm = MedMNISTDataModule(str(breastmnist_small))
+    dm.setup()
+    assert record["data"]["fingerprint"] == dm.fingerprint
+    assert record["data"]["mean"] == dm.mean and record["data"]["counts"]["train"] == dm.class_counts()
+    assert record["git"].keys() == {"commit", "dirty"}
+    assert record["versions"]["torch"] == torch.__version__.split("+")[0] or record["versions"]["torch"]
+    assert record["config"]["model"]["net"]["arch"] == "resnet18"
+    for name in ("roc", "confusion_matrix"):
+        png = run_dir / record["plots"][name]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert sum(map(sum, record["confusion_matrix"])) == 64  # every test image counted once
+    assert record["threshold"]["method"] == "youden_j_on_val"
+
+
+def test_multiclass_rgb_learns(tmp_path: Path, rgb_multiclass: Path) -> None:
+    run_dir = tmp_path / "rgb"
+    run_cli(*FAST, f"data.path={rgb_multiclass}", "data.md5=false", "data.class_names=null", "data.name=rgb",
+            "model.net.width=16", "trainer.max_epochs=6", "callbacks.ema.decay=0.8", "model.optimizer.lr=0.005",
+            "data.batch_size=16",
+            run_dir=run_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["data"]["channels"] == 3 and len(record["data"]["class_names"]) == 3
+    assert record["test"]["acc"] > 0.8, record["test"]
+    assert "threshold" not in record  # operating points are for binary tasks
+    assert len(record["confusion_matrix"]) == 3
+
+
+def test_bad_data_fails_before_training_with_the_file_named(tmp_path: Path) -> None:
+    run_dir = tmp_path / "bad"
+    missing = tmp_path / "nowhere.npz"
+    proc = run_cli(*FAST, f"data.path={missing}", run_dir=run_dir, check=False)
+    assert proc.returncode == 2
+    assert f"{missing}: dataset file not found" in proc.stdout + proc.stderr
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_resume_after_kill(tmp_path: Path, breastmnist_small: Path) -> None:
+    run_dir = tmp_path / "resume"
+    args = [*FAST, f"data.path={breastmnist_small}", "data.md5=false", "trainer.max_epochs=6",
+            "trainer.limit_train_batches=4", "callbacks.model_checkpoint.every_n_train_steps=1",
+            "data.batch_size=32"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "train", f"hydra.run.dir={run_dir}", *args]
+    first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # kill once training is past its first two epochs, mid-epoch
+            if last.is_file() and (run_dir / "csv" / "metrics.csv").is_file():
+                try:
+                    step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+                except Exception:  # being written right now
+                    step = 0
+                if step >= 10:
+                    break
+            if first.poll() is not None:
+                pytest.fail("training finished before it could be interrupted")
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+    finally:
+        first.wait(timeout=60)
+    killed_at = torch.load(last, map_location="cpu", weights_only=False)
+    assert killed_at["global_step"] < 24, "the run was killed too late to test resuming"
+
+    proc = run_cli(*args, f"ckpt_path={run_dir}", run_dir=run_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["resumed_from"] == str(last)
+    assert record["status"] == "completed"
+    assert record["global_step"] == 24  # 6 epochs x 4 batches: continued, not restarted
+    assert record["epochs"] == 6
+    assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
+    final = torch.load(last, map_location="cpu", weights_only=False)
+    assert final["global_step"] == 24 and final["epoch"] == 5
+
+
+def test_ddp_two_cpu_processes_one_run_dir_one_wandb_run(tmp_path: Path, breastmnist_small: Path) -> None:
+    logs = tmp_path / "logs"
+    run_dir = logs / "ddp"
+    run_cli("trainer=ddp_sim", "logger=default", "model=smallcnn", "model.net.width=8",
+            f"data.path={breastmnist_small}", "data.md5=false", "trainer.max_epochs=2",
+            "callbacks.model_summary=null", f"paths.log_dir={logs}", run_dir=run_dir, timeout=900)
+    assert [p.name for p in logs.iterdir()] == ["ddp"]  # the second process did not make its own folder
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "completed" and record["trainer"]["devices"] == 2
+    assert record["trainer"]["strategy"] == "ddp"
+    assert set(record["test"]) >= METRIC_KEYS
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+
+
+def test_wandb_offline_run_has_the_config(tmp_path: Path, breastmnist_small: Path) -> None:
+    run_dir = tmp_path / "wb"
+    run_cli("logger=default", "model=smallcnn", "model.net.width=8", "trainer=cpu", "trainer.max_epochs=2",
+            "trainer.limit_train_batches=2", f"data.path={breastmnist_small}", "data.md5=false",
+            "callbacks.model_summary=null", "tags=[pytest,wandb]", run_dir=run_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    wb = record["wandb"]
+    assert wb["mode"] == "offline" and wb["sync_command"].startswith("wandb sync ")
+    run_folder = Path(wb["dir"])
+    assert run_folder.parent == run_dir / "wandb" and run_folder.name.startswith("offline-run-")
+    (log_file,) = run_folder.glob("run-*.wandb")
+    config = run_config(log_file)  # what `wandb sync` would upload
+    assert config["model"]["net"]["arch"] == "smallcnn"
+    assert config["data_summary"]["fingerprint"] == record["data"]["fingerprint"]
+    assert config["git"] == record["git"] and config["tags"] == ["pytest", "wandb"]
+    assert history(log_file, "test/auroc") == [pytest.approx(record["test"]["auroc"])]
+    assert len(history(log_file, "val/auroc")) == 2  # one per epoch

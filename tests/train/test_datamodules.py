@@ -1,0 +1,161 @@
+"""DataModules: shapes, dtypes, statistics and every bad-data error, before any training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO, synthetic_rgb_splits, write_csv, write_medmnist
+from train.datamodules import DataError, FolderDataModule, MedMNISTDataModule
+from train.datamodules.base import stratified_split
+
+
+def test_breastmnist_shapes_dtypes_and_stats(breastmnist: Path) -> None:
+    dm = MedMNISTDataModule(str(breastmnist), batch_size=32)
+    dm.setup("fit")
+    assert (dm.num_classes, dm.channels, dm.image_size) == (2, 1, 28)
+    assert dm.class_counts("train") == [147, 399]  # the published BreastMNIST split
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 1, 28, 28) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and set(y.tolist()) <= {0, 1}
+    assert 0.0 <= x.min() and x.max() <= 1.0
+    raw = np.load(breastmnist)["train_images"] / 255.0
+    assert dm.mean == pytest.approx([raw.mean()], abs=1e-5)
+    assert dm.std == pytest.approx([raw.std()], abs=1e-5)
+    assert dm.fingerprint.startswith("sha256:")
+    assert len(dm.datasets["val"]) == 78 and len(dm.datasets["test"]) == 156
+
+
+def test_rgb_multiclass_shapes(rgb_multiclass: Path) -> None:
+    dm = MedMNISTDataModule(str(rgb_multiclass), batch_size=16)
+    dm.setup("fit")
+    assert (dm.num_classes, dm.channels) == (3, 3)
+    x, _ = next(iter(dm.val_dataloader()))
+    assert x.shape == (16, 3, 28, 28)
+    assert len(dm.mean) == 3 and len(dm.std) == 3
+    assert dm.summary()["class_names"] == ["0", "1", "2"]
+
+
+def test_md5_is_checked(breastmnist: Path) -> None:
+    dm = MedMNISTDataModule(str(breastmnist), md5="0" * 32)
+    with pytest.raises(DataError, match="MD5 750601b1f35ba3300ea97c75c52ff8f6 does not match"):
+        dm.setup()
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nothere\.npz: dataset file not found"):
+        MedMNISTDataModule(str(tmp_path / "nothere.npz")).setup()
+
+
+def test_not_an_npz(tmp_path: Path) -> None:
+    bad = tmp_path / "garbage.npz"
+    bad.write_bytes(b"this is not a zip file")
+    with pytest.raises(DataError, match=r"garbage\.npz: not a readable \.npz"):
+        MedMNISTDataModule(str(bad)).setup()
+
+
+def test_missing_keys(tmp_path: Path) -> None:
+    path = tmp_path / "nokeys.npz"
+    np.savez(path, train_images=np.zeros((4, 28, 28), np.uint8), train_labels=np.zeros((4, 1)))
+    with pytest.raises(DataError, match=r"nokeys\.npz: missing keys .*val_images"):
+        MedMNISTDataModule(str(path)).setup()
+
+
+@pytest.mark.parametrize("bad_label", [-1, 7])
+def test_labels_out_of_range(tmp_path: Path, bad_label: int) -> None:
+    splits = synthetic_rgb_splits({"train": 20, "val": 6, "test": 6})
+    images, labels = splits["val"]
+    labels[3] = bad_label
+    path = write_medmnist(tmp_path / "badlabel.npz", splits)
+    dm = MedMNISTDataModule(str(path), class_names=["a", "b", "c"])
+    with pytest.raises(DataError, match=rf"badlabel\.npz: val label {bad_label} at index 3 is out of range"):
+        dm.setup()
+
+
+def test_multilabel_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "multilabel.npz"
+    arrays = {f"{s}_images": np.zeros((4, 28, 28), np.uint8) for s in ("train", "val", "test")}
+    arrays |= {f"{s}_labels": np.zeros((4, 14), np.uint8) for s in ("train", "val", "test")}
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match="multi-label"):
+        MedMNISTDataModule(str(path)).setup()
+
+
+def test_image_size_mismatch_between_splits(tmp_path: Path) -> None:
+    splits = synthetic_rgb_splits({"train": 10, "val": 4, "test": 4})
+    splits["test"] = synthetic_rgb_splits({"test": 4}, size=32)["test"]
+    path = write_medmnist(tmp_path / "sizes.npz", splits)
+    with pytest.raises(DataError, match="splits disagree on image shape"):
+        MedMNISTDataModule(str(path)).setup()
+
+
+def test_folder_of_class_subfolders(png_folder: Path) -> None:
+    dm = FolderDataModule(str(png_folder), image_size=32, channels=1, batch_size=8)
+    dm.setup()
+    assert dm.class_names == ["benign", "malignant"]
+    counts = {s: len(dm.datasets[s]) for s in ("train", "val", "test")}
+    assert counts == {"train": 28, "val": 4, "test": 8}  # stratified 10% / 20% of 2 x 20
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 1, 32, 32)
+
+
+def test_folder_rgb_output_channels(png_folder: Path) -> None:
+    dm = FolderDataModule(str(png_folder), image_size=28, channels=3, batch_size=4)
+    x, _ = next(iter(dm.val_dataloader()))
+    assert x.shape == (4, 3, 28, 28)
+    assert torch.equal(x[:, 0], x[:, 1])  # grey replicated to RGB
+
+
+def test_csv_manifest_with_dicom_and_splits(tmp_path: Path, png_folder: Path) -> None:
+    pngs = sorted(png_folder.rglob("*.png"))
+    rows = [{"path": str(p), "label": p.parent.name, "split": "train"} for p in pngs[:30]]
+    rows += [{"path": str(p), "label": p.parent.name, "split": "val"} for p in pngs[30:35]]
+    rows += [{"path": str(REPO / "tests/data/CT_small.dcm"), "label": "malignant", "split": "test"},
+             {"path": str(REPO / "tests/data/MR_small.dcm"), "label": "benign", "split": "test"}]
+    dm = FolderDataModule(str(write_csv(tmp_path / "m.csv", rows)), image_size=32, channels=1)
+    dm.setup()
+    assert [len(dm.datasets[s]) for s in ("train", "val", "test")] == [30, 5, 2]
+    ct = dm.datasets["test"].images[0]
+    assert ct.shape == (1, 32, 32) and ct.float().std() > 5  # a real windowed CT, not blank
+
+
+def test_csv_missing_and_corrupt_files_all_reported(tmp_path: Path, png_folder: Path) -> None:
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    good = sorted(png_folder.rglob("*.png"))
+    rows = [{"path": str(p), "label": p.parent.name} for p in good]
+    rows += [{"path": str(tmp_path / "missing.png"), "label": "benign"}, {"path": str(corrupt), "label": "benign"}]
+    dm = FolderDataModule(str(write_csv(tmp_path / "m.csv", rows)), image_size=28)
+    with pytest.raises(DataError) as err:
+        dm.setup()
+    message = str(err.value)
+    assert "2 of 42 images cannot be used" in message
+    assert "missing.png" in message and "corrupt.png" in message
+
+
+def test_csv_bad_columns_and_unknown_split(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="needs 'path' and 'label' columns"):
+        FolderDataModule(str(write_csv(tmp_path / "a.csv", [{"file": "x.png", "y": "1"}]))).setup()
+    bad_split = write_csv(tmp_path / "b.csv", [{"path": "x.png", "label": "1", "split": "holdout"}])
+    with pytest.raises(DataError, match=r"b\.csv:2: unknown split 'holdout'"):
+        FolderDataModule(str(bad_split)).setup()
+
+
+def test_csv_label_not_in_configured_classes(tmp_path: Path, png_folder: Path) -> None:
+    rows = [{"path": str(p), "label": p.parent.name} for p in sorted(png_folder.rglob("*.png"))]
+    path = write_csv(tmp_path / "m.csv", rows)
+    with pytest.raises(DataError, match=r"labels \['malignant'\] are not among the configured classes"):
+        FolderDataModule(str(path), class_names=["benign", "other"]).setup()
+
+
+def test_stratified_split_is_seeded_and_disjoint() -> None:
+    labels = np.array([0] * 50 + [1] * 30)
+    a = stratified_split(labels, {"val": 0.1, "test": 0.2}, seed=3)
+    b = stratified_split(labels, {"val": 0.1, "test": 0.2}, seed=3)
+    assert all(np.array_equal(a[s], b[s]) for s in a)
+    together = np.concatenate([a["train"], a["val"], a["test"]])
+    assert sorted(together.tolist()) == list(range(80))
+    assert (labels[a["test"]] == 1).sum() == 6 and (labels[a["test"]] == 0).sum() == 10

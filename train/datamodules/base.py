@@ -1,0 +1,208 @@
+"""The in-memory image-classification DataModule that the format-specific modules build on.
+
+A subclass only loads its source into :class:`SplitArrays` (uint8 N x H x W x C images and int64
+labels per split); this base class validates them, computes normalisation statistics on the training
+split, fingerprints the data and serves tensors in the model-input contract (float32 NCHW in [0, 1]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medimg import dataset_fingerprint
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Bad input data, found before training starts; the message names the source and the problem."""
+
+
+@dataclass
+class SplitArrays:
+    """Images (N x H x W x C, uint8) and labels (N, int64) of each split, with class names."""
+
+    images: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    class_names: list[str]
+    source: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images["train"].shape[-1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images["train"].shape[1])
+
+
+def validate_splits(data: SplitArrays) -> None:
+    """Raise :class:`DataError` naming the source for missing splits, bad shapes or out-of-range labels."""
+    num_classes = len(data.class_names)
+    if num_classes < 2:
+        raise DataError(f"{data.source}: need at least 2 classes, found {num_classes}")
+    shapes = set()
+    for split in SPLITS:
+        if split not in data.images:
+            raise DataError(f"{data.source}: split {split!r} is missing")
+        images, labels = data.images[split], data.labels[split]
+        if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[1] != images.shape[2]:
+            raise DataError(
+                f"{data.source}: {split} images have shape {images.shape}; expected N x S x S x C with C in 1 or 3"
+            )
+        if images.dtype != np.uint8:
+            raise DataError(f"{data.source}: {split} images have dtype {images.dtype}; expected uint8")
+        if len(images) == 0:
+            raise DataError(f"{data.source}: split {split!r} is empty")
+        if labels.shape != (len(images),):
+            raise DataError(
+                f"{data.source}: {split} has {len(images)} images but labels of shape {labels.shape}"
+            )
+        bad = (labels < 0) | (labels >= num_classes)
+        if bad.any():
+            raise DataError(
+                f"{data.source}: {split} label {int(labels[bad][0])} at index {int(np.argmax(bad))} is out of "
+                f"range for {num_classes} classes (0..{num_classes - 1})"
+            )
+        shapes.add(images.shape[1:])
+    if len(shapes) != 1:
+        raise DataError(f"{data.source}: splits disagree on image shape: {sorted(shapes)}")
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, in the [0, 1] model-input scale."""
+    flat = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    std = np.maximum(flat.std(axis=0), 1e-6)
+    return flat.mean(axis=0).round(6).tolist(), std.round(6).tolist()
+
+
+class ArrayDataset(Dataset):
+    """Serves (float32 C x H x W in [0, 1], int64 label) pairs from uint8 N x H x W x C arrays."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index].float().div_(255.0), self.labels[index]
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """Validated in-memory splits with statistics, fingerprint and loaders; subclasses implement ``load``."""
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.data: SplitArrays | None = None
+        self.datasets: dict[str, ArrayDataset] = {}
+        self.mean: list[float] = []
+        self.std: list[float] = []
+        self.fingerprint = ""
+
+    def load(self) -> SplitArrays:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def prepare(self) -> SplitArrays:
+        """Load, validate and summarise the data once (idempotent); raises :class:`DataError` on bad data."""
+        if self.data is None:
+            data = self.load()
+            validate_splits(data)
+            self.mean, self.std = channel_stats(data.images["train"])
+            self.fingerprint = dataset_fingerprint({s: (data.images[s], data.labels[s]) for s in SPLITS})
+            self.datasets = {s: ArrayDataset(data.images[s], data.labels[s]) for s in SPLITS}
+            self.data = data
+        return self.data
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.prepare().class_names)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.prepare().class_names
+
+    @property
+    def channels(self) -> int:
+        return self.prepare().channels
+
+    @property
+    def image_size(self) -> int:
+        return self.prepare().image_size
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        data = self.prepare()
+        return np.bincount(data.labels[split], minlength=len(data.class_names)).tolist()
+
+    def summary(self) -> dict[str, Any]:
+        """What the run record stores about the data: source, geometry, classes, counts, stats, fingerprint."""
+        data = self.prepare()
+        return {
+            "source": data.source,
+            "image_size": data.image_size,
+            "channels": data.channels,
+            "class_names": data.class_names,
+            "counts": {s: self.class_counts(s) for s in SPLITS},
+            "mean": self.mean,
+            "std": self.std,
+            "fingerprint": self.fingerprint,
+            **data.info,
+        }
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.prepare()
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_split_dataloader(self, split: str) -> DataLoader:
+        return self._loader(split, shuffle=False)
+
+
+def stratified_split(
+    labels: np.ndarray, fractions: Mapping[str, float], seed: int
+) -> dict[str, np.ndarray]:
+    """Indices per split (``fractions`` for val/test, the rest train), stratified by label, seeded."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        start = 0
+        for split in ("val", "test"):
+            n = int(round(fractions.get(split, 0.0) * len(idx)))
+            out[split].extend(idx[start : start + n].tolist())
+            start += n
+        out["train"].extend(idx[start:].tolist())
+    return {s: np.array(sorted(v), dtype=np.int64) for s, v in out.items()}
+
+

@@ -1,0 +1,217 @@
+"""The training job: data -> fit -> best checkpoint on the test split -> plots and ``run.json``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics.functional.classification import binary_roc
+
+from train.datamodules import ImageClassificationDataModule
+from train.loggers import wandb_run_info
+from train.module import ClassificationModule, count_parameters
+from train.plots import plot_confusion, plot_roc
+from train.run_record import new_record, write_record
+
+log = logging.getLogger(__name__)
+
+
+def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
+    """A checkpoint file, or a run directory whose ``checkpoints/last.ckpt`` is used for resuming."""
+    if not ckpt_path:
+        return None
+    path = Path(ckpt_path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
+    return str(path)
+
+
+def choose_precision(precision: Any, accelerator: str) -> Any:
+    """Resolve ``precision: auto``: bf16 mixed where the hardware runs it natively, else full float32."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if accelerator in ("cpu", "auto") and torch.backends.mkldnn.is_available():
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "bf16-mixed"
+    return "32-true"
+
+
+def instantiate_list(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a config group such as callbacks or logger."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def build_module(cfg: DictConfig, dm: ImageClassificationDataModule) -> ClassificationModule:
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(model_cfg, dict)
+    compile_net = bool(model_cfg.pop("compile", False))
+    model_cfg.pop("_target_", None)
+    module = ClassificationModule(
+        num_classes=dm.num_classes,
+        in_channels=dm.channels,
+        image_size=dm.image_size,
+        mean=dm.mean,
+        std=dm.std,
+        class_names=dm.class_names,
+        class_counts=dm.class_counts("train"),
+        **model_cfg,
+    )
+    if compile_net:
+        module.net.compile()
+    return module
+
+
+def youden_threshold(probs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Threshold on P(class 1) maximising sensitivity + specificity - 1 (binary tasks)."""
+    fpr, tpr, thresholds = binary_roc(probs[:, 1], targets)
+    best = int(torch.argmax(tpr - fpr))
+    return float(min(thresholds[best].item(), 1.0))
+
+
+def threshold_metrics(probs: torch.Tensor, targets: torch.Tensor, threshold: float) -> dict[str, float]:
+    pred = (probs[:, 1] >= threshold).long()
+    pos, neg = targets == 1, targets == 0
+    return {
+        "acc": (pred == targets).float().mean().item(),
+        "sensitivity": (pred[pos] == 1).float().mean().item() if pos.any() else float("nan"),
+        "specificity": (pred[neg] == 0).float().mean().item() if neg.any() else float("nan"),
+    }
+
+
+def predict_split(trainer: L.Trainer, module: ClassificationModule, dm: ImageClassificationDataModule, split: str):
+    probs = torch.cat(trainer.predict(module, dataloaders=dm.predict_split_dataloader(split)))  # type: ignore[arg-type]
+    return probs, dm.datasets[split].labels
+
+
+def evaluate(
+    cfg: DictConfig, best_path: str, dm: ImageClassificationDataModule, loggers: list[Logger], out_dir: Path,
+    step: int,
+) -> dict[str, Any]:
+    """Test the best checkpoint on one device in float32, then write the plots; returns the record part.
+
+    The metrics go to the run's loggers at the fit's last ``step`` (as ``test/*`` and ``best_val/*``).
+    """
+    module = ClassificationModule.load_from_checkpoint(best_path, map_location="cpu", weights_only=False)
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=1, logger=False, precision="32-true",
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    (val_metrics,) = trainer.validate(module, datamodule=dm, verbose=False)
+    (test_metrics,) = trainer.test(module, datamodule=dm, verbose=False)
+    names = dm.class_names
+    probs_val, y_val = predict_split(trainer, module, dm, "val")
+    probs_test, y_test = predict_split(trainer, module, dm, "test")
+    confusion = module.test_confusion.compute().cpu().numpy().astype(int)
+    plots = {
+        "roc": plot_roc(probs_test, y_test, names, out_dir / "roc_test.png", "ROC, test split"),
+        "confusion_matrix": plot_confusion(confusion, names, out_dir / "confusion_test.png", "Confusion, test"),
+    }
+    result: dict[str, Any] = {
+        "val": {k.removeprefix("val/"): float(v) for k, v in val_metrics.items()},
+        "test": {k.removeprefix("test/"): float(v) for k, v in test_metrics.items()},
+        "confusion_matrix": confusion.tolist(),
+        "plots": {k: p.name for k, p in plots.items()},
+    }
+    if len(names) == 2:
+        thr = youden_threshold(probs_val, y_val)
+        result["threshold"] = {
+            "method": "youden_j_on_val", "positive_class": names[1], "value": thr,
+            "val": threshold_metrics(probs_val, y_val, thr), "test": threshold_metrics(probs_test, y_test, thr),
+        }
+    final = {f"test/{k}": v for k, v in result["test"].items()}
+    final |= {f"best_val/{k}": v for k, v in result["val"].items()}
+    for lg in loggers:
+        lg.log_metrics(final, step=step)
+        if isinstance(lg, WandbLogger):
+            lg.log_image("test/plots", [str(p) for p in plots.values()], caption=list(plots))
+    return result
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job as configured; returns the run record (empty on non-zero DDP ranks)."""
+    started = time.perf_counter()
+    out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    dm: ImageClassificationDataModule = hydra.utils.instantiate(cfg.data)
+    dm.prepare()  # raises DataError naming the file and the problem, before anything is trained
+    module = build_module(cfg, dm)
+
+    callbacks: list[Callback] = instantiate_list(cfg.get("callbacks"))
+    loggers: list[Logger] = instantiate_list(cfg.get("logger"))
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(trainer_cfg, dict)
+    trainer_cfg["precision"] = choose_precision(trainer_cfg.get("precision", "auto"),
+                                                trainer_cfg.get("accelerator", "auto"))
+    trainer: L.Trainer = hydra.utils.instantiate(
+        trainer_cfg, callbacks=callbacks, logger=loggers or False, deterministic=cfg.get("deterministic", False)
+    )
+
+    record = new_record(out_dir, run_id=out_dir.name)
+    record["config"] = OmegaConf.to_container(cfg, resolve=True)
+    record["data"] = dm.summary()
+    record["model"] = {"arch": module.hparams.net.get("arch"), "parameters": count_parameters(module.net)}
+    record["trainer"] = {"precision": str(trainer_cfg["precision"]), "accelerator": trainer_cfg.get("accelerator"),
+                         "devices": trainer_cfg.get("devices"), "strategy": str(trainer_cfg.get("strategy", "auto"))}
+    for lg in loggers:
+        lg.log_hyperparams({**record["config"], "data_summary": record["data"], "git": record["git"]})
+    if trainer.is_global_zero:
+        write_record(record, out_dir)
+
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
+    fit_started = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - fit_started
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # evaluation below runs on rank 0 alone
+    if not trainer.is_global_zero:
+        return {}
+
+    best_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+    best_path = best_cb.best_model_path if best_cb and best_cb.best_model_path else None
+    last_path = next((c.last_model_path for c in trainer.callbacks
+                      if isinstance(c, ModelCheckpoint) and c.last_model_path), None)
+    record["checkpoints"] = {
+        "best": best_path and str(Path(best_path).resolve()),
+        "last": last_path and str(Path(last_path).resolve()),
+        "monitor": best_cb.monitor if best_cb else None,
+        "best_score": float(best_cb.best_model_score) if best_cb and best_cb.best_model_score is not None else None,
+    }
+    record["resumed_from"] = ckpt_path
+    record["epochs"] = trainer.current_epoch
+    record["global_step"] = trainer.global_step
+    record["val"] = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items()
+                     if k.startswith("val/")}
+    record["status"] = "fitted"
+    write_record(record, out_dir)
+
+    if cfg.get("test", True) and best_path and not trainer.interrupted:
+        record.update(evaluate(cfg, best_path, dm, loggers, out_dir, step=trainer.global_step))
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            record["wandb"] = wandb_run_info(lg)
+    record["timing"] = {"fit_seconds": round(fit_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1)}
+    record["status"] = "interrupted" if trainer.interrupted else "completed"
+    write_record(record, out_dir)
+    for lg in loggers:
+        lg.finalize("success")
+        if isinstance(lg, WandbLogger):
+            lg.experiment.finish()  # flush the run (config, summary, files) now, not at interpreter exit
+    return record

@@ -1,0 +1,41 @@
+"""The end-of-run summary printed to the terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+METRICS = ("auroc", "acc", "precision", "recall", "f1", "loss")
+
+
+def print_summary(record: dict[str, Any], console: Console | None = None) -> None:
+    """A table of val and test metrics of the best checkpoint, then where everything was written."""
+    console = console or Console()
+    table = Table(title=f"run {record.get('run_id')} — best checkpoint", show_lines=False)
+    table.add_column("metric")
+    for split in ("val", "test"):
+        table.add_column(split, justify="right")
+    for name in METRICS:
+        vals = [record.get(s, {}).get(name) for s in ("val", "test")]
+        if any(v is not None for v in vals):
+            table.add_row(name, *("-" if v is None else f"{v:.4f}" for v in vals))
+    thr = record.get("threshold")
+    if thr:
+        table.add_row(f"acc @ val threshold {thr['value']:.3f}",
+                      f"{thr['val']['acc']:.4f}", f"{thr['test']['acc']:.4f}")
+    console.print(table)
+    data = record.get("data", {})
+    timing = record.get("timing", {})
+    console.print(f"data: {data.get('source')}  fingerprint {data.get('fingerprint', '')[:23]}…")
+    console.print(f"epochs: {record.get('epochs')}  fit {timing.get('fit_seconds')} s, "
+                  f"total {timing.get('total_seconds')} s  ({record.get('trainer', {}).get('precision')})")
+    console.print(f"best checkpoint: {record.get('checkpoints', {}).get('best')}")
+    plots = ", ".join(record.get("plots", {}).values())
+    console.print(f"run record: {record.get('output_dir')}/run.json  plots: {plots}")
+    wb = record.get("wandb")
+    if wb and wb.get("sync_command"):
+        console.print(f"W&B (offline): upload with `{wb['sync_command']}`")
+    elif wb and wb.get("url"):
+        console.print(f"W&B: {wb['url']}")
