@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from train.plots import plot_confusion, plot_roc
 from train.run_record import new_record, write_record
 
 log = logging.getLogger(__name__)
+# Augmentation runs in the module's on_after_batch_transfer on purpose (on the training device).
+warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
 
 
 def resolve_ckpt_path(ckpt_path: str | None) -> str | None:

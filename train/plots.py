@@ -41,7 +41,7 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path, t
     size = max(4.5, 0.6 * len(class_names) + 2.5)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    labels = [n if len(n) <= 14 else n[:13] + "…" for n in class_names]
+    labels = [n if len(n) <= 20 else n[:19] + "…" for n in class_names]
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
     for i in range(matrix.shape[0]):

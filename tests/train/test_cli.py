@@ -162,3 +162,16 @@ def test_wandb_offline_run_has_the_config(tmp_path: Path, breastmnist_small: Pat
     assert config["git"] == record["git"] and config["tags"] == ["pytest", "wandb"]
     assert history(log_file, "test/auroc") == [pytest.approx(record["test"]["auroc"])]
     assert len(history(log_file, "val/auroc")) == 2  # one per epoch
+
+
+def test_deterministic_runs_are_identical(tmp_path: Path, breastmnist_small: Path) -> None:
+    args = [*FAST, f"data.path={breastmnist_small}", "data.md5=false", "trainer.max_epochs=2",
+            "trainer.limit_train_batches=3", "deterministic=true", "seed=7"]
+    records = []
+    for name in ("a", "b"):
+        run_cli(*args, run_dir=tmp_path / name)
+        records.append(json.loads((tmp_path / name / "run.json").read_text()))
+    assert records[0]["test"] == records[1]["test"]
+    weights = [torch.load(r["checkpoints"]["last"], map_location="cpu", weights_only=False)["state_dict"]
+               for r in records]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

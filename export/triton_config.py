@@ -1,0 +1,166 @@
+"""Triton ``config.pbtxt`` files built as protobuf messages, so what we write always parses.
+
+The batch dimension is the classic trap: with ``max_batch_size > 0`` Triton prepends an implicit, variable batch
+dimension, so ``dims`` must describe ONE sample (``[C, H, W]`` for the input, ``[num_classes]`` for the output).
+Writing ``[-1, C, H, W]`` there makes every request fail with a shape mismatch. :func:`build_model_config` owns
+that rule so nobody has to remember it.
+
+No torch here: this module is used by export *and* by torch-free serving tooling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+__all__ = [
+    "INSTANCE_KINDS",
+    "TARGETS",
+    "build_model_config",
+    "parse_model_config",
+    "render_model_config",
+]
+
+TARGETS = ("python", "onnxruntime", "tensorrt")
+INSTANCE_KINDS = ("auto", "cpu", "gpu")
+
+# target -> (backend, platform, default_model_filename); "" means "leave the field unset".
+_TARGET_FIELDS: dict[str, tuple[str, str, str]] = {
+    "python": ("python", "", ""),
+    "onnxruntime": ("", "onnxruntime_onnx", "model.onnx"),
+    "tensorrt": ("", "tensorrt_plan", "model.plan"),
+}
+
+
+def _positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def build_model_config(
+    name: str,
+    target: str,
+    *,
+    channels: int,
+    image_size: int,
+    num_classes: int,
+    max_batch_size: int = 64,
+    preferred_batch_sizes: Sequence[int] = (8, 16, 32),
+    max_queue_delay_us: int = 2000,
+    instance_kind: str = "auto",
+    instance_count: int = 1,
+    versions_to_serve: int = 1,
+    parameters: Mapping[str, str] | None = None,
+    input_name: str = "image",
+    output_name: str = "probabilities",
+    label_filename: str = "labels.txt",
+    warmup: bool = True,
+) -> model_config_pb2.ModelConfig:
+    """Return the Triton model configuration of an image classifier.
+
+    Args:
+        name: Triton model name (the folder name in the model repository).
+        target: one of :data:`TARGETS`: ``python`` (Python backend running onnxruntime), ``onnxruntime``
+            (platform ``onnxruntime_onnx``) or ``tensorrt`` (platform ``tensorrt_plan``).
+        channels, image_size, num_classes: per-sample shapes; the batch dimension is implicit.
+        max_batch_size: largest batch Triton may form (>= 1; batching is always on).
+        preferred_batch_sizes: dynamic-batcher targets; sizes above ``max_batch_size`` are dropped.
+        max_queue_delay_us: how long the dynamic batcher may wait to fill a batch.
+        instance_kind: ``auto`` (GPU for TensorRT, CPU otherwise), ``cpu`` or ``gpu``.
+        instance_count: model instances per device.
+        versions_to_serve: serve the latest N versions (``version_policy { latest { num_versions: N } }``).
+        parameters: free-form string parameters (lineage: run id, git commit, dataset fingerprint, metrics).
+        label_filename: class names file next to ``config.pbtxt``; empty string for none.
+        warmup: add a one-sample all-zeros warm-up request so the first real request is not slow.
+
+    Raises:
+        ValueError: unknown target or instance kind, non-positive sizes, an empty name, or preferred batch
+            sizes that are all larger than ``max_batch_size``.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"unknown Triton target {target!r}; expected one of {', '.join(TARGETS)}")
+    if instance_kind not in INSTANCE_KINDS:
+        raise ValueError(f"unknown instance_kind {instance_kind!r}; expected one of {', '.join(INSTANCE_KINDS)}")
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"invalid Triton model name {name!r}")
+    for field, value in (
+        ("channels", channels),
+        ("image_size", image_size),
+        ("num_classes", num_classes),
+        ("instance_count", instance_count),
+        ("versions_to_serve", versions_to_serve),
+    ):
+        _positive(field, value)
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(
+            f"max_batch_size must be >= 1, got {max_batch_size!r}: these configs always batch, with the batch "
+            "dimension implicit (not part of dims)"
+        )
+    if max_queue_delay_us < 0:
+        raise ValueError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
+    for size in preferred_batch_sizes:
+        _positive("each preferred batch size", size)
+    preferred = sorted({int(s) for s in preferred_batch_sizes if s <= max_batch_size})
+    if preferred_batch_sizes and not preferred:
+        raise ValueError(
+            f"all preferred batch sizes {list(preferred_batch_sizes)} exceed max_batch_size={max_batch_size}"
+        )
+    if not input_name or not output_name:
+        raise ValueError("input_name and output_name must be non-empty")
+
+    backend, platform, model_filename = _TARGET_FIELDS[target]
+    config = model_config_pb2.ModelConfig(name=name, max_batch_size=max_batch_size)
+    if backend:
+        config.backend = backend
+    if platform:
+        config.platform = platform
+    if model_filename:
+        config.default_model_filename = model_filename
+
+    input_dims = [channels, image_size, image_size]
+    config.input.add(name=input_name, data_type=model_config_pb2.TYPE_FP32, dims=input_dims)
+    output = config.output.add(name=output_name, data_type=model_config_pb2.TYPE_FP32, dims=[num_classes])
+    if label_filename:
+        output.label_filename = label_filename
+
+    config.dynamic_batching.preferred_batch_size.extend(preferred)
+    config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+
+    kind = instance_kind if instance_kind != "auto" else ("gpu" if target == "tensorrt" else "cpu")
+    config.instance_group.add(
+        kind=model_config_pb2.ModelInstanceGroup.KIND_GPU if kind == "gpu" else model_config_pb2.ModelInstanceGroup.KIND_CPU,
+        count=instance_count,
+    )
+
+    config.version_policy.latest.num_versions = versions_to_serve
+
+    for key, value in (parameters or {}).items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"parameter names must be non-empty strings, got {key!r}")
+        if not isinstance(value, str):
+            raise ValueError(f"parameter {key!r} must be a string (json.dumps structured values), got {type(value)}")
+        config.parameters[key].string_value = value
+
+    if warmup:
+        sample = config.model_warmup.add(name="zeros", batch_size=1)
+        sample.inputs[input_name].data_type = model_config_pb2.TYPE_FP32
+        sample.inputs[input_name].dims.extend(input_dims)
+        sample.inputs[input_name].zero_data = True
+    return config
+
+
+def render_model_config(config: model_config_pb2.ModelConfig) -> str:
+    """``config.pbtxt`` text of ``config`` (protobuf text format)."""
+    return text_format.MessageToString(config)
+
+
+def parse_model_config(text: str) -> model_config_pb2.ModelConfig:
+    """Parse ``config.pbtxt`` text; raises ValueError naming the offending line and column."""
+    config = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ValueError(f"invalid Triton model config (config.pbtxt): {exc}") from exc
+    return config
