@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 
 from tests.conftest import REPO
 
-RUN_CMD = 'python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && .venv/bin/python -m train experiment=breastmnist'
+RUN_CMD = ('python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && '
+           ".venv/bin/python -m train experiment=breastmnist")
 TEST_CMD = ('python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && .venv/bin/ruff check . '
             "&& .venv/bin/python -m pytest")
 
