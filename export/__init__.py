@@ -1,1 +1,4 @@
-"""Checkpoint -> parity-checked ONNX (-> TensorRT) -> versioned Triton model folders (issue 3, not yet built)."""
+"""Checkpoint -> parity-checked ONNX (-> TensorRT) -> versioned Triton model folders with model cards.
+
+``python -m export run=<run dir> name=<model>``; see :mod:`export.pipeline`.
+"""

@@ -129,10 +129,8 @@ def build_model_config(
     config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
 
     kind = instance_kind if instance_kind != "auto" else ("gpu" if target == "tensorrt" else "cpu")
-    config.instance_group.add(
-        kind=model_config_pb2.ModelInstanceGroup.KIND_GPU if kind == "gpu" else model_config_pb2.ModelInstanceGroup.KIND_CPU,
-        count=instance_count,
-    )
+    group = model_config_pb2.ModelInstanceGroup
+    config.instance_group.add(kind=group.KIND_GPU if kind == "gpu" else group.KIND_CPU, count=instance_count)
 
     config.version_policy.latest.num_versions = versions_to_serve
 

@@ -91,7 +91,8 @@ def load_medmnist_npz(path: str | Path, class_names: list[str] | None = None) ->
     num_classes = int(max(int(labels[s].max(initial=0)) for s in SPLITS)) + 1
     # with configured names, a label beyond them is reported by validate_splits (file, split, index)
     names = list(class_names) if class_names else [str(i) for i in range(max(num_classes, 2))]
-    return SplitArrays(images, labels, names, source=str(path), info={"format": "medmnist", "md5": file_md5(path)})
+    return SplitArrays(images, labels, names, source=str(path), info={"format": "medmnist", "md5": file_md5(path),
+                                     "licence": "CC BY 4.0" if path.stem in OFFICIAL_MD5 else None})
 
 
 class MedMNISTDataModule(ImageClassificationDataModule):

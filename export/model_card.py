@@ -1,0 +1,109 @@
+"""Model cards (Mitchell et al., "Model Cards for Model Reporting", FAT* 2019) as Markdown and JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+INTENDED_USE = (
+    "Research and engineering evaluation of automated image classification on data like the training data. "
+    "Outputs are class probabilities for a single image."
+)
+OUT_OF_SCOPE = (
+    "Not a medical device and not for clinical use: do not use it to diagnose, triage or treat patients. "
+    "Not validated on images from other sites, scanners, modalities, resolutions or populations than the "
+    "training data; not for images outside the input contract below."
+)
+LIMITATIONS = [
+    "Trained and evaluated on a small public benchmark; figures carry wide uncertainty (see the split sizes).",
+    "Low-resolution inputs remove detail a clinician would use.",
+    "Probabilities are not calibrated unless the metrics say so; the operating point was chosen on validation.",
+    "Performance under distribution shift (new scanners, sites, populations) is unknown.",
+]
+
+
+def per_class_figures(confusion: list[list[int]] | None, class_names: list[str]) -> list[dict[str, Any]]:
+    """Sensitivity (recall) and precision per class from a confusion matrix (rows: true class)."""
+    if not confusion:
+        return []
+    rows = []
+    for i, name in enumerate(class_names):
+        tp = confusion[i][i]
+        support = sum(confusion[i])
+        predicted = sum(row[i] for row in confusion)
+        rows.append({"class": name, "support": support,
+                     "sensitivity": tp / support if support else None,
+                     "precision": tp / predicted if predicted else None})
+    return rows
+
+
+def build_card(meta: dict[str, Any]) -> dict[str, Any]:
+    """The model card as a JSON-able dict, from the version's metadata."""
+    data = meta.get("data") or {}
+    return {
+        "model_details": {
+            "name": meta["name"], "version": meta["version"], "architecture": meta["model"]["arch"],
+            "parameters": meta["model"].get("parameters"), "created": meta["created"],
+            "format": meta["target"], "license_of_training_data": data.get("licence"),
+        },
+        "intended_use": INTENDED_USE,
+        "out_of_scope_use": OUT_OF_SCOPE,
+        "input_contract": meta["input"],
+        "training_data": {"source": data.get("source"), "fingerprint": data.get("fingerprint"),
+                          "counts": (data.get("counts") or {}).get("train"), "class_names": meta["class_names"]},
+        "evaluation_data": {"split": "test", "counts": (data.get("counts") or {}).get("test"),
+                            "source": data.get("source")},
+        "metrics": {"val": meta["metrics"].get("val"), "test": meta["metrics"].get("test"),
+                    "per_class_test": per_class_figures(meta["metrics"].get("confusion_matrix"), meta["class_names"]),
+                    "operating_point": meta["metrics"].get("threshold")},
+        "parity": meta["parity"],
+        "limitations": LIMITATIONS,
+        "lineage": meta["lineage"],
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def render_markdown(card: dict[str, Any]) -> str:
+    d = card["model_details"]
+    lines = [
+        f"# Model card: {d['name']} v{d['version']}", "",
+        "## Model details", "",
+        f"- Architecture: {d['architecture']} ({_fmt(d['parameters'])} parameters), format `{d['format']}`",
+        f"- Created: {d['created']}",
+        f"- Training data licence: {_fmt(d['license_of_training_data'])}", "",
+        "## Intended use", "", card["intended_use"], "",
+        "## Out-of-scope use", "", card["out_of_scope_use"], "",
+        "## Input contract", "",
+    ]
+    lines += [f"- {k}: `{v}`" for k, v in card["input_contract"].items()]
+    td, ed = card["training_data"], card["evaluation_data"]
+    lines += ["", "## Training data", "",
+              f"- Source: `{td['source']}`", f"- Fingerprint: `{td['fingerprint']}`",
+              f"- Classes: {', '.join(td['class_names'])}", f"- Images per class (train): {td['counts']}", "",
+              "## Evaluation data", "", f"- Test split of the same source, images per class: {ed['counts']}", "",
+              "## Metrics (best checkpoint)", "", "| metric | val | test |", "|---|---|---|"]
+    val, test = card["metrics"]["val"] or {}, card["metrics"]["test"] or {}
+    for key in ("auroc", "acc", "precision", "recall", "f1", "loss"):
+        if key in val or key in test:
+            lines.append(f"| {key} | {_fmt(val.get(key))} | {_fmt(test.get(key))} |")
+    per_class = card["metrics"]["per_class_test"]
+    if per_class:
+        lines += ["", "| class (test) | support | sensitivity | precision |", "|---|---|---|---|"]
+        lines += [f"| {r['class']} | {r['support']} | {_fmt(r['sensitivity'])} | {_fmt(r['precision'])} |"
+                  for r in per_class]
+    op = card["metrics"]["operating_point"]
+    if op:
+        lines += ["", f"Operating point ({op['method']}, P({op['positive_class']}) >= {op['value']:.4f}): test "
+                      f"accuracy {_fmt(op['test']['acc'])}, sensitivity {_fmt(op['test']['sensitivity'])}, "
+                      f"specificity {_fmt(op['test']['specificity'])}."]
+    lines += ["", "## Export parity", ""]
+    lines += [f"- {p['engine']}: max |prob diff| {p['max_abs_diff']:.2e} (tolerance {p['tolerance']:.0e}), "
+              f"argmax agreement {p['argmax_agreement']:.2%} on {p['images']} held-out images, batch sizes "
+              f"{p['batch_sizes']}" for p in card["parity"]]
+    lines += ["", "## Limitations", ""] + [f"- {item}" for item in card["limitations"]]
+    lines += ["", "## Lineage", ""] + [f"- {k}: `{_fmt(v)}`" for k, v in card["lineage"].items()]
+    return "\n".join(lines) + "\n"

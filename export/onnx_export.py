@@ -1,0 +1,74 @@
+"""PyTorch -> ONNX with a dynamic batch axis; the graph holds normalisation and the softmax."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+for _noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch._export", "torch.export"):
+    logging.getLogger(_noisy).setLevel(logging.WARNING)
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+
+
+class ProbabilityModel(nn.Module):
+    """The exported graph: raw [0, 1] image -> normalisation -> network -> class probabilities."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image).float().softmax(dim=-1)
+
+
+def export_onnx(net: nn.Module, path: Path, input_shape: tuple[int, int, int], max_batch_size: int,
+                opset: int = 18) -> Path:
+    """Export ``net`` (float32, CPU, eval) to ``path``; input ``image`` [batch, C, H, W], output ``probabilities``."""
+    model = ProbabilityModel(net).eval().cpu().float()
+    example = torch.rand(2, *input_shape)
+    batch = torch.export.Dim("batch", min=1, max=max(2, max_batch_size))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], dynamic_shapes={"image": {0: batch}}, optimize=True, verbose=False,
+        )
+    inline_weights(path)
+    check_onnx(path, input_shape)
+    return path
+
+
+def inline_weights(path: Path) -> None:
+    """Store the weights inside the .onnx file (one file to ship) unless the model exceeds protobuf's 2 GB."""
+    data_files = list(path.parent.glob(path.name + ".data"))
+    if not data_files:
+        return
+    model = onnx.load(str(path))  # pulls the external tensors in
+    if model.ByteSize() < 2**31 - 2**20:
+        onnx.save_model(model, str(path), save_as_external_data=False)
+        for f in data_files:
+            f.unlink()
+
+
+def check_onnx(path: Path, input_shape: tuple[int, int, int]) -> onnx.ModelProto:
+    """``onnx.checker`` (full) plus the I/O contract: one float input [batch, C, H, W], one output."""
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    (inp,) = model.graph.input
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    if inp.name != INPUT_NAME or not isinstance(dims[0], str) or tuple(dims[1:]) != input_shape:
+        raise ValueError(f"{path}: unexpected input {inp.name} {dims}; expected {INPUT_NAME} [batch, *{input_shape}]")
+    if [o.name for o in model.graph.output] != [OUTPUT_NAME]:
+        raise ValueError(f"{path}: outputs {[o.name for o in model.graph.output]}, expected [{OUTPUT_NAME}]")
+    return model
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))

@@ -1,0 +1,164 @@
+"""The export job: checkpoint -> ONNX (parity-gated) [-> TensorRT] -> a new Triton model version."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+
+from export.model_card import build_card, render_markdown
+from export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, opset_of
+from export.parity import ParityError, check_parity, onnxruntime_runner, parity_batch_sizes, torch_probabilities
+from export.repository import next_version, staged_version, validate_model_name
+from export.source import ExportError, ExportSource, held_out_images, load_source, sha256_file
+from export.tensorrt import FP16_TOLERANCE, build_engine, tensorrt_runner, tensorrt_unavailable_reason
+from export.triton_config import build_model_config, render_model_config
+from train.run_record import git_info, package_versions
+
+log = logging.getLogger(__name__)
+TEMPLATE = Path(__file__).parent / "templates" / "model.py"
+MODEL_FILES = {"python": "model.onnx", "onnxruntime": "model.onnx", "tensorrt": "model.plan"}
+EXPORT_PACKAGES = ("torch", "onnx", "onnxscript", "onnxruntime", "tensorrt", "tritonclient", "lightning")
+
+
+def input_contract(source: ExportSource) -> dict[str, Any]:
+    c, h, w = source.input_shape
+    hp = source.hparams
+    return {
+        "name": INPUT_NAME, "dtype": "FP32", "layout": "NCHW", "shape": [-1, c, h, w], "channels": c, "size": h,
+        "range": "[0, 1] = uint8 intensity / 255 (medimg.preprocess)",
+        "normalisation": f"inside the graph: (x - {list(hp['mean'])}) / {list(hp['std'])}",
+        "output": f"{OUTPUT_NAME} FP32 [-1, {hp['num_classes']}], softmax over classes in labels.txt order",
+    }
+
+
+def lineage(source: ExportSource, cfg: DictConfig) -> dict[str, Any]:
+    record = source.record
+    return {
+        "run_id": record.get("run_id"),
+        "run_dir": record.get("output_dir"),
+        "training_git_commit": (record.get("git") or {}).get("commit"),
+        "export_git_commit": git_info()["commit"],
+        "dataset_fingerprint": (record.get("data") or {}).get("fingerprint"),
+        "checkpoint": str(source.checkpoint.resolve()),
+        "checkpoint_sha256": sha256_file(source.checkpoint),
+        "wandb_run": (record.get("wandb") or {}).get("id"),
+    }
+
+
+def triton_parameters(meta: dict[str, Any]) -> dict[str, str]:
+    """Lineage and headline metrics as Triton model-config parameters (strings)."""
+    lin, test = meta["lineage"], meta["metrics"].get("test") or {}
+    params = {k: str(v) for k, v in lin.items() if v is not None and k not in ("run_dir", "checkpoint")}
+    params |= {f"test_{k}": f"{test[k]:.4f}" for k in ("auroc", "acc") if k in test}
+    params |= {"medops_version": str(meta["version"]), "created": meta["created"]}
+    return params
+
+
+def resolve_instance_kind(kind: str, target: str) -> str:
+    if kind != "auto":
+        return kind
+    return "gpu" if target == "tensorrt" or torch.cuda.is_available() else "cpu"
+
+
+def write_version(model_stage: Path, version_stage: Path, meta: dict[str, Any], cfg: DictConfig,
+                  class_names: list[str]) -> None:
+    """config.pbtxt and labels.txt (model root, a copy of the config in the version), metadata and model card."""
+    c, h, _ = meta["input"]["shape"][1:]
+    tcfg = cfg.triton
+    config = build_model_config(
+        meta["name"], meta["target"], channels=c, image_size=h, num_classes=len(class_names),
+        max_batch_size=cfg.max_batch_size, preferred_batch_sizes=list(tcfg.preferred_batch_sizes),
+        max_queue_delay_us=tcfg.max_queue_delay_us, instance_kind=resolve_instance_kind(tcfg.instance_kind,
+                                                                                        meta["target"]),
+        instance_count=tcfg.instance_count, versions_to_serve=tcfg.versions_to_serve,
+        parameters=triton_parameters(meta), input_name=INPUT_NAME, output_name=OUTPUT_NAME,
+    )
+    text = render_model_config(config)
+    (model_stage / "config.pbtxt").write_text(text)
+    (version_stage / "config.pbtxt").write_text(text)
+    (model_stage / "labels.txt").write_text("\n".join(class_names) + "\n")
+    (version_stage / "labels.txt").write_text("\n".join(class_names) + "\n")
+    (version_stage / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+    card = build_card(meta)
+    (version_stage / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (version_stage / "MODEL_CARD.md").write_text(render_markdown(card))
+
+
+def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
+    """Run one export as configured; returns the version's metadata. Raises before anything is published."""
+    console = console or Console()
+    name = validate_model_name(str(cfg.name))
+    target = str(cfg.target)
+    if target not in MODEL_FILES:
+        raise ExportError(f"unknown target {target!r}; choose one of {', '.join(MODEL_FILES)}")
+    repository = Path(cfg.model_repository)
+    version = next_version(repository, name, cfg.get("version"))
+    trt_reason = tensorrt_unavailable_reason()
+    if target == "tensorrt" and trt_reason:
+        raise ExportError(f"target=tensorrt needs TensorRT, which is not available here: {trt_reason}")
+
+    source = load_source(cfg.get("run"), cfg.get("checkpoint"))
+    images = held_out_images(source, split=cfg.parity.split, limit=cfg.parity.max_images, data_path=cfg.parity.data)
+    reference = torch_probabilities(source.module.net, images)
+    record = source.record
+    meta: dict[str, Any] = {
+        "schema": "medops.model/1", "name": name, "version": version, "target": target,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "class_names": source.class_names, "input": input_contract(source),
+        "model": {"arch": source.hparams.get("net", {}).get("arch"),
+                  "parameters": sum(p.numel() for p in source.module.net.parameters())},
+        "data": record.get("data") or {},
+        "metrics": {k: record.get(k) for k in ("val", "test", "confusion_matrix", "threshold")},
+        "lineage": lineage(source, cfg),
+        "versions": package_versions(EXPORT_PACKAGES),
+        "max_batch_size": cfg.max_batch_size,
+    }
+
+    with staged_version(repository, name, version) as (model_stage, version_stage):
+        onnx_path = version_stage / "model.onnx"
+        console.print(f"exporting {source.checkpoint} to ONNX (opset {cfg.opset}, batch 1..{cfg.max_batch_size})")
+        export_onnx(source.module.net, onnx_path, source.input_shape, cfg.max_batch_size, cfg.opset)
+        import onnx
+
+        meta["opset"] = opset_of(onnx.load(str(onnx_path)))
+        sizes = parity_batch_sizes(cfg.max_batch_size, list(cfg.parity.batch_sizes))
+        report = check_parity(reference, onnxruntime_runner(str(onnx_path)), images, sizes, cfg.parity.atol,
+                              "onnxruntime (CPU, FP32)")
+        console.print(report.summary())
+        if not report.passed:
+            raise ParityError(report.summary())
+        meta["parity"] = [report.as_dict()]
+
+        if target == "tensorrt" or (cfg.tensorrt.enabled in ("auto", True) and trt_reason is None):
+            plan = build_engine(onnx_path, version_stage / "model.plan", source.input_shape, cfg.max_batch_size,
+                                fp16=cfg.tensorrt.fp16, workspace_gb=cfg.tensorrt.workspace_gb)
+            tol = cfg.tensorrt.atol if cfg.tensorrt.fp16 else cfg.parity.atol
+            trt_report = check_parity(reference, tensorrt_runner(plan), images, sizes, tol,
+                                      "TensorRT FP16" if cfg.tensorrt.fp16 else "TensorRT FP32")
+            console.print(trt_report.summary())
+            if not trt_report.passed:
+                raise ParityError(trt_report.summary())
+            meta["parity"].append(trt_report.as_dict())
+        else:
+            meta["tensorrt"] = f"skipped: {trt_reason or 'tensorrt.enabled=false'}"
+            console.print(f"TensorRT skipped: {trt_reason or 'tensorrt.enabled=false'}")
+
+        if target == "python":
+            shutil.copyfile(TEMPLATE, version_stage / "model.py")
+        elif target == "onnxruntime":
+            pass  # Triton's onnxruntime backend reads model.onnx directly
+        write_version(model_stage, version_stage, meta, cfg, source.class_names)
+    console.print(f"[bold green]wrote {repository / name / str(version)}[/] ({target}; "
+                  f"test AUROC {((meta['metrics'].get('test') or {}).get('auroc') or float('nan')):.4f})")
+    return meta
+
+
+__all__ = ["ExportError", "ParityError", "export_model", "FP16_TOLERANCE"]

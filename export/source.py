@@ -1,0 +1,132 @@
+"""What is exported: a training run (its run record and best checkpoint) or a checkpoint file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from train.module import ClassificationModule
+
+
+class ExportError(RuntimeError):
+    """An export that cannot go ahead; the message says why. Nothing has been written."""
+
+
+@dataclass
+class ExportSource:
+    """A loaded model with its lineage."""
+
+    module: ClassificationModule
+    checkpoint: Path
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return dict(self.module.hparams)
+
+    @property
+    def class_names(self) -> list[str]:
+        names = self.hparams.get("class_names")
+        return list(names) if names else [str(i) for i in range(self.hparams["num_classes"])]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        h = self.hparams
+        return int(h["in_channels"]), int(h["image_size"]), int(h["image_size"])
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _run_record_for(checkpoint: Path) -> dict[str, Any]:
+    """The run record of the run folder a checkpoint sits in (``<run>/checkpoints/x.ckpt``), if any."""
+    candidate = checkpoint.resolve().parent.parent / "run.json"
+    return json.loads(candidate.read_text()) if candidate.is_file() else {}
+
+
+def resolve_source(run: str | None, checkpoint: str | None) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to export and the run record that goes with it."""
+    if not run and not checkpoint:
+        raise ExportError("nothing to export: pass run=<run directory> or checkpoint=<file.ckpt>")
+    if checkpoint:
+        ckpt = Path(checkpoint)
+        if not ckpt.is_file():
+            raise ExportError(f"checkpoint not found: {ckpt}")
+        record = json.loads((Path(run) / "run.json").read_text()) if run else _run_record_for(ckpt)
+        return ckpt, record
+    run_dir = Path(run)  # type: ignore[arg-type]
+    if not run_dir.is_dir():
+        raise ExportError(f"run directory not found: {run_dir}")
+    record_path = run_dir / "run.json"
+    if not record_path.is_file():
+        raise ExportError(f"{run_dir} has no run.json: not a training run folder")
+    record = json.loads(record_path.read_text())
+    best = (record.get("checkpoints") or {}).get("best")
+    if not best:
+        raise ExportError(f"{record_path} names no best checkpoint (status: {record.get('status')})")
+    ckpt = Path(best)
+    if not ckpt.is_file():  # the run folder was moved: look for the file next to it
+        moved = run_dir / "checkpoints" / ckpt.name
+        if not moved.is_file():
+            raise ExportError(f"best checkpoint {ckpt} of {run_dir} not found")
+        ckpt = moved
+    return ckpt, record
+
+
+def load_source(run: str | None = None, checkpoint: str | None = None) -> ExportSource:
+    """Load the model of a run or checkpoint, checking it is the network the run record describes."""
+    ckpt, record = resolve_source(run, checkpoint)
+    try:
+        raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ExportError(f"{ckpt}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(raw, dict) or "state_dict" not in raw or "hyper_parameters" not in raw:
+        raise ExportError(f"{ckpt}: not a medops training checkpoint (no Lightning state_dict/hyper_parameters)")
+    hp = raw["hyper_parameters"]
+    missing = [k for k in ("num_classes", "in_channels", "image_size", "mean", "std") if k not in hp]
+    if missing:
+        raise ExportError(f"{ckpt}: checkpoint hyper-parameters lack {missing}: not a medops classifier")
+    ckpt_arch = (hp.get("net") or {}).get("arch", "resnet18")
+    run_arch = ((record.get("config") or {}).get("model") or {}).get("net", {}).get("arch")
+    if run_arch and run_arch != ckpt_arch:
+        raise ExportError(f"{ckpt}: checkpoint is a {ckpt_arch} but the run record describes a {run_arch}")
+    try:
+        module = ClassificationModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
+    except Exception as exc:  # shapes that do not fit the architecture, missing keys...
+        raise ExportError(f"{ckpt}: weights do not fit a {ckpt_arch} network ({type(exc).__name__}: {exc})") from exc
+    return ExportSource(module.eval(), ckpt, record)
+
+
+def held_out_images(source: ExportSource, split: str = "test", limit: int = 256,
+                    data_path: str | None = None) -> np.ndarray:
+    """Real images from the run's dataset (``split``), float32 NCHW in [0, 1]: the parity-check inputs."""
+    from hydra.utils import instantiate
+
+    data_cfg = dict((source.record.get("config") or {}).get("data") or {})
+    if data_path:
+        data_cfg = {"_target_": "train.datamodules.MedMNISTDataModule", "path": data_path, "md5": False}
+    if not data_cfg:
+        raise ExportError(
+            f"{source.checkpoint}: no run record with a data config next to the checkpoint; "
+            "pass parity.data=<MedMNIST .npz> for the parity images"
+        )
+    dm = instantiate(data_cfg)
+    dm.prepare()
+    if (dm.channels, dm.image_size) != source.input_shape[:2]:
+        raise ExportError(
+            f"parity data {dm.summary()['source']} has {dm.channels} channels at {dm.image_size} px, the model "
+            f"expects {source.input_shape[0]} at {source.input_shape[1]} px"
+        )
+    images = dm.datasets[split].images[:limit]
+    return images.float().div(255.0).numpy()

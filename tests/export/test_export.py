@@ -1,0 +1,222 @@
+"""``python -m export``: parity-gated ONNX export into a versioned Triton repository, with model cards."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from google.protobuf import text_format
+from hydra import compose, initialize_config_dir
+from tritonclient.grpc import model_config_pb2
+
+import export.pipeline as pipeline
+from export.parity import ParityError
+from export.repository import RepositoryError, snapshot
+from export.source import ExportError
+from tests.conftest import FAST, REPO, run_cli
+from train.datamodules import MedMNISTDataModule
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, breastmnist_small: Path) -> Path:
+    """A briefly trained real run (2 epochs of a small CNN on a BreastMNIST slice)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    run_cli(*FAST, f"data.path={breastmnist_small}", "data.md5=false", "trainer.max_epochs=2",
+            "model.net.width=8", run_dir=run_dir)
+    return run_dir
+
+
+def export_cfg(run: Path | None, repo: Path, *overrides: str):
+    args = [f"model_repository={repo}", "name=breast", *overrides]
+    if run is not None:
+        args.append(f"run={run}")
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="export", overrides=args, return_hydra_config=False)
+
+
+def run_export_cli(*args: str, log_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "export", *args, f"hydra.run.dir={log_dir}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return proc
+
+
+def parse_config(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_cli_export_writes_a_parity_checked_version(tmp_path: Path, trained_run: Path) -> None:
+    repo = tmp_path / "repo"
+    proc = run_export_cli(f"run={trained_run}", "name=breast", f"model_repository={repo}", log_dir=tmp_path / "log")
+    out = proc.stdout + proc.stderr
+    assert "PASS" in out and "max |prob diff|" in out
+    assert "TensorRT skipped" in out or "TensorRT FP16" in out
+    version = repo / "breast" / "1"
+    assert {p.name for p in version.iterdir()} >= {"model.onnx", "model.py", "config.pbtxt", "labels.txt",
+                                                  "metadata.json", "MODEL_CARD.md", "model_card.json"}
+    assert not list(version.glob("*.data")), "weights must live inside model.onnx"
+    assert not list(tmp_path.glob(".repo-staging-*")), "staging folder left behind"
+
+    config = parse_config(repo / "breast" / "config.pbtxt")
+    assert config.backend == "python" and config.max_batch_size == 64
+    assert list(config.input[0].dims) == [1, 28, 28] and list(config.output[0].dims) == [2]
+    assert (repo / "breast" / "labels.txt").read_text().split() == ["malignant", "normal_or_benign"]
+
+    meta = json.loads((version / "metadata.json").read_text())
+    record = json.loads((trained_run / "run.json").read_text())
+    assert meta["lineage"]["dataset_fingerprint"] == record["data"]["fingerprint"]
+    assert meta["lineage"]["run_id"] == record["run_id"]
+    assert config.parameters["dataset_fingerprint"].string_value == record["data"]["fingerprint"]
+    parity = meta["parity"][0]
+    assert parity["passed"] and parity["max_abs_diff"] <= 1e-4 and parity["argmax_agreement"] == 1.0
+    assert parity["batch_sizes"] == [1, 7, 64]
+    model = onnx.load(str(version / "model.onnx"))
+    assert meta["opset"] >= 17 and model.graph.input[0].name == "image"
+
+    # the exported model really gives the checkpoint's answers on the run's test images
+    dm = MedMNISTDataModule(record["data"]["source"], md5=False)
+    dm.setup()
+    images = dm.datasets["test"].images.float().div(255).numpy()
+    session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": images})[0]
+    module = pipeline.load_source(str(trained_run)).module
+    with torch.no_grad():
+        want = module.net(torch.from_numpy(images)).softmax(-1).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+
+    card = (version / "MODEL_CARD.md").read_text()
+    assert record["data"]["fingerprint"] in card
+    assert f"{record['test']['auroc']:.4f}" in card and "not for clinical use" in card.lower()
+
+
+def test_versions_increment_and_old_versions_stay(tmp_path: Path, trained_run: Path) -> None:
+    repo = tmp_path / "repo"
+    first = pipeline.export_model(export_cfg(trained_run, repo))
+    second = pipeline.export_model(export_cfg(trained_run, repo, "target=onnxruntime"))
+    assert (first["version"], second["version"]) == (1, 2)
+    assert (repo / "breast" / "1" / "model.py").is_file() and (repo / "breast" / "2" / "model.onnx").is_file()
+    config = parse_config(repo / "breast" / "config.pbtxt")  # the model root follows the newest export
+    assert config.platform == "onnxruntime_onnx" and config.parameters["medops_version"].string_value == "2"
+    before = snapshot(repo)
+    with pytest.raises(RepositoryError, match="already exists"):
+        pipeline.export_model(export_cfg(trained_run, repo, "version=1"))
+    assert snapshot(repo) == before
+
+
+def test_perturbed_onnx_fails_the_gate_and_writes_nothing(tmp_path: Path, trained_run: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    real_export = pipeline.export_onnx
+
+    def export_then_perturb(net, path, *args, **kwargs):
+        real_export(net, path, *args, **kwargs)
+        model = onnx.load(str(path))
+        bias = next(t for t in model.graph.initializer  # the classifier bias: one float per class
+                    if list(t.dims) == [2] and t.data_type == onnx.TensorProto.FLOAT)
+        values = onnx.numpy_helper.to_array(bias).copy()
+        values[0] += 0.5  # shift one class logit: probabilities move far beyond 1e-4
+        bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+        onnx.save(model, str(path))
+        return path
+
+    monkeypatch.setattr(pipeline, "export_onnx", export_then_perturb)
+    repo = tmp_path / "repo"
+    with pytest.raises(ParityError, match="FAIL"):
+        pipeline.export_model(export_cfg(trained_run, repo))
+    assert snapshot(repo) == {}
+    assert not list(tmp_path.glob(".repo-staging-*"))
+
+
+def test_interrupted_export_leaves_no_folder(tmp_path: Path, trained_run: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = tmp_path / "repo"
+    pipeline.export_model(export_cfg(trained_run, repo))
+    before = snapshot(repo)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("simulated interruption while writing the model card")
+
+    monkeypatch.setattr(pipeline, "render_markdown", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.export_model(export_cfg(trained_run, repo))
+    assert snapshot(repo) == before
+    assert not (repo / "breast" / "2").exists()
+    assert not list(tmp_path.glob(".repo-staging-*"))
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", ".hidden", "x" * 65])
+def test_model_name_with_path_characters_is_refused(tmp_path: Path, trained_run: Path, name: str) -> None:
+    repo = tmp_path / "repo"
+    with pytest.raises(RepositoryError, match="invalid model name"):
+        pipeline.export_model(export_cfg(trained_run, repo, f"name='{name}'"))
+    assert snapshot(repo) == {}
+
+
+def test_missing_run_directory(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    with pytest.raises(ExportError, match="run directory not found"):
+        pipeline.export_model(export_cfg(tmp_path / "nope", repo))
+    proc = run_export_cli(f"run={tmp_path / 'nope'}", "name=breast", f"model_repository={repo}",
+                          log_dir=tmp_path / "log", check=False)
+    assert proc.returncode == 2 and "run directory not found" in proc.stdout + proc.stderr
+    assert snapshot(repo) == {}
+
+
+def test_checkpoint_of_another_architecture(tmp_path: Path, trained_run: Path) -> None:
+    fake = tmp_path / "fake_run"
+    shutil.copytree(trained_run, fake)
+    record = json.loads((fake / "run.json").read_text())
+    record["config"]["model"]["net"]["arch"] = "resnet50"
+    record["checkpoints"]["best"] = str(fake / "checkpoints" / Path(record["checkpoints"]["best"]).name)
+    (fake / "run.json").write_text(json.dumps(record))
+    with pytest.raises(ExportError, match="checkpoint is a smallcnn but the run record describes a resnet50"):
+        pipeline.export_model(export_cfg(fake, tmp_path / "repo"))
+    alien = tmp_path / "alien.ckpt"
+    torch.save({"weights": torch.zeros(3)}, alien)
+    with pytest.raises(ExportError, match="not a medops training checkpoint"):
+        pipeline.export_model(export_cfg(None, tmp_path / "repo", f"checkpoint={alien}"))
+
+
+def test_tensorrt_target_without_tensorrt_is_refused_plainly(tmp_path: Path, trained_run: Path) -> None:
+    if pipeline.tensorrt_unavailable_reason() is None:
+        pytest.skip("TensorRT is available here; the GPU test covers it")
+    with pytest.raises(ExportError, match="target=tensorrt needs TensorRT, which is not available here"):
+        pipeline.export_model(export_cfg(trained_run, tmp_path / "repo", "target=tensorrt"))
+    assert snapshot(tmp_path / "repo") == {}
+
+
+def test_exported_python_model_serves_on_the_bundled_triton(tmp_path: Path, trained_run: Path) -> None:
+    """The exported version loads in a real tritonserver and answers like the checkpoint."""
+    import tritonclient.http as httpclient
+
+    from serve.triton_server import TritonServer, free_port
+
+    repo = tmp_path / "repo"
+    pipeline.export_model(export_cfg(trained_run, repo))
+    record = json.loads((trained_run / "run.json").read_text())
+    dm = MedMNISTDataModule(record["data"]["source"], md5=False)
+    dm.setup()
+    images = dm.datasets["test"].images[:20].float().div(255).numpy()
+    module = pipeline.load_source(str(trained_run)).module
+    with torch.no_grad():
+        want = module.net(torch.from_numpy(images)).softmax(-1).numpy()
+    ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+    with TritonServer(repo, **ports).start(timeout=120) as server:
+        with httpclient.InferenceServerClient(server.http_url) as client:
+            meta = client.get_model_metadata("breast")
+            assert meta["inputs"][0]["shape"] == [-1, 1, 28, 28]
+            inp = httpclient.InferInput("image", list(images.shape), "FP32")
+            inp.set_data_from_numpy(images)
+            got = client.infer("breast", [inp]).as_numpy("probabilities")
+        assert "CPUExecutionProvider" in server.log_text()
+    assert np.abs(got - want).max() <= 1e-4
