@@ -29,8 +29,12 @@ class ProbabilityModel(nn.Module):
 
 
 def export_onnx(net: nn.Module, path: Path, input_shape: tuple[int, int, int], max_batch_size: int,
-                opset: int = 18) -> Path:
-    """Export ``net`` (float32, CPU, eval) to ``path``; input ``image`` [batch, C, H, W], output ``probabilities``."""
+                opset: int = 18, optimize: bool = True) -> Path:
+    """Export ``net`` (float32, CPU, eval) to ``path``; input ``image`` [batch, C, H, W], output ``probabilities``.
+
+    ``optimize`` runs the ONNX optimiser of the exporter (constant folding, redundant-node removal, pattern
+    rewrites): the simplification step.
+    """
     model = ProbabilityModel(net).eval().cpu().float()
     example = torch.rand(2, *input_shape)
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch_size))
@@ -38,7 +42,7 @@ def export_onnx(net: nn.Module, path: Path, input_shape: tuple[int, int, int], m
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model, (example,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes={"image": {0: batch}}, optimize=True, verbose=False,
+            output_names=[OUTPUT_NAME], dynamic_shapes={"image": {0: batch}}, optimize=optimize, verbose=False,
         )
     inline_weights(path)
     check_onnx(path, input_shape)

@@ -58,7 +58,8 @@ def triton_parameters(meta: dict[str, Any]) -> dict[str, str]:
     lin, test = meta["lineage"], meta["metrics"].get("test") or {}
     params = {k: str(v) for k, v in lin.items() if v is not None and k not in ("run_dir", "checkpoint")}
     params |= {f"test_{k}": f"{test[k]:.4f}" for k in ("auroc", "acc") if k in test}
-    params |= {"medops_version": str(meta["version"]), "created": meta["created"]}
+    params |= {"medops_version": str(meta["version"]), "created": meta["created"],
+               "class_names": json.dumps(meta["class_names"]), "input_range": meta["input"]["range"]}
     return params
 
 
@@ -125,7 +126,7 @@ def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, A
     with staged_version(repository, name, version) as (model_stage, version_stage):
         onnx_path = version_stage / "model.onnx"
         console.print(f"exporting {source.checkpoint} to ONNX (opset {cfg.opset}, batch 1..{cfg.max_batch_size})")
-        export_onnx(source.module.net, onnx_path, source.input_shape, cfg.max_batch_size, cfg.opset)
+        export_onnx(source.module.net, onnx_path, source.input_shape, cfg.max_batch_size, cfg.opset, cfg.optimize)
         import onnx
 
         meta["opset"] = opset_of(onnx.load(str(onnx_path)))

@@ -105,3 +105,12 @@ def run_cli(*overrides: str, run_dir: Path, timeout: float = 900, env: dict[str,
 # Small, quick settings shared by the CLI tests.
 FAST = ("logger=csv", "model=smallcnn", "model.net.width=8", "trainer=cpu", "trainer.precision=32-true",
         "callbacks.model_summary=null")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, breastmnist_small: Path) -> Path:
+    """A briefly trained real run (2 epochs of a small CNN on a BreastMNIST slice), shared by export/serve tests."""
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    run_cli(*FAST, f"data.path={breastmnist_small}", "data.md5=false", "trainer.max_epochs=2",
+            "model.net.width=8", run_dir=run_dir)
+    return run_dir

@@ -21,19 +21,10 @@ import export.pipeline as pipeline
 from export.parity import ParityError
 from export.repository import RepositoryError, snapshot
 from export.source import ExportError
-from tests.conftest import FAST, REPO, run_cli
+from tests.conftest import REPO
 from train.datamodules import MedMNISTDataModule
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory: pytest.TempPathFactory, breastmnist_small: Path) -> Path:
-    """A briefly trained real run (2 epochs of a small CNN on a BreastMNIST slice)."""
-    run_dir = tmp_path_factory.mktemp("runs") / "run"
-    run_cli(*FAST, f"data.path={breastmnist_small}", "data.md5=false", "trainer.max_epochs=2",
-            "model.net.width=8", run_dir=run_dir)
-    return run_dir
 
 
 def export_cfg(run: Path | None, repo: Path, *overrides: str):
@@ -220,3 +211,11 @@ def test_exported_python_model_serves_on_the_bundled_triton(tmp_path: Path, trai
             got = client.infer("breast", [inp]).as_numpy("probabilities")
         assert "CPUExecutionProvider" in server.log_text()
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_optimize_switch_simplifies_the_graph(tmp_path: Path, trained_run: Path) -> None:
+    plain = pipeline.export_model(export_cfg(trained_run, tmp_path / "a", "optimize=false"))
+    simplified = pipeline.export_model(export_cfg(trained_run, tmp_path / "b", "optimize=true"))
+    assert plain["parity"][0]["passed"] and simplified["parity"][0]["passed"]
+    nodes = [len(onnx.load(str(tmp_path / r / "breast" / "1" / "model.onnx")).graph.node) for r in ("a", "b")]
+    assert nodes[1] < nodes[0], nodes

@@ -159,3 +159,21 @@ def test_stratified_split_is_seeded_and_disjoint() -> None:
     together = np.concatenate([a["train"], a["val"], a["test"]])
     assert sorted(together.tolist()) == list(range(80))
     assert (labels[a["test"]] == 1).sum() == 6 and (labels[a["test"]] == 0).sum() == 10
+
+
+def test_download_verifies_md5(tmp_path: Path, breastmnist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The download path (no network here: the 'server' is a local file URL) checks the official MD5."""
+    from train.datamodules import medmnist
+
+    monkeypatch.setattr(medmnist, "medmnist_url", lambda name: breastmnist.resolve().as_uri())
+    target = tmp_path / "dl" / "breastmnist.npz"
+    dm = MedMNISTDataModule(str(target), download=True)
+    dm.setup()
+    assert target.is_file() and dm.num_classes == 2
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(breastmnist.read_bytes()[:-10] + b"0123456789")
+    monkeypatch.setattr(medmnist, "medmnist_url", lambda name: corrupt.resolve().as_uri())
+    other = tmp_path / "dl2" / "breastmnist.npz"
+    with pytest.raises(DataError, match="downloaded file has MD5 .* expected 750601b1f35ba3300ea97c75c52ff8f6"):
+        MedMNISTDataModule(str(other), download=True).setup()
+    assert not other.exists() and not other.with_suffix(".part").exists()

@@ -1,0 +1,217 @@
+"""Inference backends with one interface: Triton over HTTP or gRPC, or onnxruntime in-process (``local``).
+
+Both take float32 NCHW batches in the model-input contract (:func:`medimg.preprocess`) and return class
+probabilities, so ``predict`` and ``batch`` run the same code path whichever backend serves them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class ServeError(RuntimeError):
+    """A clear, user-facing failure: server down, model missing, bad input."""
+
+
+@dataclass
+class ModelInfo:
+    """What a client needs to know about a served model: its input contract and classes."""
+
+    name: str
+    version: str
+    input_name: str
+    output_name: str
+    channels: int
+    size: int
+    max_batch_size: int
+    class_names: list[str]
+    window: tuple[float, float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    info: ModelInfo
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities [N, classes] for a float32 [N, C, H, W] batch (N may exceed max_batch_size)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _chunks(batch: np.ndarray, size: int) -> list[np.ndarray]:
+    return [batch[i : i + size] for i in range(0, len(batch), max(1, size))]
+
+
+def check_batch(info: ModelInfo, batch: np.ndarray) -> np.ndarray:
+    """Refuse a batch that does not match the model's input contract, with the reason."""
+    expected = (info.channels, info.size, info.size)
+    if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+        raise ServeError(
+            f"input has shape {list(batch.shape)}, model {info.name} expects [N, {', '.join(map(str, expected))}]"
+        )
+    if batch.dtype != np.float32:
+        raise ServeError(f"input dtype is {batch.dtype}, model {info.name} expects float32")
+    return np.ascontiguousarray(batch)
+
+
+def with_retries(call: Callable[[], T], what: str, retries: int, backoff: float) -> T:
+    """Call, retrying connection failures with exponential backoff; input errors are not retried."""
+    delay = backoff
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except ServeError:
+            raise
+        except Exception as exc:  # tritonclient raises its own exception types for both transports
+            status = str(getattr(exc, "status", lambda: "")() or "")
+            message = str(exc)
+            retryable = _is_connection_error(exc, status, message)
+            if not retryable or attempt == retries:
+                raise ServeError(f"{what} failed: {message or type(exc).__name__}") from exc
+            log.warning("%s failed (%s); retrying in %.1f s", what, message or type(exc).__name__, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _is_connection_error(exc: Exception, status: str, message: str) -> bool:
+    text = f"{type(exc).__name__} {status} {message}".lower()
+    return any(s in text for s in ("unavailable", "connection", "refused", "timed out", "timeout", "reset by peer",
+                                   "broken pipe", "deadline"))
+
+
+class LocalBackend:
+    """onnxruntime in-process on ``<repository>/<name>/<version>/model.onnx`` (the CPU fallback)."""
+
+    def __init__(self, model_repository: str | Path, name: str, version: str | int | None = None) -> None:
+        import onnxruntime as ort
+
+        model_dir = Path(model_repository) / name
+        versions = sorted(int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit())
+        if not versions:
+            raise ServeError(f"model {name!r} not found in {model_repository} (no version folders)")
+        chosen = str(version or versions[-1])
+        folder = model_dir / chosen
+        if not (folder / "model.onnx").is_file():
+            raise ServeError(f"{folder / 'model.onnx'} not found")
+        meta = json.loads((folder / "metadata.json").read_text())
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        contract = meta["input"]
+        self.info = ModelInfo(
+            name=name, version=chosen, input_name=contract["name"], output_name="probabilities",
+            channels=int(contract["channels"]), size=int(contract["size"]),
+            max_batch_size=int(meta.get("max_batch_size", 64)), class_names=list(meta["class_names"]),
+            extra={"backend": "local", "metadata": meta},
+        )
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        batch = check_batch(self.info, batch)
+        parts = _chunks(batch, self.info.max_batch_size)
+        outs = [self.session.run(None, {self.info.input_name: part})[0] for part in parts]
+        return np.concatenate(outs) if outs else np.zeros((0, len(self.info.class_names)), np.float32)
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
+
+
+class TritonBackend:
+    """A model served by Triton, over HTTP (``host:port`` of the HTTP endpoint) or gRPC."""
+
+    def __init__(self, url: str, name: str, version: str | int | None = None, protocol: str = "http",
+                 timeout: float = 30.0, retries: int = 3, backoff: float = 0.5, concurrency: int = 4) -> None:
+        if protocol not in ("http", "grpc"):
+            raise ServeError(f"protocol must be http or grpc, got {protocol!r}")
+        self.protocol, self.url, self.timeout = protocol, url, timeout
+        self.retries, self.backoff = retries, backoff
+        if protocol == "http":
+            import tritonclient.http as client_mod
+
+            self.client = client_mod.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout,
+                                                           concurrency=concurrency)
+        else:
+            import tritonclient.grpc as client_mod  # type: ignore[no-redef]
+
+            self.client = client_mod.InferenceServerClient(url)
+        self.mod = client_mod
+        self.version = "" if version is None else str(version)
+        live = with_retries(self.client.is_server_live, f"connecting to Triton at {url}", retries, backoff)
+        if not live:
+            raise ServeError(f"Triton at {url} is not live")
+        ready = with_retries(lambda: self.client.is_model_ready(name, self.version), f"checking model {name}",
+                             retries, backoff)
+        if not ready:
+            raise ServeError(f"model {name!r} (version {self.version or 'latest'}) is not ready on Triton at {url}")
+        self.info = self._model_info(name)
+
+    def _model_info(self, name: str) -> ModelInfo:
+        if self.protocol == "http":
+            config = self.client.get_model_config(name, self.version)
+            params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+            inp, out = config["input"][0], config["output"][0]
+            dims = [int(d) for d in inp["dims"]]
+            max_batch = int(config.get("max_batch_size", 0))
+            meta = self.client.get_model_metadata(name, self.version)
+            versions = meta.get("versions") or [self.version]
+            in_name, out_name = inp["name"], out["name"]
+            num_classes = int(out["dims"][0])
+        else:
+            response = self.client.get_model_config(name, self.version)
+            config = response.config
+            params = {k: v.string_value for k, v in config.parameters.items()}
+            dims = list(config.input[0].dims)
+            max_batch = int(config.max_batch_size)
+            versions = list(self.client.get_model_metadata(name, self.version).versions) or [self.version]
+            in_name, out_name = config.input[0].name, config.output[0].name
+            num_classes = int(config.output[0].dims[0])
+        names = json.loads(params["class_names"]) if params.get("class_names") else None
+        window = json.loads(params["window"]) if params.get("window") else None
+        return ModelInfo(
+            name=name, version=str(max(versions, key=lambda v: int(v) if str(v).isdigit() else -1)),
+            input_name=in_name, output_name=out_name, channels=int(dims[0]), size=int(dims[1]),
+            max_batch_size=max_batch or 1, class_names=names or [str(i) for i in range(num_classes)],
+            window=tuple(window) if window else None,
+            extra={"backend": f"triton-{self.protocol}", "parameters": params},
+        )
+
+    def _infer_one(self, part: np.ndarray) -> np.ndarray:
+        inp = self.mod.InferInput(self.info.input_name, list(part.shape), "FP32")
+        inp.set_data_from_numpy(part)
+        out = self.mod.InferRequestedOutput(self.info.output_name)
+        kwargs: dict[str, Any] = {"model_version": self.version, "outputs": [out]}
+        if self.protocol == "grpc":
+            kwargs["client_timeout"] = self.timeout
+        result = with_retries(lambda: self.client.infer(self.info.name, [inp], **kwargs),
+                              f"inference on {self.info.name}", self.retries, self.backoff)
+        return result.as_numpy(self.info.output_name)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        batch = check_batch(self.info, batch)
+        outs = [self._infer_one(part) for part in _chunks(batch, self.info.max_batch_size)]
+        return np.concatenate(outs) if outs else np.zeros((0, len(self.info.class_names)), np.float32)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def open_backend(backend: str, *, url: str = "127.0.0.1:8000", model: str, version: str | int | None = None,
+                 model_repository: str | Path = "model_repository", **kwargs: Any) -> Backend:
+    """``local`` (onnxruntime in-process), ``http`` or ``grpc`` (Triton)."""
+    if backend == "local":
+        return LocalBackend(model_repository, model, version)
+    if backend in ("http", "grpc"):
+        return TritonBackend(url, model, version, protocol=backend, **kwargs)
+    raise ServeError(f"unknown backend {backend!r}; choose local, http or grpc")
