@@ -106,7 +106,9 @@ def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, A
     if target == "tensorrt" and trt_reason:
         raise ExportError(f"target=tensorrt needs TensorRT, which is not available here: {trt_reason}")
 
-    source = load_source(cfg.get("run"), cfg.get("checkpoint"))
+    log_dir = cfg.paths.log_dir if cfg.get("run") == "latest" else "logs"  # resolved only when needed
+    source = load_source(cfg.get("run"), cfg.get("checkpoint"), log_dir)
+    console.print(f"exporting run {source.record.get('run_id')} ({source.record.get('output_dir')})")
     images = held_out_images(source, split=cfg.parity.split, limit=cfg.parity.max_images, data_path=cfg.parity.data)
     reference = torch_probabilities(source.module.net, images)
     record = source.record

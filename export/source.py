@@ -55,10 +55,28 @@ def _run_record_for(checkpoint: Path) -> dict[str, Any]:
     return json.loads(candidate.read_text()) if candidate.is_file() else {}
 
 
-def resolve_source(run: str | None, checkpoint: str | None) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint to export and the run record that goes with it."""
+def latest_run(log_dir: str | Path) -> Path:
+    """The most recently finished training run under ``log_dir`` (a folder whose run.json says completed)."""
+    candidates = []
+    for record_path in Path(log_dir).glob("**/run.json"):
+        try:
+            if json.loads(record_path.read_text()).get("status") == "completed":
+                candidates.append(record_path)
+        except (OSError, ValueError):
+            continue
+    if not candidates:
+        raise ExportError(f"run=latest: no completed training run under {log_dir}")
+    return max(candidates, key=lambda p: p.stat().st_mtime).parent
+
+
+def resolve_source(
+    run: str | None, checkpoint: str | None, log_dir: str | Path = "logs"
+) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to export and the run record that goes with it (``run=latest``: the newest run)."""
     if not run and not checkpoint:
         raise ExportError("nothing to export: pass run=<run directory> or checkpoint=<file.ckpt>")
+    if run == "latest":
+        run = str(latest_run(log_dir))
     if checkpoint:
         ckpt = Path(checkpoint)
         if not ckpt.is_file():
@@ -75,18 +93,16 @@ def resolve_source(run: str | None, checkpoint: str | None) -> tuple[Path, dict[
     best = (record.get("checkpoints") or {}).get("best")
     if not best:
         raise ExportError(f"{record_path} names no best checkpoint (status: {record.get('status')})")
-    ckpt = Path(best)
-    if not ckpt.is_file():  # the run folder was moved: look for the file next to it
-        moved = run_dir / "checkpoints" / ckpt.name
-        if not moved.is_file():
-            raise ExportError(f"best checkpoint {ckpt} of {run_dir} not found")
-        ckpt = moved
+    local = run_dir / "checkpoints" / Path(best).name  # the folder given wins (runs get moved and copied)
+    ckpt = local if local.is_file() else Path(best)
+    if not ckpt.is_file():
+        raise ExportError(f"best checkpoint {Path(best).name} of {run_dir} not found")
     return ckpt, record
 
 
-def load_source(run: str | None = None, checkpoint: str | None = None) -> ExportSource:
+def load_source(run: str | None = None, checkpoint: str | None = None, log_dir: str | Path = "logs") -> ExportSource:
     """Load the model of a run or checkpoint, checking it is the network the run record describes."""
-    ckpt, record = resolve_source(run, checkpoint)
+    ckpt, record = resolve_source(run, checkpoint, log_dir)
     try:
         raw = torch.load(ckpt, map_location="cpu", weights_only=False)
     except Exception as exc:

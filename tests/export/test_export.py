@@ -219,3 +219,22 @@ def test_optimize_switch_simplifies_the_graph(tmp_path: Path, trained_run: Path)
     assert plain["parity"][0]["passed"] and simplified["parity"][0]["passed"]
     nodes = [len(onnx.load(str(tmp_path / r / "breast" / "1" / "model.onnx")).graph.node) for r in ("a", "b")]
     assert nodes[1] < nodes[0], nodes
+
+
+def test_run_latest_picks_the_newest_completed_run(tmp_path: Path, trained_run: Path) -> None:
+    import os
+
+    from export.source import latest_run
+
+    logs = tmp_path / "logs"
+    older, newer, broken = logs / "a" / "runs" / "1", logs / "b" / "runs" / "2", logs / "b" / "runs" / "3"
+    for d in (older, newer):
+        shutil.copytree(trained_run, d)
+    broken.mkdir(parents=True)
+    (broken / "run.json").write_text(json.dumps({"status": "running"}))
+    os.utime(older / "run.json", (1, 1))
+    assert latest_run(logs) == newer
+    meta = pipeline.export_model(export_cfg(None, tmp_path / "repo", "run=latest", f"paths.log_dir={logs}"))
+    assert meta["lineage"]["checkpoint"].startswith(str(newer))
+    with pytest.raises(ExportError, match="no completed training run"):
+        latest_run(tmp_path / "empty")
