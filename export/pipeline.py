@@ -36,6 +36,8 @@ def input_contract(source: ExportSource) -> dict[str, Any]:
         "range": "[0, 1] = uint8 intensity / 255 (medimg.preprocess)",
         "normalisation": f"inside the graph: (x - {list(hp['mean'])}) / {list(hp['std'])}",
         "output": f"{OUTPUT_NAME} FP32 [-1, {hp['num_classes']}], softmax over classes in labels.txt order",
+        # DICOM windowing used in training ([center, width]); null: each file's own window, else min-max
+        "window": ((source.record.get("config") or {}).get("data") or {}).get("window"),
     }
 
 
@@ -60,6 +62,8 @@ def triton_parameters(meta: dict[str, Any]) -> dict[str, str]:
     params |= {f"test_{k}": f"{test[k]:.4f}" for k in ("auroc", "acc") if k in test}
     params |= {"medops_version": str(meta["version"]), "created": meta["created"],
                "class_names": json.dumps(meta["class_names"]), "input_range": meta["input"]["range"]}
+    if meta["input"].get("window"):
+        params["window"] = json.dumps(list(meta["input"]["window"]))
     return params
 
 

@@ -115,6 +115,7 @@ class LocalBackend:
             name=name, version=chosen, input_name=contract["name"], output_name="probabilities",
             channels=int(contract["channels"]), size=int(contract["size"]),
             max_batch_size=int(meta.get("max_batch_size", 64)), class_names=list(meta["class_names"]),
+            window=tuple(contract["window"]) if contract.get("window") else None,
             extra={"backend": "local", "metadata": meta},
         )
 

@@ -346,6 +346,11 @@ class TritonServer:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
+        if self._tmp_dir is not None:  # a log folder we created: keep the text, remove the folder
+            self._kept_log = self.log_text()
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            self._tmp_dir = None
+            self._log_path = None
         return proc.returncode
 
     @staticmethod
@@ -374,7 +379,7 @@ class TritonServer:
         if self._log_handle is not None:
             self._log_handle.flush()
         if self._log_path is None or not self._log_path.is_file():
-            return ""
+            return getattr(self, "_kept_log", "")
         return self._log_path.read_text(errors="replace")
 
     def _log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:

@@ -13,7 +13,9 @@ from hydra import compose, initialize_config_dir
 from tests.conftest import REPO
 
 RUN_CMD = ('python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && '
-           ".venv/bin/python -m train experiment=breastmnist")
+           ".venv/bin/python -m train experiment=breastmnist && .venv/bin/python -m export run=latest name=breastmnist "
+           "&& .venv/bin/python -m serve batch data/breastmnist.npz --start-server --model breastmnist "
+           "--compare-run latest --out logs/breastmnist/predictions_test.csv --no-resume")
 TEST_CMD = ('python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && .venv/bin/ruff check . '
             "&& .venv/bin/python -m pytest")
 

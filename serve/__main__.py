@@ -1,0 +1,442 @@
+"""``python -m serve <command>``: run Triton, control its models, predict files, run batch inference.
+
+Commands::
+
+    start    --model-repository DIR [--http-port 8000 --grpc-port 8001 --metrics-port 8002]
+             [--tritonserver PATH] [--model-control none|explicit] [--load NAME ...] [--timeout 120]
+    load     NAME [--url HOST:PORT]
+    unload   NAME [--url HOST:PORT]
+    predict  FILE... --model NAME [--version V] [--backend http|grpc|local] [--url HOST:PORT]
+             [--model-repository DIR] [--top-k 3] [--json] [--timeout 30] [--retries 3] [--start-server]
+    batch    INPUT --out predictions.csv --model NAME [backend options] [--split test] [--workers 2]
+             [--in-flight 4] [--batch-size 16] [--no-resume] [--compare-run RUN_DIR|latest] [--log-dir logs]
+             [--start-server]
+
+Exit codes: 0 success; 1 an input failed (predict, batch), a model-control request was refused, or the server
+could not start (start); 2 the server is down or the model is missing (predict, batch) and usage errors.
+
+Torch-free: nothing here (or in what it imports) needs torch or Lightning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+EXIT_OK = 0
+EXIT_INPUT = 1  # an input could not be used; start: the server did not start
+EXIT_SERVER = 2  # the server is down or the model is missing
+
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
+
+out = Console(soft_wrap=False)
+err = Console(stderr=True)
+
+
+class _Stop(Exception):
+    """SIGTERM/SIGINT received: stop the server and exit cleanly."""
+
+
+def _error(message: str) -> None:
+    err.print(f"[bold red]error[/bold red]: {escape(message)}", soft_wrap=True)
+
+
+def normalize_url(url: str) -> str:
+    """``host:port`` for tritonclient (a leading ``http://``/``grpc://`` and trailing ``/`` are dropped)."""
+    for scheme in ("http://", "https://", "grpc://"):
+        if url.startswith(scheme):
+            url = url[len(scheme):]
+    return url.rstrip("/")
+
+
+def _default_url(backend: str) -> str:
+    return f"127.0.0.1:{DEFAULT_PORTS.get(backend, 8000)}"
+
+
+# -- start -------------------------------------------------------------------------------------------------
+def cmd_start(args: argparse.Namespace) -> int:
+    from serve.triton_server import TritonNotFound, TritonServer
+
+    model_control = args.model_control or ("explicit" if args.load else "none")
+    try:
+        server = TritonServer(
+            args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port, tritonserver=args.tritonserver, model_control=model_control,
+            load_models=args.load or (), log_file=args.log_file,
+        )
+    except ValueError as exc:
+        _error(str(exc))
+        return EXIT_INPUT
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise _Stop(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        err.print(f"starting Triton on {server.model_repository} (model control: {model_control}) ...")
+        try:
+            server.start(timeout=args.timeout)
+        except (TritonNotFound, FileNotFoundError, RuntimeError) as exc:
+            _error(f"Triton did not start: {exc}")
+            return EXIT_INPUT
+        _print_started(server)
+        while True:
+            code = server.returncode
+            if code is not None:
+                tail = "\n".join(server.log_text().splitlines()[-60:])
+                _error(f"tritonserver exited by itself with code {code}; last server log lines:\n{tail}")
+                return EXIT_INPUT
+            time.sleep(0.5)
+    except (_Stop, KeyboardInterrupt) as stop:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not interrupt the clean stop
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        err.print(f"{stop or 'interrupt'}: stopping Triton ...")
+        code = server.stop()
+        if code not in (0, None):
+            err.print(f"[yellow]tritonserver exited with code {code}[/yellow]")
+        err.print("Triton stopped")
+        return EXIT_OK
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _print_started(server: Any) -> None:
+    out.print(f"[bold green]Triton is ready[/bold green] (pid {server.process.pid}, repository "
+              f"{escape(str(server.model_repository))})", soft_wrap=True)
+    out.print(f"  HTTP     http://{server.http_url}")
+    out.print(f"  gRPC     {server.grpc_url}")
+    out.print(f"  metrics  {server.metrics_url}  (Prometheus)")
+    out.print(f"  log      {server.log_path}", soft_wrap=True)
+    for model in _repository_index(server.http_url):
+        state = model.get("state") or "UNAVAILABLE"
+        colour = "green" if state == "READY" else "yellow"
+        version = f" v{model['version']}" if model.get("version") else ""
+        out.print(f"  model    {escape(model.get('name', '?'))}{version}: [{colour}]{state}[/{colour}]")
+    out.print("press Ctrl-C (or send SIGTERM) to stop", style="dim")
+
+
+def _repository_index(url: str) -> list[dict[str, Any]]:
+    import tritonclient.http as httpclient
+
+    try:
+        with httpclient.InferenceServerClient(url, connection_timeout=5, network_timeout=5) as client:
+            return list(client.get_model_repository_index())
+    except Exception:  # informational only
+        return []
+
+
+# -- load / unload -----------------------------------------------------------------------------------------
+def cmd_model_control(args: argparse.Namespace) -> int:
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    url, name, action = normalize_url(args.url), args.name, args.command
+    try:
+        client = httpclient.InferenceServerClient(url, connection_timeout=args.timeout,
+                                                  network_timeout=args.timeout)
+    except Exception as exc:
+        _error(f"invalid Triton URL {url!r}: {exc}")
+        return EXIT_INPUT
+    try:
+        try:
+            client.is_server_live()
+        except Exception as exc:
+            _error(f"Triton at {url} is not reachable ({type(exc).__name__}: {exc}); is the server running? "
+                   "(--url HOST:PORT of its HTTP endpoint)")
+            return EXIT_INPUT
+        try:
+            known = {m.get("name") for m in client.get_model_repository_index()}
+            if name not in known:
+                listed = ", ".join(sorted(str(k) for k in known if k)) or "none"
+                _error(f"model {name!r} is not in the model repository of Triton at {url} (models: {listed})")
+                return EXIT_INPUT
+            if action == "load":
+                client.load_model(name)
+                if not _wait_ready(client, name, ready=True, timeout=args.timeout):
+                    _error(f"model {name!r} did not become ready on Triton at {url}")
+                    return EXIT_INPUT
+                out.print(f"loaded model [bold]{escape(name)}[/bold] on {url}: ready")
+            else:
+                client.unload_model(name)
+                if not _wait_ready(client, name, ready=False, timeout=args.timeout):
+                    _error(f"model {name!r} is still ready on Triton at {url} after {args.timeout:.0f} s")
+                    return EXIT_INPUT
+                out.print(f"unloaded model [bold]{escape(name)}[/bold] on {url}")
+        except InferenceServerException as exc:
+            _error(f"{action} {name!r} on Triton at {url} failed: {exc.message() or exc}")
+            return EXIT_INPUT
+        except Exception as exc:
+            _error(f"{action} {name!r} on Triton at {url} failed ({type(exc).__name__}: {exc})")
+            return EXIT_INPUT
+    finally:
+        client.close()
+    return EXIT_OK
+
+
+def _wait_ready(client: Any, name: str, *, ready: bool, timeout: float) -> bool:
+    """Poll until the model's readiness is ``ready`` (unloading finishes asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if bool(client.is_model_ready(name)) == ready:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+
+
+# -- shared by predict and batch -----------------------------------------------------------------------------
+@contextmanager
+def server_context(args: argparse.Namespace) -> Iterator[str]:
+    """The Triton URL to use: ``--url`` as given, or with ``--start-server`` a bundled Triton started on
+    ``--model-repository`` (explicit model control, only ``--model`` loaded, free loopback ports) for the
+    duration of the block and stopped after it.
+
+    Raises:
+        ServeError: ``--start-server`` with the local backend, or the server did not start (message ends with
+            the server log tail).
+    """
+    from serve.client import ServeError
+
+    if not getattr(args, "start_server", False):
+        yield normalize_url(args.url or _default_url(args.backend))
+        return
+    if args.backend == "local":
+        raise ServeError("--start-server needs --backend http or grpc (the local backend runs no server)")
+    from serve.triton_server import TritonNotFound, TritonServer, free_port
+
+    server = TritonServer(args.model_repository, http_port=free_port(), grpc_port=free_port(),
+                          metrics_port=free_port(), tritonserver=args.tritonserver, model_control="explicit",
+                          load_models=[args.model])
+    err.print(f"starting Triton on {server.model_repository} for model {args.model} ...")
+    try:
+        server.start(timeout=args.server_timeout)
+    except (TritonNotFound, FileNotFoundError, RuntimeError) as exc:
+        raise ServeError(f"could not start Triton for model {args.model!r}: {exc}") from exc
+    try:
+        err.print(f"Triton ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}")
+        yield server.http_url if args.backend == "http" else server.grpc_url
+    finally:
+        code = server.stop()
+        err.print(f"Triton stopped (exit code {code})")
+
+
+def open_model(args: argparse.Namespace, url: str) -> Any:
+    """The backend for ``--backend``; ServeError with the URL/repository and model in the message."""
+    from serve.client import ServeError, open_backend
+
+    try:
+        return open_backend(args.backend, url=url, model=args.model, version=args.version,
+                            model_repository=args.model_repository,
+                            **({} if args.backend == "local" else {"timeout": args.timeout,
+                                                                   "retries": args.retries}))
+    except ServeError as exc:
+        where = (f"model repository {args.model_repository}" if args.backend == "local"
+                 else f"Triton {'HTTP' if args.backend == 'http' else 'gRPC'} at {url}")
+        raise ServeError(f"cannot use model {args.model!r} ({where}): {exc}") from exc
+
+
+def _backend_label(args: argparse.Namespace, url: str) -> str:
+    return f"local onnxruntime ({args.model_repository})" if args.backend == "local" else f"{args.backend} {url}"
+
+
+# -- predict -----------------------------------------------------------------------------------------------
+def cmd_predict(args: argparse.Namespace) -> int:
+    from serve.client import ServeError
+    from serve.predict import failed, predict_files, render_errors, render_json, render_table
+
+    try:
+        with server_context(args) as url:
+            backend = open_model(args, url)
+            try:
+                results = predict_files(args.files, backend, top_k=args.top_k)
+                info = backend.info
+            finally:
+                backend.close()
+    except ServeError as exc:
+        _error(str(exc))
+        return EXIT_SERVER
+    if args.json:
+        print(render_json(results), flush=True)
+    else:
+        if any("error" not in r for r in results):
+            out.print(render_table(results, info, _backend_label(args, url)))
+        render_errors(results, err)
+    bad = failed(results)
+    if bad:
+        err.print(f"{len(bad)} of {len(results)} input(s) could not be read")
+        return EXIT_INPUT
+    return EXIT_OK
+
+
+# -- batch -------------------------------------------------------------------------------------------------
+def cmd_batch(args: argparse.Namespace) -> int:
+    from medimg import ImageReadError
+    from serve.client import ServeError
+
+    try:  # written alongside this CLI; imported here so that the other commands work without it
+        from serve.batch import compare_with_run, latest_run, run_batch
+        from serve.inputs import iter_inputs
+    except ImportError as exc:
+        _error(f"batch inference is not available: {exc}")
+        return EXIT_INPUT
+
+    try:
+        with server_context(args) as url:
+            backend = open_model(args, url)
+            try:
+                try:
+                    items, info = iter_inputs(args.input, split=args.split, class_names=backend.info.class_names)
+                except (ServeError, ImageReadError, OSError, ValueError, KeyError) as exc:
+                    _error(f"cannot read batch input {args.input}: {exc}")
+                    return EXIT_INPUT
+                if info:
+                    err.print(f"input: {escape(_describe(info))}", soft_wrap=True)
+                summary = run_batch(items, backend, args.out, workers=args.workers, in_flight=args.in_flight,
+                                    batch_size=args.batch_size, resume=not args.no_resume,
+                                    progress=sys.stderr.isatty())
+            finally:
+                backend.close()
+    except ServeError as exc:
+        _error(str(exc))
+        return EXIT_SERVER
+
+    out.print(summary.table())
+    if args.compare_run:
+        try:  # a run folder or its run.json
+            run = latest_run(args.log_dir) if args.compare_run == "latest" else Path(args.compare_run)
+            out.print(compare_with_run(summary, run))
+        except ServeError as exc:  # the predictions are written; the comparison failed
+            _error(f"cannot compare with run {args.compare_run}: {exc}")
+            return EXIT_INPUT
+    errors = _count_errors(summary)
+    if errors:
+        err.print(f"[yellow]{errors} input(s) failed; see the error column of {escape(str(args.out))}[/yellow]")
+        return EXIT_INPUT
+    return EXIT_OK
+
+
+def _describe(info: Any) -> str:
+    if isinstance(info, dict):
+        return ", ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, (list, dict, tuple)))
+    return str(info)
+
+
+def _count_errors(summary: Any) -> int:
+    value = getattr(summary, "errors", 0)
+    if isinstance(value, (list, tuple, set, dict)):
+        return len(value)
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+# -- parser ------------------------------------------------------------------------------------------------
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _backend_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("model and backend")
+    group.add_argument("--model", required=True, help="model name (the folder in the model repository)")
+    group.add_argument("--version", default=None, help="model version (default: the latest served)")
+    group.add_argument("--backend", choices=("http", "grpc", "local"), default="http",
+                       help="Triton over HTTP or gRPC, or onnxruntime in-process (default: http)")
+    group.add_argument("--url", default=None,
+                       help="Triton HOST:PORT (default: 127.0.0.1:8000 for http, 127.0.0.1:8001 for grpc)")
+    group.add_argument("--model-repository", default="model_repository",
+                       help="model repository for --backend local and --start-server (default: model_repository)")
+    group.add_argument("--timeout", type=float, default=30.0, help="client timeout in seconds (default: 30)")
+    group.add_argument("--retries", type=_non_negative_int, default=3,
+                       help="retries of a failed connection, with backoff (default: 3)")
+    group.add_argument("--start-server", action="store_true",
+                       help="start the bundled Triton on --model-repository for this command, stop it after")
+    group.add_argument("--tritonserver", default=None, help="tritonserver binary for --start-server")
+    group.add_argument("--server-timeout", type=float, default=120.0,
+                       help="seconds to wait for --start-server's Triton to be ready (default: 120)")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m serve", description="Serve medical image classifiers with "
+                                     "NVIDIA Triton: start the server, control models, predict, batch inference.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    start = sub.add_parser("start", help="start Triton and wait until Ctrl-C/SIGTERM")
+    start.add_argument("--model-repository", required=True, help="Triton model repository folder")
+    start.add_argument("--http-port", type=int, default=8000)
+    start.add_argument("--grpc-port", type=int, default=8001)
+    start.add_argument("--metrics-port", type=int, default=8002)
+    start.add_argument("--tritonserver", default=None,
+                       help="tritonserver binary (default: on PATH, else the one bundled in nvidia-pytriton)")
+    start.add_argument("--model-control", choices=("none", "explicit"), default=None,
+                       help="none: load every model; explicit: load/unload on request "
+                            "(default: explicit with --load, else none)")
+    start.add_argument("--load", nargs="+", metavar="NAME", default=None,
+                       help="models to load at start (explicit model control)")
+    start.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness (default: 120)")
+    start.add_argument("--log-file", default=None, help="server log file (default: a temporary file)")
+    start.set_defaults(func=cmd_start)
+
+    for name, text in (("load", "load a model (explicit model control)"),
+                       ("unload", "unload a model (explicit model control)")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("name", metavar="NAME", help="model name")
+        cmd.add_argument("--url", default=_default_url("http"),
+                         help="Triton HTTP endpoint HOST:PORT (default: 127.0.0.1:8000)")
+        cmd.add_argument("--timeout", type=float, default=60.0,
+                         help="seconds to wait for the request and the model state (default: 60)")
+        cmd.set_defaults(func=cmd_model_control)
+
+    common = _backend_options()
+    predict = sub.add_parser("predict", parents=[common], help="predict image files (PNG/JPEG/DICOM/.npy)")
+    predict.add_argument("files", nargs="+", metavar="FILE", help="image files")
+    predict.add_argument("--top-k", type=_positive_int, default=3, help="classes to show per file (default: 3)")
+    predict.add_argument("--json", action="store_true", help="print a JSON array, one object per file")
+    predict.set_defaults(func=cmd_predict)
+
+    batch = sub.add_parser("batch", parents=[common], help="batch inference over a dataset or folder into a CSV")
+    batch.add_argument("input", metavar="INPUT", help="a MedMNIST .npz, an image folder, a CSV or a file list")
+    batch.add_argument("--out", default="predictions.csv", help="predictions CSV (default: predictions.csv)")
+    batch.add_argument("--split", default="test", help="split of a MedMNIST .npz (default: test)")
+    batch.add_argument("--workers", type=_positive_int, default=2, help="image-reading workers (default: 2)")
+    batch.add_argument("--in-flight", type=_positive_int, default=4, help="concurrent requests (default: 4)")
+    batch.add_argument("--batch-size", type=_positive_int, default=16, help="images per request (default: 16)")
+    batch.add_argument("--no-resume", action="store_true", help="start over instead of resuming --out")
+    batch.add_argument("--compare-run", default=None, metavar="RUN_DIR|latest",
+                       help="compare accuracy/AUROC with a training run's test metrics")
+    batch.add_argument("--log-dir", default="logs", help="where --compare-run latest looks (default: logs)")
+    batch.set_defaults(func=cmd_batch)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,489 @@
+"""Batch predictions to CSV: parallel reading, concurrent requests, resumable output, and a summary with metrics.
+
+Reading and preprocessing run in a thread pool while up to ``in_flight`` requests of ``batch_size`` images are
+in flight, so Triton's dynamic batcher sees a steady stream. Rows are appended and flushed as requests complete;
+a rerun on the same CSV skips the inputs already predicted. One unreadable image or one failed request costs
+only its rows (written with the error), never the run.
+
+Privacy: rows and messages carry the input path and :mod:`medimg`'s error reason only (medimg never puts DICOM
+header values in a reason); nothing here reads or writes header values.
+
+Torch-free: numpy, rich and the standard library.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+import medimg
+from serve.client import Backend, ModelInfo, ServeError, TritonBackend
+from serve.inputs import InputItem, load_item, parse_label
+
+__all__ = [
+    "BatchSummary",
+    "auroc",
+    "compare_with_run",
+    "csv_columns",
+    "latest_run",
+    "read_predictions",
+    "run_batch",
+]
+
+log = logging.getLogger(__name__)
+
+
+def csv_columns(class_names: Sequence[str]) -> list[str]:
+    """The predictions CSV header for a model with these classes."""
+    return ["key", "path", "label", "predicted", "predicted_index", *[f"prob_{c}" for c in class_names],
+            "model", "version", "error"]
+
+
+@dataclass
+class BatchSummary:
+    """What a batch run did, how fast, and (when labels are known) how well, over every row of the CSV.
+
+    ``done_now`` counts inputs processed by this run (predicted or failed), ``skipped`` those already in the CSV,
+    ``errors`` this run's failed inputs. ``latency_ms`` holds p50/p95/p99 of the per-request time around
+    ``backend.infer`` (None without a successful request). ``labelled``/``accuracy``/``auroc`` cover all predicted
+    rows of the CSV with a label, resumed ones included; AUROC is that of P(class 1) for two classes, else the
+    macro one-vs-rest mean over classes present; None when fewer than two classes are present.
+    """
+
+    total: int
+    done_now: int
+    skipped: int
+    errors: int
+    seconds: float
+    images_per_s: float
+    latency_ms: dict[str, float | None]
+    accuracy: float | None = None
+    auroc: float | None = None
+    labelled: int = 0
+    rows: int = 0
+    requests: int = 0
+    out_csv: str = ""
+    model: str = ""
+    version: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> Table:
+        table = Table(title=f"Batch predictions: {self.model} (version {self.version})")
+        table.add_column("", style="bold")
+        table.add_column("value", justify="right")
+        lat = self.latency_ms
+        latency = ("n/a" if lat.get("p50") is None else
+                   f"{lat['p50']:.1f} / {lat['p95']:.1f} / {lat['p99']:.1f} ms")
+        for name, value in (
+            ("inputs", str(self.total)),
+            ("processed now", str(self.done_now)),
+            ("resumed (already in CSV)", str(self.skipped)),
+            ("errors", str(self.errors)),
+            ("time", f"{self.seconds:.1f} s"),
+            ("throughput", f"{self.images_per_s:.1f} images/s"),
+            ("requests", str(self.requests)),
+            ("latency p50 / p95 / p99", latency),
+            ("rows in CSV", str(self.rows)),
+            ("labelled rows", str(self.labelled)),
+            ("accuracy", _fmt(self.accuracy)),
+            ("AUROC", _fmt(self.auroc)),
+            ("predictions", self.out_csv),
+        ):
+            table.add_row(name, value)
+        return table
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("- images/s" if speed is None else f"{speed:.1f} images/s", style="progress.data.speed")
+
+
+class _Senders:
+    """The backend each request thread uses: tritonclient's HTTP client is not thread-safe (its docs), so with
+    ``TritonBackend`` over HTTP every request thread gets its own connection; gRPC and local are shared."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.per_thread = isinstance(backend, TritonBackend) and backend.protocol == "http"
+        self.local = threading.local()
+        self.lock = threading.Lock()
+        self.clones: list[TritonBackend] = []
+
+    def get(self) -> Backend:
+        if not self.per_thread:
+            return self.backend
+        clone = getattr(self.local, "backend", None)
+        if clone is None:
+            b = self.backend
+            assert isinstance(b, TritonBackend)
+            clone = TritonBackend(b.url, b.info.name, b.version or None, protocol="http", timeout=b.timeout,
+                                  retries=b.retries, backoff=b.backoff, concurrency=1)
+            with self.lock:
+                self.clones.append(clone)
+            self.local.backend = clone
+        return clone
+
+    def infer(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, float]:
+        backend = self.get()
+        batch = np.stack(arrays)
+        started = time.perf_counter()
+        probs = backend.infer(batch)
+        return probs, time.perf_counter() - started
+
+    def close(self) -> None:
+        for clone in self.clones:
+            try:
+                clone.close()
+            except Exception:  # closing is best effort
+                log.debug("closing a request connection failed", exc_info=True)
+
+
+class _Writer:
+    """Appends prediction rows to the CSV and flushes them."""
+
+    def __init__(self, path: Path, columns: list[str], info: ModelInfo) -> None:
+        self.info = info
+        self.width = len(info.class_names)
+        new = not path.exists() or path.stat().st_size == 0
+        self.fh = path.open("a", newline="", encoding="utf-8")
+        self.writer = csv.writer(self.fh)
+        if new:
+            self.writer.writerow(columns)
+            self.fh.flush()
+
+    def label_text(self, label: int | None) -> str:
+        if label is None:
+            return ""
+        return self.info.class_names[label] if 0 <= label < self.width else str(label)
+
+    def prediction(self, item: InputItem, probs: np.ndarray) -> None:
+        index = int(np.argmax(probs))
+        self.writer.writerow([item.key, item.path or "", self.label_text(item.label), self.info.class_names[index],
+                              index, *(format(float(p), ".9g") for p in probs), self.info.name, self.info.version,
+                              ""])
+
+    def error(self, item: InputItem, message: str) -> None:
+        self.writer.writerow([item.key, item.path or "", self.label_text(item.label), "", "", *[""] * self.width,
+                              self.info.name, self.info.version, " ".join(message.split())])
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def read_predictions(out_csv: str | Path, class_names: Sequence[str]) -> list[dict[str, str]]:
+    """The complete rows of a predictions CSV written for these classes, last row per key (a row cut short by an
+    interruption is dropped). Raises ServeError when the header belongs to another model's classes."""
+    path = Path(out_csv)
+    columns = csv_columns(class_names)
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            return []
+        if header != columns:
+            raise ServeError(f"{path}: existing predictions have columns {header}, but this model writes "
+                             f"{columns}; write to another file or turn resume off")
+        rows: dict[str, dict[str, str]] = {}
+        for record in reader:
+            if len(record) != len(columns):
+                continue
+            row = dict(zip(columns, record, strict=True))
+            if not row["error"] and not _complete(row, class_names):
+                continue
+            rows.pop(row["key"], None)
+            rows[row["key"]] = row
+    return list(rows.values())
+
+
+def _complete(row: dict[str, str], class_names: Sequence[str]) -> bool:
+    try:
+        probs = [float(row[f"prob_{c}"]) for c in class_names]
+        index = int(row["predicted_index"])
+    except ValueError:
+        return False
+    return bool(row["model"]) and 0 <= index < len(probs) and row["predicted"] == class_names[index]
+
+
+def _prepare_csv(path: Path, columns: list[str], class_names: Sequence[str], resume: bool) -> set[str]:
+    """Keys already predicted (resume) after rewriting the CSV with just those rows; else a fresh, empty CSV."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not resume or not path.exists():
+        path.unlink(missing_ok=True)
+        return set()
+    kept = [row for row in read_predictions(path, class_names) if not row["error"]]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(kept)
+    os.replace(tmp, path)  # failed and cut-short rows are dropped and redone
+    return {row["key"] for row in kept}
+
+
+def run_batch(items: Sequence[InputItem], backend: Backend, out_csv: str | Path, *, workers: int = 2,
+              in_flight: int = 4, batch_size: int = 16, resume: bool = True, progress: bool = True) -> BatchSummary:
+    """Predict every item with ``backend`` into ``out_csv``, one row per input; see the module docstring.
+
+    ``workers`` threads read and preprocess; up to ``in_flight`` requests of ``batch_size`` images run at once.
+    With ``resume`` and an existing ``out_csv``, items whose key already has a prediction there are skipped and
+    rows of previously failed items are redone; without it the CSV is started afresh.
+    """
+    for name, value in (("workers", workers), ("in_flight", in_flight), ("batch_size", batch_size)):
+        if value < 1:
+            raise ServeError(f"{name} must be >= 1, got {value}")
+    keys = [item.key for item in items]
+    if len(set(keys)) != len(keys):
+        raise ServeError("input keys are not unique; each input needs its own row key")
+    info = backend.info
+    out = Path(out_csv)
+    columns = csv_columns(info.class_names)
+    done_keys = _prepare_csv(out, columns, info.class_names, resume)
+    todo = [item for item in items if item.key not in done_keys]
+    skipped = len(items) - len(todo)
+
+    writer = _Writer(out, columns, info)
+    senders = _Senders(backend)
+    loader = ThreadPoolExecutor(workers, thread_name_prefix="medops-read")
+    sender = ThreadPoolExecutor(in_flight, thread_name_prefix="medops-infer")
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                   TextColumn("{task.fields[errors]} errors"), TimeElapsedColumn(), TimeRemainingColumn(),
+                   console=Console(stderr=True), disable=not progress)
+    task = bar.add_task(f"{info.name} v{info.version}", total=len(todo), errors=0)
+    latencies: list[float] = []
+    counts = {"done": 0, "errors": 0}
+    inflight: dict[Future, list[InputItem]] = {}
+
+    def failed(item: InputItem, message: str) -> None:
+        writer.error(item, message)
+        counts["done"] += 1
+        counts["errors"] += 1
+
+    def collect(block: bool) -> None:
+        if not inflight:
+            return
+        finished = wait(inflight, return_when=FIRST_COMPLETED)[0] if block else [f for f in inflight if f.done()]
+        for fut in finished:
+            group = inflight.pop(fut)
+            try:
+                probs, seconds = fut.result()
+            except ServeError as exc:
+                for item in group:
+                    failed(item, str(exc))
+            else:
+                probs = np.asarray(probs)
+                if probs.shape != (len(group), len(info.class_names)):
+                    for item in group:
+                        failed(item, f"backend returned shape {list(probs.shape)} for {len(group)} images")
+                else:
+                    latencies.append(seconds)
+                    for item, row in zip(group, probs, strict=True):
+                        writer.prediction(item, row)
+                    counts["done"] += len(group)
+            writer.flush()
+            bar.update(task, completed=counts["done"], errors=counts["errors"])
+
+    def send(group: list[InputItem], arrays: list[np.ndarray]) -> None:
+        while len(inflight) >= in_flight:
+            collect(block=True)
+        inflight[sender.submit(senders.infer, arrays)] = group
+
+    started = time.perf_counter()
+    try:
+        with bar:
+            lookahead = max(batch_size * (in_flight + 1), 2 * workers)
+            pending = iter(todo)
+            loads: deque[tuple[InputItem, Future]] = deque()
+
+            def top_up() -> None:
+                while len(loads) < lookahead:
+                    item = next(pending, None)
+                    if item is None:
+                        return
+                    loads.append((item, loader.submit(load_item, item, info)))
+
+            group: list[InputItem] = []
+            arrays: list[np.ndarray] = []
+            top_up()
+            while loads:
+                item, fut = loads.popleft()
+                top_up()
+                try:
+                    array = fut.result()
+                except medimg.ImageReadError as exc:
+                    failed(item, str(exc))
+                    writer.flush()
+                    bar.update(task, completed=counts["done"], errors=counts["errors"])
+                else:
+                    group.append(item)
+                    arrays.append(array)
+                    if len(group) == batch_size:
+                        send(group, arrays)
+                        group, arrays = [], []
+                collect(block=False)
+            if group:
+                send(group, arrays)
+            while inflight:
+                collect(block=True)
+    finally:
+        loader.shutdown(wait=True, cancel_futures=True)
+        sender.shutdown(wait=True, cancel_futures=True)
+        senders.close()
+        writer.close()
+    seconds = time.perf_counter() - started
+
+    rows = read_predictions(out, info.class_names)
+    labelled, accuracy, auc = _metrics(rows, info.class_names)
+    if latencies:
+        p50, p95, p99 = (float(v) for v in np.percentile(np.array(latencies) * 1000.0, [50, 95, 99]))
+        latency: dict[str, float | None] = {"p50": p50, "p95": p95, "p99": p99}
+    else:
+        latency = {"p50": None, "p95": None, "p99": None}
+    return BatchSummary(
+        total=len(items), done_now=counts["done"], skipped=skipped, errors=counts["errors"], seconds=seconds,
+        images_per_s=counts["done"] / seconds if seconds > 0 else 0.0, latency_ms=latency, accuracy=accuracy,
+        auroc=auc, labelled=labelled, rows=len(rows), requests=len(latencies), out_csv=str(out),
+        model=info.name, version=info.version,
+    )
+
+
+def _metrics(rows: list[dict[str, str]], class_names: Sequence[str]) -> tuple[int, float | None, float | None]:
+    labels, probs = [], []
+    for row in rows:
+        if row["error"] or not row["label"]:
+            continue
+        try:
+            label = parse_label(row["label"], class_names)
+        except ServeError:
+            continue
+        if label is None:
+            continue
+        labels.append(label)
+        probs.append([float(row[f"prob_{c}"]) for c in class_names])
+    if not labels:
+        return 0, None, None
+    y = np.array(labels, dtype=np.int64)
+    p = np.array(probs, dtype=np.float64)
+    accuracy = float(np.mean(np.argmax(p, axis=1) == y))
+    return len(labels), accuracy, auroc(y, p)
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return ((ends - counts + 1 + ends) / 2.0)[inverse]
+
+
+def _binary_auroc(positive: np.ndarray, scores: np.ndarray) -> float | None:
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = _average_ranks(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """AUROC by the rank (Mann-Whitney) formula with ties averaged: binary -> of P(class 1); more classes -> macro
+    one-vs-rest over the classes present. None when fewer than two classes are present."""
+    y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or len(p) != len(y) or p.shape[1] < 2 or len(np.unique(y)) < 2:
+        return None
+    if p.shape[1] == 2:
+        return _binary_auroc(y == 1, p[:, 1])
+    scores = [s for k in range(p.shape[1]) if (s := _binary_auroc(y == k, p[:, k])) is not None]
+    return float(np.mean(scores)) if scores else None
+
+
+def _run_record(run_json: str | Path) -> tuple[Path, dict[str, Any]]:
+    path = Path(run_json)
+    if path.is_dir():
+        path = path / "run.json"
+    if not path.is_file():
+        raise ServeError(f"{path}: training run record not found")
+    try:
+        return path, json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ServeError(f"{path}: cannot read the run record ({type(exc).__name__})") from None
+
+
+def compare_with_run(summary: BatchSummary, run_json: str | Path) -> Table:
+    """The batch's accuracy and AUROC next to the training run's ``test`` metrics (``run.json`` or its folder)."""
+    path, record = _run_record(run_json)
+    test = record.get("test") or {}
+    data = record.get("data") or {}
+    test_counts = (data.get("counts") or {}).get("test")
+    n_test = sum(test_counts) if isinstance(test_counts, list) else None
+    table = Table(title=f"Batch predictions vs training run {record.get('run_id') or path.parent.name} (test split)")
+    table.add_column("metric", style="bold")
+    table.add_column("batch", justify="right")
+    table.add_column("training test", justify="right")
+    table.add_column("difference", justify="right")
+    for name, mine, theirs in (("accuracy", summary.accuracy, test.get("acc")),
+                               ("AUROC", summary.auroc, test.get("auroc"))):
+        theirs = float(theirs) if isinstance(theirs, (int, float)) else None
+        diff = f"{mine - theirs:+.4f}" if mine is not None and theirs is not None else "n/a"
+        table.add_row(name, _fmt(mine), _fmt(theirs), diff)
+    table.add_row("labelled images", str(summary.labelled), "n/a" if n_test is None else str(n_test), "")
+    notes = [f"run record: {path}"]
+    if not test:
+        notes.append("the run has no test metrics")
+    if summary.labelled == 0:
+        notes.append("no labelled predictions in the batch")
+    table.caption = "; ".join(notes)
+    return table
+
+
+def latest_run(log_dir: str | Path) -> Path:
+    """The folder under ``log_dir`` whose ``run.json`` (status "completed") was modified most recently."""
+    root = Path(log_dir)
+    if not root.is_dir():
+        raise ServeError(f"{root}: log folder not found")
+    best: tuple[float, Path] | None = None
+    for record in root.rglob("run.json"):
+        try:
+            status = json.loads(record.read_text()).get("status")
+            mtime = record.stat().st_mtime
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if status == "completed" and (best is None or mtime > best[0]):
+            best = (mtime, record.parent)
+    if best is None:
+        raise ServeError(f"{root}: no completed training run (run.json with status 'completed') found")
+    return best[1]

@@ -1,0 +1,233 @@
+"""Inputs of a batch job: an image folder, a CSV manifest or a MedMNIST ``.npz``, as a list of :class:`InputItem`.
+
+Listing is cheap (no pixels are decoded); :func:`load_item` turns one item into model input through the same
+:mod:`medimg` contract that training used, so batch predictions match the exported model's test metrics.
+
+Torch-free: numpy and :mod:`medimg` only.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import medimg
+from serve.client import ModelInfo, ServeError
+
+__all__ = ["InputItem", "iter_inputs", "load_item", "parse_label"]
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+
+
+@dataclass
+class InputItem:
+    """One input of a batch job.
+
+    ``key`` is the unique row id in the predictions CSV: the file path as given (folder inputs: the folder as given
+    joined with the file's relative path; CSV inputs: the ``path`` cell as written) or ``npz:<split>:<index>``.
+    ``path`` is the file to read (None for ``.npz`` items, which carry ``array``); ``label`` a class index or None.
+    """
+
+    key: str
+    path: str | None
+    label: int | None
+    array: np.ndarray | None = None
+
+
+def iter_inputs(source: str | Path, *, split: str | None = "test",
+                class_names: Sequence[str] | None = None) -> tuple[list[InputItem], dict[str, Any]]:
+    """List the inputs in ``source`` and describe them.
+
+    * a folder: every file below it (recursive; suffixes in :data:`medimg.SUPPORTED_SUFFIXES` or none; hidden
+      files and folders skipped), sorted. When every first-level sub-folder holding images is named after a class
+      in ``class_names``, the sub-folder gives the label.
+    * a ``.csv`` manifest with a ``path`` column and optional ``label`` and ``split`` columns; paths are relative
+      to the CSV's folder; a label is a class name (of ``class_names``) or a class index. With a ``split`` column,
+      only rows of ``split`` are kept (``split=None`` keeps all rows).
+    * a MedMNIST ``.npz``: ``<split>_images`` (uint8 N x H x W or N x H x W x C) and ``<split>_labels``.
+    * a ``.txt`` (or ``.lst``) file list: one path per line, relative to the list's folder; blank lines and
+      ``#`` comments skipped; no labels.
+
+    Returns ``(items, info)`` with info keys ``kind`` (folder/csv/npz/list), ``source``, ``split`` (the split applied,
+    or None), ``count`` and ``labelled``. Raises ServeError naming the path when the input is missing, empty or
+    malformed.
+    """
+    path = Path(source)
+    names = list(class_names) if class_names is not None else None
+    if not path.exists():
+        raise ServeError(f"{path}: input not found")
+    if path.is_dir():
+        items, kind, applied = _folder_items(path, names), "folder", None
+    elif path.suffix.lower() == ".csv":
+        items, applied = _csv_items(path, split, names)
+        kind = "csv"
+    elif path.suffix.lower() == ".npz":
+        items, applied = _npz_items(path, split or "test", names)
+        kind = "npz"
+    elif path.suffix.lower() in (".txt", ".lst"):
+        items, kind, applied = _list_items(path), "list", None
+    else:
+        raise ServeError(f"{path}: unsupported input; give an image folder, a .csv manifest, a .txt file list "
+                         "or a MedMNIST .npz")
+    info = {"kind": kind, "source": str(path), "split": applied, "count": len(items),
+            "labelled": sum(item.label is not None for item in items)}
+    return items, info
+
+
+def load_item(item: InputItem, info: ModelInfo) -> np.ndarray:
+    """One input -> float32 C x H x W in [0, 1] for ``info``'s model. Any failure raises medimg.ImageReadError."""
+    where = item.path if item.path is not None else item.key
+    try:
+        if item.array is not None:
+            array = item.array[..., None] if item.array.ndim == 2 else item.array
+            return medimg.preprocess(array, info.size, info.channels)
+        if item.path is None:
+            raise medimg.ImageReadError(where, "input has neither a file path nor an array")
+        return medimg.load_for_model(item.path, info.size, info.channels, window=info.window)
+    except medimg.ImageReadError:
+        raise
+    except (ValueError, OSError) as exc:  # medimg's array checks raise ValueError; no header values in either
+        raise medimg.ImageReadError(where, f"{type(exc).__name__}: {exc}") from None
+
+
+def parse_label(value: str | int | None, class_names: Sequence[str] | None, where: str = "") -> int | None:
+    """A label cell -> class index: a class name of ``class_names`` or an integer index; empty -> None."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not text:
+        return None
+    if class_names is not None and text in class_names:
+        return list(class_names).index(text)
+    try:
+        index = int(text)
+    except ValueError:
+        known = f"one of {list(class_names)}" if class_names is not None else "an integer (class names unknown)"
+        raise ServeError(f"{where}label {text!r} is not a known class; expected {known} or a class index") from None
+    if index < 0 or (class_names is not None and index >= len(class_names)):
+        raise ServeError(f"{where}label index {index} is out of range for {len(class_names or [])} classes")
+    return index
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and (path.suffix.lower() in medimg.SUPPORTED_SUFFIXES or path.suffix == "")
+
+
+def _folder_items(root: Path, class_names: list[str] | None) -> list[InputItem]:
+    files = []
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts) or not _is_image_file(f):
+            continue
+        files.append(rel)
+    if not files:
+        raise ServeError(f"{root}: no image files found (suffixes {', '.join(sorted(medimg.SUPPORTED_SUFFIXES))} "
+                         "or none)")
+    first_level = {rel.parts[0] for rel in files if len(rel.parts) > 1}
+    by_folder = bool(class_names) and bool(first_level) and first_level <= set(class_names or [])
+    items = []
+    for rel in files:
+        label = None
+        if by_folder and len(rel.parts) > 1:
+            label = list(class_names or []).index(rel.parts[0])
+        items.append(InputItem(key=str(root / rel), path=str(root / rel), label=label))
+    return items
+
+
+def _csv_items(csv_path: Path, split: str | None, class_names: list[str] | None
+               ) -> tuple[list[InputItem], str | None]:
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ServeError(f"{csv_path}: cannot read the CSV manifest ({type(exc).__name__}: {exc})") from None
+    if "path" not in columns:
+        raise ServeError(f"{csv_path}: manifest needs a 'path' column, found {columns}")
+    has_split = "split" in columns
+    wanted = SPLIT_ALIASES.get(split.lower(), split.lower()) if (has_split and split) else None
+    items: list[InputItem] = []
+    seen: set[str] = set()
+    for line, raw in enumerate(rows, start=2):
+        row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in raw.items()}
+        if not any(row.values()):
+            continue  # blank line
+        if wanted is not None:
+            row_split = row.get("split", "").lower()
+            if SPLIT_ALIASES.get(row_split, row_split) != wanted:
+                continue
+        given = row["path"]
+        if not given:
+            raise ServeError(f"{csv_path}:{line}: empty path")
+        file = Path(given)
+        if not file.is_absolute():
+            file = csv_path.parent / file
+        label = parse_label(row.get("label"), class_names, f"{csv_path}:{line}: ")
+        key = given if given not in seen else f"{given}#{line}"
+        seen.add(key)
+        items.append(InputItem(key=key, path=str(file), label=label))
+    if not items:
+        which = f" of split {split!r}" if wanted is not None else ""
+        raise ServeError(f"{csv_path}: the manifest has no rows{which}")
+    return items, wanted
+
+
+def _list_items(list_path: Path) -> list[InputItem]:
+    try:
+        lines = list_path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ServeError(f"{list_path}: cannot read the file list ({type(exc).__name__}: {exc})") from None
+    items: list[InputItem] = []
+    seen: set[str] = set()
+    for line, text in enumerate(lines, start=1):
+        given = text.strip()
+        if not given or given.startswith("#"):
+            continue
+        file = Path(given) if Path(given).is_absolute() else list_path.parent / given
+        key = given if given not in seen else f"{given}#{line}"
+        seen.add(key)
+        items.append(InputItem(key=key, path=str(file), label=None))
+    if not items:
+        raise ServeError(f"{list_path}: the file list has no paths")
+    return items
+
+
+def _npz_items(npz_path: Path, split: str, class_names: list[str] | None) -> tuple[list[InputItem], str]:
+    split = SPLIT_ALIASES.get(split.lower(), split)
+    try:
+        with np.load(npz_path, allow_pickle=False) as data:
+            keys = set(data.files)
+            if f"{split}_images" not in keys:
+                found = sorted(k.removesuffix("_images") for k in keys if k.endswith("_images"))
+                raise ServeError(f"{npz_path}: no '{split}_images' array; splits in the file: {found}")
+            images = data[f"{split}_images"]
+            labels = data[f"{split}_labels"] if f"{split}_labels" in keys else None
+    except ServeError:
+        raise
+    except Exception as exc:  # zipfile/pickle/format errors: not a readable npz
+        raise ServeError(f"{npz_path}: cannot read the .npz file ({type(exc).__name__}: {exc})") from None
+    if images.ndim not in (3, 4) or len(images) == 0:
+        raise ServeError(f"{npz_path}: '{split}_images' has shape {images.shape}; expected N x H x W[ x C], N > 0")
+    flat: np.ndarray | None = None
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.ndim == 1 and len(labels) == len(images):
+            flat = labels.astype(np.int64)  # multi-label (N x K) files have no single class label
+    if flat is not None and len(flat) and (flat.min() < 0 or (class_names is not None
+                                                            and flat.max() >= len(class_names))):
+        raise ServeError(f"{npz_path}: '{split}_labels' range {flat.min()}..{flat.max()} does not fit the "
+                         f"{len(class_names or [])} classes {class_names}")
+    items = []
+    for i in range(len(images)):
+        label = int(flat[i]) if flat is not None else None
+        items.append(InputItem(key=f"npz:{split}:{i}", path=None, label=label, array=images[i]))
+    return items, split
