@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,14 +70,66 @@ def latest_run(log_dir: str | Path) -> Path:
     return max(candidates, key=lambda p: p.stat().st_mtime).parent
 
 
+WANDB_RUN_PATH = re.compile(r"^[\w.-]+/[\w.-]+/(runs/)?[\w-]+$")
+
+
+def wandb_source(path: str, api: Any = None) -> tuple[Path, dict[str, Any]]:
+    """The best checkpoint and the run record of a W&B run ``entity/project/run_id``.
+
+    The run's ``model-<id>`` artifact (logged by training) gives the checkpoint: a local ``file://`` reference
+    (offline runs, or the same machine) is used in place, otherwise the artifact is downloaded. The run
+    record is the local ``run.json`` next to the checkpoint when there is one, else rebuilt from the run's
+    config and summary.
+    """
+    try:
+        import wandb
+
+        api = api or wandb.Api(timeout=30)
+        wb_run = api.run(path.replace("/runs/", "/"))
+    except Exception as exc:  # wandb.errors.CommError, ValueError for a malformed path, no API key...
+        raise ExportError(f"W&B run {path} cannot be read: {type(exc).__name__}: {exc}") from exc
+    models = [a for a in wb_run.logged_artifacts() if a.type == "model"]
+    if not models:
+        raise ExportError(f"W&B run {path} has no model artifact (was it trained with the wandb logger?)")
+    artifact = models[-1]
+    ckpt = None
+    for entry in artifact.manifest.entries.values():
+        ref = getattr(entry, "ref", None) or ""
+        if ref.startswith("file://") and Path(ref[7:]).is_file():
+            ckpt = Path(ref[7:])
+    if ckpt is None:
+        folder = Path(artifact.download())
+        ckpt = next(folder.glob("*.ckpt"), None)
+        if ckpt is None:
+            raise ExportError(f"model artifact {artifact.name} of W&B run {path} holds no .ckpt file")
+    record = _run_record_for(ckpt)
+    if not record:
+        config = dict(wb_run.config)
+        summary = dict(wb_run.summary)
+        record = {
+            "run_id": wb_run.id, "config": config, "data": config.get("data_summary") or {},
+            "git": config.get("git") or {},
+            "val": {k[9:]: v for k, v in summary.items() if k.startswith("best_val/")},
+            "test": {k[5:]: v for k, v in summary.items() if k.startswith("test/") and isinstance(v, int | float)},
+        }
+    record["wandb"] = {**(record.get("wandb") or {}), "id": wb_run.id, "path": path}
+    return ckpt, record
+
+
 def resolve_source(
     run: str | None, checkpoint: str | None, log_dir: str | Path = "logs"
 ) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint to export and the run record that goes with it (``run=latest``: the newest run)."""
+    """The checkpoint to export and the run record that goes with it.
+
+    ``run`` is a local run folder, ``latest`` (the newest completed run under ``log_dir``) or a W&B run
+    path ``entity/project/run_id``.
+    """
     if not run and not checkpoint:
         raise ExportError("nothing to export: pass run=<run directory> or checkpoint=<file.ckpt>")
     if run == "latest":
         run = str(latest_run(log_dir))
+    if run and not checkpoint and not Path(run).exists() and WANDB_RUN_PATH.match(run):
+        return wandb_source(run)
     if checkpoint:
         ckpt = Path(checkpoint)
         if not ckpt.is_file():

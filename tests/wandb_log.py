@@ -56,3 +56,31 @@ def history(path: Path, key: str) -> list[Any]:
                 if (item.key or "/".join(item.nested_key)) == key:
                     values.append(json.loads(item.value_json))
     return values
+
+
+def run_header(path: Path) -> dict[str, Any]:
+    """Name, tags and group of the run as W&B recorded them."""
+    for record in records(path):
+        if record.WhichOneof("record_type") == "run":
+            return {"name": record.run.display_name, "tags": list(record.run.tags), "group": record.run.run_group}
+    raise ValueError(f"{path}: no run record")
+
+
+def artifacts(path: Path) -> list[dict[str, Any]]:
+    """Logged artifacts: name, type, metadata and manifest entries (path -> reference)."""
+    found = []
+    for record in records(path):
+        if record.WhichOneof("record_type") == "artifact":
+            art = record.artifact
+            found.append({"name": art.name, "type": art.type,
+                          "metadata": json.loads(art.metadata) if art.metadata else {},
+                          "files": {m.path: m.ref for m in art.manifest.contents}})
+    return found
+
+
+def logged_keys(path: Path) -> set[str]:
+    keys = set()
+    for record in records(path):
+        if record.WhichOneof("record_type") == "history":
+            keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
+    return keys

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torchmetrics.functional.classification import binary_roc
 
 from train.datamodules import ImageClassificationDataModule
@@ -21,6 +21,7 @@ from train.loggers import wandb_run_info
 from train.module import ClassificationModule, count_parameters
 from train.plots import plot_confusion, plot_roc
 from train.run_record import new_record, write_record
+from train.wandb_report import log_checkpoint_artifact, log_evaluation, run_name
 
 log = logging.getLogger(__name__)
 # Augmentation runs in the module's on_after_batch_transfer on purpose (on the training device).
@@ -142,7 +143,28 @@ def evaluate(
         lg.log_metrics(final, step=step)
         if isinstance(lg, WandbLogger):
             lg.log_image("test/plots", [str(p) for p in plots.values()], caption=list(plots))
+            log_evaluation(lg.experiment, probs_test, y_test, names, dm.datasets["test"].images.float() / 255)
+            lg.experiment.summary.update(final)
     return result
+
+
+def name_wandb_run(cfg: DictConfig, dm: ImageClassificationDataModule, module: ClassificationModule) -> None:
+    """W&B run name from the overrides (what changed), tags with the model and dataset."""
+    wb = (cfg.get("logger") or {}).get("wandb")
+    if not wb:
+        return
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra (library use)
+        overrides = []
+    dataset = Path(str(dm.summary()["source"])).stem
+    with open_dict(cfg):
+        if not wb.get("name"):
+            fallback = f"{module.hparams.net.get('arch')}-{Path(cfg.paths.output_dir).name}"
+            wb.name = run_name(overrides, fallback=fallback)
+        wb.tags = sorted({*(wb.get("tags") or []), str(module.hparams.net.get("arch")), dataset})
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -157,6 +179,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg, dm)
 
     callbacks: list[Callback] = instantiate_list(cfg.get("callbacks"))
+    name_wandb_run(cfg, dm, module)
     loggers: list[Logger] = instantiate_list(cfg.get("logger"))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_cfg, dict)
@@ -210,6 +233,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             record["wandb"] = wandb_run_info(lg)
+            if best_path and record.get("test"):
+                record["wandb"]["model_artifact"] = log_checkpoint_artifact(lg.experiment, best_path, record)
     record["timing"] = {"fit_seconds": round(fit_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1)}
     record["status"] = "interrupted" if trainer.interrupted else "completed"
     write_record(record, out_dir)

@@ -238,3 +238,66 @@ def test_run_latest_picks_the_newest_completed_run(tmp_path: Path, trained_run: 
     assert meta["lineage"]["checkpoint"].startswith(str(newer))
     with pytest.raises(ExportError, match="no completed training run"):
         latest_run(tmp_path / "empty")
+
+
+class _Entry:
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+
+
+class _Artifact:
+    type = "model"
+
+    def __init__(self, ckpt: Path) -> None:
+        self.name = "model-abc123:v0"
+        self.manifest = type("Manifest", (), {"entries": {ckpt.name: _Entry(ckpt.as_uri())}})()
+
+    def download(self) -> str:
+        raise AssertionError("a local file reference must be used, not a download")
+
+
+class _Run:
+    def __init__(self, ckpt: Path, record: dict) -> None:
+        self.id = "abc123"
+        self.config = {**record["config"], "data_summary": record["data"], "git": record["git"]}
+        self.summary = {f"test/{k}": v for k, v in record["test"].items()} | {"test/plots": {"_type": "images"}}
+        self._artifact = _Artifact(ckpt)
+
+    def logged_artifacts(self) -> list:
+        return [self._artifact]
+
+
+@pytest.mark.parametrize("with_local_record", [True, False])
+def test_export_from_a_wandb_run_path(tmp_path: Path, trained_run: Path, monkeypatch: pytest.MonkeyPatch,
+                                      with_local_record: bool) -> None:
+    """`run=entity/project/run_id` goes through the real wandb.Api call (the service itself is replaced)."""
+    import wandb
+
+    record = json.loads((trained_run / "run.json").read_text())
+    ckpt = Path(record["checkpoints"]["best"])
+    if not with_local_record:  # the checkpoint alone: the record is rebuilt from the W&B config and summary
+        lone = tmp_path / "lone" / "model.ckpt"
+        lone.parent.mkdir()
+        shutil.copy(ckpt, lone)
+        ckpt = lone
+    calls = []
+
+    class FakeApi:
+        def __init__(self, timeout: int | None = None) -> None:
+            calls.append(timeout)
+
+        def run(self, path: str) -> _Run:
+            if path != "lab/medops/abc123":
+                raise ValueError(f"Could not find run {path}")
+            return _Run(ckpt, record)
+
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    meta = pipeline.export_model(export_cfg(None, tmp_path / "repo", "run=lab/medops/abc123"))
+    assert calls == [30]
+    assert meta["lineage"]["checkpoint"] == str(ckpt.resolve())
+    assert meta["lineage"]["dataset_fingerprint"] == record["data"]["fingerprint"]
+    assert meta["lineage"]["wandb_run"] == "abc123"
+    assert meta["metrics"]["test"]["auroc"] == pytest.approx(record["test"]["auroc"])
+    with pytest.raises(ExportError, match="W&B run lab/medops/nope cannot be read"):
+        pipeline.export_model(export_cfg(None, tmp_path / "repo2", "run=lab/medops/nope"))
+    assert snapshot(tmp_path / "repo2") == {}

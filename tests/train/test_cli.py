@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import FAST, REPO, run_cli
-from tests.wandb_log import history, run_config
+from tests.wandb_log import artifacts, history, logged_keys, run_config, run_header
 from train.datamodules import MedMNISTDataModule
 
 pytestmark = pytest.mark.slow
@@ -162,6 +162,17 @@ def test_wandb_offline_run_has_the_config(tmp_path: Path, breastmnist_small: Pat
     assert config["git"] == record["git"] and config["tags"] == ["pytest", "wandb"]
     assert history(log_file, "test/auroc") == [pytest.approx(record["test"]["auroc"])]
     assert len(history(log_file, "val/auroc")) == 2  # one per epoch
+    header = run_header(log_file)
+    assert header["name"].startswith("model=smallcnn") and {"smallcnn", "breast_small"} <= set(header["tags"])
+    assert header["group"] == "train"
+    keys = logged_keys(log_file)
+    for chart in ("roc_curve_table", "pr_curve_table", "confusion_matrix_table", "sample_predictions"):
+        assert any(k.startswith(f"test/{chart}") for k in keys), (chart, sorted(keys))
+    (model,) = [a for a in artifacts(log_file) if a["type"] == "model"]
+    best = Path(record["checkpoints"]["best"])
+    assert model["files"] == {best.name: best.as_uri()}  # offline: a reference to the local file
+    assert model["metadata"]["test"]["auroc"] == pytest.approx(record["test"]["auroc"])
+    assert model["metadata"]["dataset_fingerprint"] == record["data"]["fingerprint"]
 
 
 def test_deterministic_runs_are_identical(tmp_path: Path, breastmnist_small: Path) -> None:

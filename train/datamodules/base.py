@@ -3,10 +3,16 @@
 A subclass only loads its source into :class:`SplitArrays` (uint8 N x H x W x C images and int64
 labels per split); this base class validates them, computes normalisation statistics on the training
 split, fingerprints the data and serves tensors in the model-input contract (float32 NCHW in [0, 1]).
+
+k-fold cross-validation (``fold`` set): train and val are pooled and split into ``num_folds``
+stratified, seeded folds; fold ``fold`` becomes the validation split, the others the training split,
+and the test split is left untouched. The dataset fingerprint stays that of the data as loaded, so
+every fold of a sweep records the same one.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from medimg import dataset_fingerprint
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -98,19 +105,93 @@ class ArrayDataset(Dataset):
         return self.images[index].float().div_(255.0), self.labels[index]
 
 
-class ImageClassificationDataModule(L.LightningDataModule):
-    """Validated in-memory splits with statistics, fingerprint and loaders; subclasses implement ``load``."""
+def check_fold(fold: int | None, num_folds: int) -> None:
+    """With ``fold`` set, raise :class:`DataError` unless ``num_folds >= 2`` and ``0 <= fold < num_folds``."""
+    if fold is None:
+        return
+    if isinstance(num_folds, bool) or not isinstance(num_folds, (int, np.integer)) or num_folds < 2:
+        raise DataError(f"data.num_folds must be an integer >= 2 for cross-validation, got {num_folds!r}")
+    if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 0 <= fold < num_folds:
+        raise DataError(
+            f"data.fold must be an integer in 0..{num_folds - 1} for data.num_folds={num_folds}, got {fold!r}"
+        )
 
-    def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False) -> None:
+
+def stratified_folds(labels: np.ndarray, num_folds: int, seed: int) -> np.ndarray:
+    """The fold (0..num_folds-1) of every sample: stratified by label, seeded, deterministic.
+
+    Per class, the samples are shuffled and dealt round-robin to the folds, so each fold holds
+    ``floor`` or ``ceil`` of ``n_class / num_folds`` samples of every class; the dealing continues
+    where the previous class stopped, so the fold sizes differ by at most one.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    rng = np.random.default_rng(seed)
+    folds = np.empty(len(labels), dtype=np.int64)
+    offset = 0
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        folds[idx] = (offset + np.arange(len(idx))) % num_folds
+        offset = (offset + len(idx)) % num_folds
+    return folds
+
+
+def split_fold(data: SplitArrays, fold: int, num_folds: int, seed: int) -> SplitArrays:
+    """``data`` with train and val replaced by fold ``fold`` (val) and the remaining folds (train)."""
+    check_fold(fold, num_folds)
+    images = np.concatenate([data.images["train"], data.images["val"]])
+    labels = np.concatenate([data.labels["train"], data.labels["val"]])
+    if len(labels) < num_folds:
+        raise DataError(f"{data.source}: {len(labels)} train+val samples cannot make {num_folds} folds")
+    counts = np.bincount(labels, minlength=len(data.class_names))
+    rare = [data.class_names[c] for c in np.flatnonzero(counts < num_folds)]
+    if rare:
+        log.warning("%s: classes %s have fewer than %d train+val samples; some validation folds lack them",
+                    data.source, rare, num_folds)
+    folds = stratified_folds(labels, num_folds, seed)
+    val, train = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
+    return SplitArrays(
+        images={"train": images[train], "val": images[val], "test": data.images["test"]},
+        labels={"train": labels[train], "val": labels[val], "test": data.labels["test"]},
+        class_names=data.class_names,
+        source=data.source,
+        info=dict(data.info),
+    )
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """Validated in-memory splits with statistics, fingerprint and loaders; subclasses implement ``load``.
+
+    Args:
+        batch_size, num_workers, pin_memory: the loaders' settings.
+        fold: ``None`` (default): the splits as loaded. An integer: k-fold cross-validation, this fold of
+            the pooled train+val samples is the validation split and the other folds the training split
+            (test untouched).
+        num_folds: number of folds (>= 2) when ``fold`` is set.
+        fold_seed: seed of the stratified fold assignment (the same for every fold of a sweep).
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        fold: int | None = None,
+        num_folds: int = 5,
+        fold_seed: int = 0,
+    ) -> None:
         super().__init__()
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.fold = fold
+        self.num_folds = num_folds
+        self.fold_seed = fold_seed
         self.data: SplitArrays | None = None
         self.datasets: dict[str, ArrayDataset] = {}
         self.mean: list[float] = []
         self.std: list[float] = []
-        self.fingerprint = ""
+        self.fingerprint = ""  # of the data as loaded (the same for every fold)
+        self.split_fingerprint = ""  # of the splits actually served (differs between folds)
 
     def load(self) -> SplitArrays:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -118,10 +199,16 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def prepare(self) -> SplitArrays:
         """Load, validate and summarise the data once (idempotent); raises :class:`DataError` on bad data."""
         if self.data is None:
+            check_fold(self.fold, self.num_folds)  # before loading: a bad setting fails fast
             data = self.load()
             validate_splits(data)
-            self.mean, self.std = channel_stats(data.images["train"])
             self.fingerprint = dataset_fingerprint({s: (data.images[s], data.labels[s]) for s in SPLITS})
+            self.split_fingerprint = self.fingerprint
+            if self.fold is not None:
+                data = split_fold(data, int(self.fold), int(self.num_folds), int(self.fold_seed))
+                validate_splits(data)
+                self.split_fingerprint = dataset_fingerprint({s: (data.images[s], data.labels[s]) for s in SPLITS})
+            self.mean, self.std = channel_stats(data.images["train"])
             self.datasets = {s: ArrayDataset(data.images[s], data.labels[s]) for s in SPLITS}
             self.data = data
         return self.data
@@ -150,7 +237,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return np.bincount(data.labels[split], minlength=len(data.class_names)).tolist()
 
     def summary(self) -> dict[str, Any]:
-        """What the run record stores about the data: source, geometry, classes, counts, stats, fingerprint."""
+        """What the run record stores about the data: source, geometry, classes, counts, stats, fingerprint.
+
+        ``fingerprint`` is that of the data as loaded (the same for all folds of a cross-validation);
+        ``split_fingerprint`` that of the splits this run used; ``fold``, ``num_folds`` and ``fold_seed``
+        say how they were made (``fold`` ``None``: the splits as loaded).
+        """
         data = self.prepare()
         return {
             "source": data.source,
@@ -161,6 +253,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
             "mean": self.mean,
             "std": self.std,
             "fingerprint": self.fingerprint,
+            "split_fingerprint": self.split_fingerprint,
+            "fold": None if self.fold is None else int(self.fold),
+            "num_folds": int(self.num_folds),
+            "fold_seed": int(self.fold_seed),
             **data.info,
         }
 

@@ -98,6 +98,8 @@ class FolderDataModule(ImageClassificationDataModule):
         class_names: label order; default: sorted label values.
         val_fraction, test_fraction: used for samples without a split, stratified by label and seeded.
         window: DICOM window ``[center, width]``; default: the file's own window, else min-max.
+        fold, num_folds, fold_seed: k-fold cross-validation over train+val (see
+            :class:`~train.datamodules.base.ImageClassificationDataModule`); ``fold=None`` keeps the splits.
     """
 
     def __init__(
@@ -113,8 +115,12 @@ class FolderDataModule(ImageClassificationDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         pin_memory: bool = False,
+        fold: int | None = None,
+        num_folds: int = 5,
+        fold_seed: int = 0,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, fold=fold,
+                         num_folds=num_folds, fold_seed=fold_seed)
         if channels not in (1, 3):
             raise DataError(f"data.channels must be 1 or 3, got {channels}")
         self.path = Path(path)

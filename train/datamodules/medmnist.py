@@ -105,6 +105,8 @@ class MedMNISTDataModule(ImageClassificationDataModule):
         download: fetch ``name`` from the official Zenodo record when the file is missing.
         name: the MedMNIST file stem (e.g. ``breastmnist``, ``pathmnist_64``), for download and checksum lookup.
         class_names: human-readable names in label order (optional).
+        fold, num_folds, fold_seed: k-fold cross-validation over train+val (see
+            :class:`~train.datamodules.base.ImageClassificationDataModule`); ``fold=None`` keeps the file's splits.
     """
 
     def __init__(
@@ -117,8 +119,12 @@ class MedMNISTDataModule(ImageClassificationDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         pin_memory: bool = False,
+        fold: int | None = None,
+        num_folds: int = 5,
+        fold_seed: int = 0,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, fold=fold,
+                         num_folds=num_folds, fold_seed=fold_seed)
         self.path = Path(path)
         self.name = name or self.path.stem
         self.md5 = None if md5 is False else (md5 or OFFICIAL_MD5.get(self.path.stem))
