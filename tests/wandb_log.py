@@ -84,3 +84,13 @@ def logged_keys(path: Path) -> set[str]:
         if record.WhichOneof("record_type") == "history":
             keys |= {item.key or "/".join(item.nested_key) for item in record.history.item}
     return keys
+
+
+def final_summary(path: Path) -> dict[str, Any]:
+    """The run summary (last value per key) as W&B would sync it."""
+    summary: dict[str, Any] = {}
+    for record in records(path):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return summary

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import FAST, REPO, run_cli
-from tests.wandb_log import artifacts, history, logged_keys, run_config, run_header
+from tests.wandb_log import artifacts, final_summary, history, logged_keys, run_config, run_header
 from train.datamodules import MedMNISTDataModule
 
 pytestmark = pytest.mark.slow
@@ -162,6 +162,9 @@ def test_wandb_offline_run_has_the_config(tmp_path: Path, breastmnist_small: Pat
     assert config["git"] == record["git"] and config["tags"] == ["pytest", "wandb"]
     assert history(log_file, "test/auroc") == [pytest.approx(record["test"]["auroc"])]
     assert len(history(log_file, "val/auroc")) == 2  # one per epoch
+    summary = final_summary(log_file)
+    assert summary["test/auroc"] == pytest.approx(record["test"]["auroc"])
+    assert summary["best_val/auroc"] == pytest.approx(record["val"]["auroc"])
     header = run_header(log_file)
     assert header["name"].startswith("model=smallcnn") and {"smallcnn", "breast_small"} <= set(header["tags"])
     assert header["group"] == "train"
