@@ -183,6 +183,7 @@ def held_out_images(source: ExportSource, split: str = "test", limit: int = 256,
     from hydra.utils import instantiate
 
     data_cfg = dict((source.record.get("config") or {}).get("data") or {})
+    data_cfg.pop("validation", None)  # the data-quality settings are not DataModule arguments
     if data_path:
         data_cfg = {"_target_": "train.datamodules.MedMNISTDataModule", "path": data_path, "md5": False}
     if not data_cfg:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +18,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from medimg.deid import quiet_pydicom
 from medimg.errors import ImageReadError
 
 try:  # pydicom >= 3
@@ -78,8 +78,7 @@ def read_dicom(
     if not os.path.isfile(name):
         raise ImageReadError(name, "file not found" if not os.path.exists(name) else "not a regular file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_pydicom():  # pydicom's warnings and log records can quote header values
             return _read(name, window, frame)
     except ImageReadError:
         raise

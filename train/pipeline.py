@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -16,11 +18,13 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torchmetrics.functional.classification import binary_roc
 
-from train.datamodules import ImageClassificationDataModule
+from train.datamodules import DataError, ImageClassificationDataModule
 from train.loggers import wandb_run_info
 from train.module import ClassificationModule, count_parameters
 from train.plots import plot_confusion, plot_roc
 from train.run_record import new_record, write_record
+from train.validate_data import instantiate_data, run_validation
+from train.validate_data import summary as validation_summary
 from train.wandb_report import log_checkpoint_artifact, log_evaluation, run_name
 
 log = logging.getLogger(__name__)
@@ -167,6 +171,22 @@ def name_wandb_run(cfg: DictConfig, dm: ImageClassificationDataModule, module: C
         wb.tags = sorted({*(wb.get("tags") or []), str(module.hparams.net.get("arch")), dataset})
 
 
+def check_data(dm: ImageClassificationDataModule, settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Data-quality checks (train.validate_data): ``data_validation.json`` in the run folder, the summary back."""
+    if not settings.get("enabled", True):
+        return {"enabled": False}
+    report = run_validation(dm, settings)
+    if int(os.environ.get("RANK", "0")) == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "data_validation.json").write_text(json.dumps(report, indent=2, default=str))
+    for warning in report["warnings"]:
+        log.warning("data validation: %s", warning)
+    if report["violations"]:
+        raise DataError("data validation failed (see data_validation.json; allow with data.validation.allow_leakage"
+                        "/allow_corrupt=true):\n  " + "\n  ".join(report["violations"]))
+    return {"enabled": True, **validation_summary(report)}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job as configured; returns the run record (empty on non-zero DDP ranks)."""
     started = time.perf_counter()
@@ -174,8 +194,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
-    dm: ImageClassificationDataModule = hydra.utils.instantiate(cfg.data)
+    dm, validation = instantiate_data(cfg.data)  # the DataModule without the `validation` block
     dm.prepare()  # raises DataError naming the file and the problem, before anything is trained
+    data_validation = check_data(dm, validation, out_dir)  # raises DataError on a violation not allowed
     module = build_module(cfg, dm)
 
     callbacks: list[Callback] = instantiate_list(cfg.get("callbacks"))
@@ -191,7 +212,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     record = new_record(out_dir, run_id=out_dir.name)
     record["config"] = OmegaConf.to_container(cfg, resolve=True)
+    record["config"]["data"].pop("validation", None)  # keeps the data config instantiable (export, serve)
     record["data"] = dm.summary()
+    record["data_validation"] = data_validation
     record["model"] = {"arch": module.hparams.net.get("arch"), "parameters": count_parameters(module.net)}
     record["trainer"] = {"precision": str(trainer_cfg["precision"]), "accelerator": trainer_cfg.get("accelerator"),
                          "devices": trainer_cfg.get("devices"), "strategy": str(trainer_cfg.get("strategy", "auto"))}

@@ -302,3 +302,26 @@ def stratified_split(
     return {s: np.array(sorted(v), dtype=np.int64) for s, v in out.items()}
 
 
+
+
+def grouped_split(
+    labels: np.ndarray, groups: np.ndarray, fractions: Mapping[str, float], seed: int
+) -> dict[str, np.ndarray]:
+    """Indices per split with every group (patient/study) in exactly one split.
+
+    The groups are stratified by their majority label (ties: the smallest label) and split with
+    :func:`stratified_split` (seeded); each sample follows its group.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    groups = np.asarray(groups).reshape(-1)
+    names, inverse = np.unique(groups, return_inverse=True)
+    majority = np.empty(len(names), dtype=np.int64)
+    for g in range(len(names)):
+        majority[g] = int(np.argmax(np.bincount(labels[inverse == g])))
+    parts = stratified_split(majority, fractions, seed)
+    out = {}
+    for split in SPLITS:
+        member = np.zeros(len(names), dtype=bool)
+        member[parts[split]] = True
+        out[split] = np.flatnonzero(member[inverse]).astype(np.int64)
+    return out
