@@ -55,6 +55,8 @@ def build_card(meta: dict[str, Any]) -> dict[str, Any]:
         "metrics": {"val": meta["metrics"].get("val"), "test": meta["metrics"].get("test"),
                     "per_class_test": per_class_figures(meta["metrics"].get("confusion_matrix"), meta["class_names"]),
                     "operating_point": meta["metrics"].get("threshold")},
+        "clinical_evaluation": meta.get("evaluation"),
+        "calibrated_operating_point": meta.get("operating_point"),
         "parity": meta["parity"],
         "limitations": LIMITATIONS,
         "lineage": meta["lineage"],
@@ -100,6 +102,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         lines += ["", f"Operating point ({op['method']}, P({op['positive_class']}) >= {op['value']:.4f}): test "
                       f"accuracy {_fmt(op['test']['acc'])}, sensitivity {_fmt(op['test']['sensitivity'])}, "
                       f"specificity {_fmt(op['test']['specificity'])}."]
+    lines += render_evaluation(card.get("clinical_evaluation"), card.get("calibrated_operating_point"))
     lines += ["", "## Export parity", ""]
     lines += [f"- {p['engine']}: max |prob diff| {p['max_abs_diff']:.2e} (tolerance {p['tolerance']:.0e}), "
               f"argmax agreement {p['argmax_agreement']:.2%} on {p['images']} held-out images, batch sizes "
@@ -107,3 +110,34 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines += ["", "## Limitations", ""] + [f"- {item}" for item in card["limitations"]]
     lines += ["", "## Lineage", ""] + [f"- {k}: `{_fmt(v)}`" for k, v in card["lineage"].items()]
     return "\n".join(lines) + "\n"
+
+
+def render_evaluation(evaluation: dict[str, Any] | None, op: dict[str, Any] | None) -> list[str]:
+    """The ``train.evaluate`` figures: metrics with 95% bootstrap CIs, calibration, subgroup gaps."""
+    if not evaluation:
+        return ["", "## Clinical evaluation", "", "Not run (`python -m train.evaluate run=<run dir>` before export)."]
+    lines = ["", "## Clinical evaluation", "",
+             f"{evaluation['split']} split of `{evaluation['source']}`, n = {evaluation['n']}; "
+             "95% stratified bootstrap intervals.", "", "| metric | value | 95% CI |", "|---|---|---|"]
+    for name, m in evaluation["metrics"].items():
+        ci = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m.get("ci_low") is not None else (m.get("note") or "-")
+        lines.append(f"| {name} | {_fmt(m.get('value'))} | {ci} |")
+    if op and op.get("threshold") is not None:
+        lines += ["", f"Operating point: P({op['positive_class']}) >= {op['threshold']:.4f} ({op['method']}, chosen on "
+                      "validation); the served model reports this decision."]
+    cal = evaluation.get("calibration") or {}
+    if cal:
+        text = f"Calibration: ECE {_fmt(cal.get('ece'))}"
+        if cal.get("temperature"):
+            text += (f", after temperature scaling (T = {cal['temperature']:.3f}, in the exported graph) "
+                     f"{_fmt(cal.get('ece_calibrated'))}")
+        lines += ["", text + "."]
+    for column, groups in (evaluation.get("subgroups") or {}).items():
+        lines += ["", f"Subgroups by `{column}`: " + "; ".join(
+            f"{value}: n={g.get('n')}" + _gap_text(g) for value, g in groups.items() if isinstance(g, dict))]
+    return lines
+
+
+def _gap_text(group: dict[str, Any]) -> str:
+    gap = ((group.get("metrics") or {}).get("auroc") or {}).get("gap")
+    return f", AUROC gap {gap:+.3f}" if gap is not None else (f" ({group['note']})" if group.get("note") else "")

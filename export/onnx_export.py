@@ -28,6 +28,18 @@ class ProbabilityModel(nn.Module):
         return self.net(image).float().softmax(dim=-1)
 
 
+class TemperatureScaled(nn.Module):
+    """Logits divided by a temperature fitted on validation (``train.evaluate calibrate=true``)."""
+
+    def __init__(self, net: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("inv_temperature", torch.tensor(1.0 / float(temperature)))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image).float() * self.inv_temperature
+
+
 def export_onnx(net: nn.Module, path: Path, input_shape: tuple[int, int, int], max_batch_size: int,
                 opset: int = 18, optimize: bool = True) -> Path:
     """Export ``net`` (float32, CPU, eval) to ``path``; input ``image`` [batch, C, H, W], output ``probabilities``.

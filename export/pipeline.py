@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from export.model_card import build_card, render_markdown
-from export.onnx_export import INPUT_NAME, OUTPUT_NAME, export_onnx, opset_of
+from export.onnx_export import INPUT_NAME, OUTPUT_NAME, TemperatureScaled, export_onnx, opset_of
 from export.parity import ParityError, check_parity, onnxruntime_runner, parity_batch_sizes, torch_probabilities
 from export.repository import next_version, staged_version, validate_model_name
 from export.source import ExportError, ExportSource, held_out_images, load_source, sha256_file
@@ -41,6 +41,26 @@ def input_contract(source: ExportSource) -> dict[str, Any]:
     }
 
 
+def clinical_evaluation(source: ExportSource) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The operating point (threshold, temperature) and evaluation summary that ``train.evaluate`` saved with the
+    run, when they belong to the checkpoint being exported."""
+    path = source.checkpoint.resolve().parent.parent / "operating_point.json"
+    if not path.is_file():
+        return {}, {}
+    op = json.loads(path.read_text())
+    if op.get("checkpoint") not in (None, source.checkpoint.name):
+        log.warning("%s is for checkpoint %s, not %s: ignored", path, op.get("checkpoint"), source.checkpoint.name)
+        return {}, {}
+    evaluation: dict[str, Any] = {}
+    eval_path = Path(op.get("evaluation") or "")
+    if eval_path.is_file():
+        result = json.loads(eval_path.read_text())
+        evaluation = {"split": result.get("split"), "n": result["data"]["n"], "source": result["data"]["source"],
+                      "metrics": result["evaluation"]["metrics"], "calibration": result.get("calibration"),
+                      "subgroups": result.get("subgroups") or {}}
+    return op, evaluation
+
+
 def lineage(source: ExportSource, cfg: DictConfig) -> dict[str, Any]:
     record = source.record
     return {
@@ -62,6 +82,12 @@ def triton_parameters(meta: dict[str, Any]) -> dict[str, str]:
     params |= {f"test_{k}": f"{test[k]:.4f}" for k in ("auroc", "acc") if k in test}
     params |= {"medops_version": str(meta["version"]), "created": meta["created"],
                "class_names": json.dumps(meta["class_names"]), "input_range": meta["input"]["range"]}
+    op = meta.get("operating_point") or {}
+    if op.get("threshold") is not None:
+        params |= {"threshold": f"{op['threshold']:.6f}", "positive_class": str(op["positive_class"]),
+                   "threshold_method": str(op["method"])}
+    if op.get("temperature"):
+        params["temperature"] = f"{op['temperature']:.6f}"
     if meta["input"].get("window"):
         params["window"] = json.dumps(list(meta["input"]["window"]))
     return params
@@ -114,7 +140,12 @@ def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, A
     source = load_source(cfg.get("run"), cfg.get("checkpoint"), log_dir)
     console.print(f"exporting run {source.record.get('run_id')} ({source.record.get('output_dir')})")
     images = held_out_images(source, split=cfg.parity.split, limit=cfg.parity.max_images, data_path=cfg.parity.data)
-    reference = torch_probabilities(source.module.net, images)
+    operating_point, evaluation = clinical_evaluation(source)
+    net = source.module.net
+    if operating_point.get("temperature"):  # calibrated probabilities: the temperature goes into the graph
+        net = TemperatureScaled(net, operating_point["temperature"])
+        console.print(f"temperature scaling T={operating_point['temperature']:.3f} (fitted on validation)")
+    reference = torch_probabilities(net, images)
     record = source.record
     meta: dict[str, Any] = {
         "schema": "medops.model/1", "name": name, "version": version, "target": target,
@@ -127,12 +158,14 @@ def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, A
         "lineage": lineage(source, cfg),
         "versions": package_versions(EXPORT_PACKAGES),
         "max_batch_size": cfg.max_batch_size,
+        "operating_point": operating_point or None,
+        "evaluation": evaluation or None,
     }
 
     with staged_version(repository, name, version) as (model_stage, version_stage):
         onnx_path = version_stage / "model.onnx"
         console.print(f"exporting {source.checkpoint} to ONNX (opset {cfg.opset}, batch 1..{cfg.max_batch_size})")
-        export_onnx(source.module.net, onnx_path, source.input_shape, cfg.max_batch_size, cfg.opset, cfg.optimize)
+        export_onnx(net, onnx_path, source.input_shape, cfg.max_batch_size, cfg.opset, cfg.optimize)
         import onnx
 
         meta["opset"] = opset_of(onnx.load(str(onnx_path)))

@@ -92,6 +92,13 @@ def _is_connection_error(exc: Exception, status: str, message: str) -> bool:
                                    "broken pipe", "deadline"))
 
 
+def operating_point_of(op: dict[str, Any]) -> dict[str, Any]:
+    """``threshold`` (float) and ``positive_class`` of an exported operating point, or nothing."""
+    if op.get("threshold") in (None, ""):
+        return {}
+    return {"threshold": float(op["threshold"]), "positive_class": op.get("positive_class")}
+
+
 class LocalBackend:
     """onnxruntime in-process on ``<repository>/<name>/<version>/model.onnx`` (the CPU fallback)."""
 
@@ -116,7 +123,7 @@ class LocalBackend:
             channels=int(contract["channels"]), size=int(contract["size"]),
             max_batch_size=int(meta.get("max_batch_size", 64)), class_names=list(meta["class_names"]),
             window=tuple(contract["window"]) if contract.get("window") else None,
-            extra={"backend": "local", "metadata": meta},
+            extra={"backend": "local", "metadata": meta, **operating_point_of(meta.get("operating_point") or {})},
         )
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
@@ -185,7 +192,9 @@ class TritonBackend:
             input_name=in_name, output_name=out_name, channels=int(dims[0]), size=int(dims[1]),
             max_batch_size=max_batch or 1, class_names=names or [str(i) for i in range(num_classes)],
             window=tuple(window) if window else None,
-            extra={"backend": f"triton-{self.protocol}", "parameters": params},
+            extra={"backend": f"triton-{self.protocol}", "parameters": params,
+                   **operating_point_of({"threshold": params.get("threshold"),
+                                         "positive_class": params.get("positive_class")})},
         )
 
     def _infer_one(self, part: np.ndarray) -> np.ndarray:

@@ -94,7 +94,22 @@ def predict_files(paths: Iterable[str | os.PathLike[str]], backend: Backend, top
             "version": str(info.version),
             "latency_ms": round(latency_ms, 3),
         })
+        decision = operating_point_decision(probs, info)
+        if decision is not None:
+            results[-1]["decision"] = decision
     return results
+
+
+def operating_point_decision(probs: np.ndarray, info: ModelInfo) -> dict[str, Any] | None:
+    """The binary decision at the operating point chosen on validation (``train.evaluate``), when the model has one."""
+    threshold = info.extra.get("threshold")
+    if threshold is None or len(info.class_names) != 2:
+        return None
+    positive = info.class_names.index(info.extra["positive_class"]) if info.extra.get("positive_class") in \
+        info.class_names else 1
+    chosen = positive if probs[positive] >= threshold else 1 - positive
+    return {"class": info.class_names[chosen], "threshold": float(threshold),
+            "positive_class": info.class_names[positive]}
 
 
 def failed(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -301,3 +301,44 @@ def test_export_from_a_wandb_run_path(tmp_path: Path, trained_run: Path, monkeyp
     with pytest.raises(ExportError, match="W&B run lab/medops/nope cannot be read"):
         pipeline.export_model(export_cfg(None, tmp_path / "repo2", "run=lab/medops/nope"))
     assert snapshot(tmp_path / "repo2") == {}
+
+
+def test_evaluated_run_exports_its_operating_point_and_calibration(tmp_path: Path, trained_run: Path) -> None:
+    """train.evaluate (calibrate=true) -> export: CIs in the card, temperature in the graph, threshold served."""
+    from serve.client import LocalBackend
+    from serve.predict import predict_files
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    proc = subprocess.run([sys.executable, "-m", "train.evaluate", f"run={run}", "calibrate=true", "n_resamples=200",
+                           f"hydra.run.dir={tmp_path / 'eval_log'}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    op = json.loads((run / "operating_point.json").read_text())
+    assert op["threshold"] is not None and op["temperature"] > 0
+
+    repo = tmp_path / "repo"
+    meta = pipeline.export_model(export_cfg(run, repo))
+    assert meta["parity"][0]["passed"]  # parity against the temperature-scaled network
+    config = parse_config(repo / "breast" / "config.pbtxt")
+    assert float(config.parameters["threshold"].string_value) == pytest.approx(op["threshold"], abs=1e-6)
+    assert float(config.parameters["temperature"].string_value) == pytest.approx(op["temperature"], abs=1e-6)
+    card = (repo / "breast" / "1" / "MODEL_CARD.md").read_text()
+    assert "## Clinical evaluation" in card and "95% CI" in card and "temperature scaling" in card
+
+    images = MedMNISTDataModule(json.loads((run / "run.json").read_text())["data"]["source"], md5=False)
+    images.setup()
+    x = images.datasets["test"].images[:8].float().div(255)
+    module = pipeline.load_source(str(run)).module
+    with torch.no_grad():
+        want = (module.net(x) / op["temperature"]).softmax(-1).numpy()
+    backend = LocalBackend(repo, "breast")
+    got = backend.infer(x.numpy())
+    assert np.abs(got - want).max() <= 1e-4  # calibrated probabilities come out of the exported model
+    npy = tmp_path / "img.npy"
+    np.save(npy, (x[0, 0].numpy() * 255).astype(np.uint8))
+    (result,) = predict_files([npy], backend, top_k=2)
+    pos = result["decision"]["positive_class"]
+    expected = pos if result["probabilities"][backend.info.class_names.index(pos)] >= op["threshold"] else \
+        next(c for c in backend.info.class_names if c != pos)
+    assert result["decision"]["class"] == expected and result["decision"]["threshold"] == pytest.approx(op["threshold"])

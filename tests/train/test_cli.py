@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,6 +129,26 @@ def test_resume_after_kill(tmp_path: Path, breastmnist_small: Path) -> None:
     assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
     final = torch.load(last, map_location="cpu", weights_only=False)
     assert final["global_step"] == 24 and final["epoch"] == 5
+
+
+def test_resume_from_an_end_of_epoch_checkpoint(tmp_path: Path, breastmnist_small: Path) -> None:
+    """The default last.ckpt is written after validation; resuming from it skips that validation and must not crash.
+
+    (Regression: early stopping checked at train-epoch end found no val/auroc in the resumed process.)
+    """
+    args = [*FAST, f"data.path={breastmnist_small}", "data.md5=false", "trainer.max_epochs=4",
+            "trainer.limit_train_batches=4", "data.batch_size=32"]
+    snaps = tmp_path / "snaps"  # a second checkpoint callback keeps every end-of-epoch state, like last.ckpt had
+    run_cli(*args, "+callbacks.snap._target_=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"+callbacks.snap.dirpath={snaps}", "+callbacks.snap.save_top_k=-1",
+            "+callbacks.snap.save_on_train_epoch_end=false", run_dir=tmp_path / "full")
+    after_epoch_2 = tmp_path / "after_epoch_2.ckpt"
+    shutil.copy(next(snaps.glob("epoch=1-step=8.ckpt")), after_epoch_2)
+    proc = run_cli(*args, f"ckpt_path={after_epoch_2}", run_dir=tmp_path / "resumed")
+    record = json.loads((tmp_path / "resumed" / "run.json").read_text())
+    assert record["status"] == "completed" and record["global_step"] == 16 and record["epochs"] == 4
+    assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
+    assert set(record["test"]) >= METRIC_KEYS
 
 
 def test_ddp_two_cpu_processes_one_run_dir_one_wandb_run(tmp_path: Path, breastmnist_small: Path) -> None:
