@@ -58,6 +58,7 @@ def build_card(meta: dict[str, Any]) -> dict[str, Any]:
         "clinical_evaluation": meta.get("evaluation"),
         "calibrated_operating_point": meta.get("operating_point"),
         "parity": meta["parity"],
+        "monitoring": meta.get("drift"),
         "limitations": LIMITATIONS,
         "lineage": meta["lineage"],
     }
@@ -107,6 +108,17 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines += [f"- {p['engine']}: max |prob diff| {p['max_abs_diff']:.2e} (tolerance {p['tolerance']:.0e}), "
               f"argmax agreement {p['argmax_agreement']:.2%} on {p['images']} held-out images, batch sizes "
               f"{p['batch_sizes']}" for p in card["parity"]]
+    drift = card.get("monitoring")
+    lines += ["", "## Monitoring", ""]
+    if drift:
+        online = drift.get("online") or {}
+        lines += [f"- Drift reference: {drift['n']} images of the {drift['reference']} split "
+                  f"(`{drift['file']}`); features: {', '.join(drift['features'])}; embeddings: {drift['embeddings']}.",
+                  f"- Check new data: `python -m serve drift <images> --name {card['model_details']['name']}`; "
+                  f"online: rolling window of {online.get('window')} images, tested every {online.get('every')}, "
+                  "Prometheus gauges `medops_drift_*` on Triton's metrics port."]
+    else:
+        lines += ["- No drift reference (exported with `drift.enabled=false`)."]
     lines += ["", "## Limitations", ""] + [f"- {item}" for item in card["limitations"]]
     lines += ["", "## Lineage", ""] + [f"- {k}: `{_fmt(v)}`" for k, v in card["lineage"].items()]
     return "\n".join(lines) + "\n"

@@ -88,3 +88,48 @@ def check_onnx(path: Path, input_shape: tuple[int, int, int]) -> onnx.ModelProto
 
 def opset_of(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+EMBEDDING_NAME = "embedding"
+
+
+class EmbeddingModel(nn.Module):
+    """The network without its last linear layer: raw [0, 1] image -> penultimate features (for drift checks)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = without_last_linear(net)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image).float().flatten(1)
+
+
+def without_last_linear(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` whose last ``nn.Linear`` (in module order) is replaced by ``nn.Identity``."""
+    import copy
+
+    clone = copy.deepcopy(net)
+    names = [name for name, module in clone.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ValueError("the network has no nn.Linear layer to cut off")
+    parent_name, _, child = names[-1].rpartition(".")
+    parent = clone.get_submodule(parent_name) if parent_name else clone
+    setattr(parent, child, nn.Identity())
+    return clone
+
+
+def export_embedding_onnx(net: nn.Module, path: Path, input_shape: tuple[int, int, int], max_batch_size: int,
+                          opset: int = 18) -> Path:
+    """Export the penultimate-layer features of ``net``: input ``image`` [batch, C, H, W], output ``embedding``."""
+    model = EmbeddingModel(net).eval().cpu().float()
+    example = torch.rand(2, *input_shape)
+    batch = torch.export.Dim("batch", min=1, max=max(2, max_batch_size))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+            output_names=[EMBEDDING_NAME], dynamic_shapes={"image": {0: batch}}, optimize=True, verbose=False,
+        )
+    inline_weights(path)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return path

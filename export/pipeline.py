@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
+from export.drift_reference import write_drift_reference
 from export.model_card import build_card, render_markdown
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME, TemperatureScaled, export_onnx, opset_of
 from export.parity import ParityError, check_parity, onnxruntime_runner, parity_batch_sizes, torch_probabilities
@@ -90,6 +91,9 @@ def triton_parameters(meta: dict[str, Any]) -> dict[str, str]:
         params["temperature"] = f"{op['temperature']:.6f}"
     if meta["input"].get("window"):
         params["window"] = json.dumps(list(meta["input"]["window"]))
+    drift = meta.get("drift") or {}
+    params |= {f"drift_{k}": str(v) for k, v in (drift.get("thresholds") or {}).items() if k != "min_window"}
+    params |= {f"drift_{k}": str(v) for k, v in (drift.get("online") or {}).items()}
     return params
 
 
@@ -121,6 +125,20 @@ def write_version(model_stage: Path, version_stage: Path, meta: dict[str, Any], 
     card = build_card(meta)
     (version_stage / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     (version_stage / "MODEL_CARD.md").write_text(render_markdown(card))
+
+
+def drift_profile(cfg: DictConfig, source: ExportSource, version_stage: Path, console: Console) -> dict[str, Any]:
+    """The drift reference of this version (validation split) and the online-monitoring settings."""
+    dcfg = cfg.drift
+    images = held_out_images(source, split=dcfg.split, limit=dcfg.max_images, data_path=cfg.parity.data)
+    summary = write_drift_reference(version_stage, source.module.net, images, source.class_names,
+                                    max_batch_size=cfg.max_batch_size, opset=cfg.opset,
+                                    embeddings=bool(dcfg.embeddings), source=str(dcfg.split))
+    summary["thresholds"] = {k: dcfg[k] for k in ("alpha", "psi_threshold", "min_window", "mmd_alpha")}
+    summary["online"] = {k: dcfg.online[k] for k in dcfg.online}
+    console.print(f"drift reference: {summary['n']} {dcfg.split} images, {len(summary['features'])} features, "
+                  f"embeddings {summary['embeddings']}")
+    return summary
 
 
 def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
@@ -191,6 +209,8 @@ def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, A
             meta["tensorrt"] = f"skipped: {trt_reason or 'tensorrt.enabled=false'}"
             console.print(f"TensorRT skipped: {trt_reason or 'tensorrt.enabled=false'}")
 
+        if cfg.drift.enabled:
+            meta["drift"] = drift_profile(cfg, source, version_stage, console)
         if target == "python":
             shutil.copyfile(TEMPLATE, version_stage / "model.py")
         elif target == "onnxruntime":

@@ -1,4 +1,4 @@
-"""Triton serving, online and batch clients, onnxruntime fallback, monitoring (issue 4, not yet built).
+"""Triton serving, online and batch clients, onnxruntime fallback, drift monitoring and rollouts.
 
 This package must import without torch or Lightning: it runs in lean serving containers and shares
 only the torch-free :mod:`medimg` package with training.

@@ -10,10 +10,19 @@ Commands::
              [--model-repository DIR] [--top-k 3] [--json] [--timeout 30] [--retries 3] [--start-server]
     batch    INPUT --out predictions.csv --model NAME [backend options] [--split test] [--workers 2]
              [--in-flight 4] [--batch-size 16] [--no-resume] [--compare-run RUN_DIR|latest] [--log-dir logs]
-             [--start-server]
+             [--start-server] [--no-rollout]
+    drift    INPUT --name NAME [--model-repository DIR] [--version V] [--split test] [--fail-on-drift]
+             [--out DIR] [--alpha 0.01] [--psi-threshold 0.2] [--min-window 30]
+    promote  NAME VERSION [--eval-data NPZ|DIR|CSV] [--split test] [--tolerance 0.01] [--force] [--url HOST:PORT]
+    rollback NAME [--url HOST:PORT]
+    canary   NAME VERSION [--share 0.1] [--url HOST:PORT]
+    shadow   NAME VERSION [--url HOST:PORT]
+    end-trial NAME [--url HOST:PORT]
+    status   NAME [--model-repository DIR]
 
 Exit codes: 0 success; 1 an input failed (predict, batch), a model-control request was refused, or the server
-could not start (start); 2 the server is down or the model is missing (predict, batch) and usage errors.
+could not start (start), a promotion was refused by its gate (promote); 2 the server is down or the model is
+missing (predict, batch), a rollout command failed, and usage errors; 3 drift detected (drift --fail-on-drift).
 
 Torch-free: nothing here (or in what it imports) needs torch or Lightning.
 """
@@ -36,6 +45,7 @@ from rich.markup import escape
 EXIT_OK = 0
 EXIT_INPUT = 1  # an input could not be used; start: the server did not start
 EXIT_SERVER = 2  # the server is down or the model is missing
+EXIT_DRIFT = 3  # drift --fail-on-drift found drift
 
 DEFAULT_PORTS = {"http": 8000, "grpc": 8001}
 
@@ -235,12 +245,27 @@ def server_context(args: argparse.Namespace) -> Iterator[str]:
 def open_model(args: argparse.Namespace, url: str) -> Any:
     """The backend for ``--backend``; ServeError with the URL/repository and model in the message."""
     from serve.client import ServeError, open_backend
+    from serve.rollout import RolloutBackend, trial_of
 
-    try:
-        return open_backend(args.backend, url=url, model=args.model, version=args.version,
+    def open_version(version: str | int | None) -> Any:
+        return open_backend(args.backend, url=url, model=args.model, version=version,
                             model_repository=args.model_repository,
                             **({} if args.backend == "local" else {"timeout": args.timeout,
                                                                    "retries": args.retries}))
+
+    try:
+        backend = open_version(args.version)
+        trial = trial_of(backend.info) if args.version is None and not getattr(args, "no_rollout", False) else None
+        if trial is None:
+            return backend
+        backend.close()
+        mode, production, candidate, share = trial
+        log_path = Path(args.log_dir if hasattr(args, "log_dir") else "logs") / "shadow" / \
+            f"{args.model}-v{candidate}-{time.strftime('%Y-%m-%d_%H-%M-%S')}.jsonl"
+        err.print(f"rollout: {mode} of v{candidate} beside production v{production}"
+                  + (f" ({share:.0%} of requests)" if mode == "canary" else f"; disagreements -> {log_path}"))
+        return RolloutBackend(open_version, mode, production, candidate, share,
+                              shadow_log=log_path if mode == "shadow" else None)
     except ServeError as exc:
         where = (f"model repository {args.model_repository}" if args.backend == "local"
                  else f"Triton {'HTTP' if args.backend == 'http' else 'gRPC'} at {url}")
@@ -262,6 +287,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             try:
                 results = predict_files(args.files, backend, top_k=args.top_k)
                 info = backend.info
+                _rollout_report(backend, None)
             finally:
                 backend.close()
     except ServeError as exc:
@@ -306,6 +332,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                 summary = run_batch(items, backend, args.out, workers=args.workers, in_flight=args.in_flight,
                                     batch_size=args.batch_size, resume=not args.no_resume,
                                     progress=sys.stderr.isatty())
+                _rollout_report(backend, Path(f"{args.out}.rollout.json"))
             finally:
                 backend.close()
     except ServeError as exc:
@@ -324,6 +351,123 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if errors:
         err.print(f"[yellow]{errors} input(s) failed; see the error column of {escape(str(args.out))}[/yellow]")
         return EXIT_INPUT
+    return EXIT_OK
+
+
+def _rollout_report(backend: Any, path: Path | None) -> None:
+    """Per-version figures of a canary/shadow run: printed, and written to ``path`` as JSON."""
+    from serve.rollout import RolloutBackend
+
+    if not isinstance(backend, RolloutBackend):
+        return
+    import json
+
+    from rich.table import Table
+
+    report = backend.report()
+    table = Table(title=f"{report['mode']}: production v{report['production']} / candidate v{report['candidate']}")
+    for column in ("version", "role", "requests", "images", "p50 ms", "p95 ms", "class shares"):
+        table.add_column(column)
+    for version, v in report["versions"].items():
+        lat = v["latency_ms"]
+        shares = ", ".join(f"{k} {x:.0%}" for k, x in v["class_shares"].items() if x is not None)
+        table.add_row(version, v["role"], str(v["requests"]), str(v["images"]),
+                      "-" if lat["p50"] is None else f"{lat['p50']:.1f}",
+                      "-" if lat["p95"] is None else f"{lat['p95']:.1f}", shares or "-")
+    out.print(table)
+    if report.get("shadow"):
+        sh = report["shadow"]
+        agreement = "-" if sh["agreement"] is None else f"{sh['agreement']:.2%}"
+        out.print(f"shadow agreement {agreement} over {sh['compared']} images; {sh['disagreements']} "
+                  f"disagreement(s) logged to {sh['log']}", soft_wrap=True)
+    if path is not None:
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        out.print(f"rollout report: {path}", soft_wrap=True)
+
+
+# -- drift -------------------------------------------------------------------------------------------------
+def cmd_drift(args: argparse.Namespace) -> int:
+    from medimg.drift import DriftThresholds
+    from serve.client import ServeError
+    from serve.drift import run_drift, write_outputs
+
+    overrides = {k: v for k, v in (("alpha", args.alpha), ("psi_threshold", args.psi_threshold),
+                                   ("min_window", args.min_window)) if v is not None}
+    try:
+        thresholds = None
+        if overrides:
+            meta_th = _exported_thresholds(args)
+            thresholds = DriftThresholds.from_mapping({**meta_th, **overrides})
+        report = run_drift(args.input, args.model_repository, args.name, version=args.version, split=args.split,
+                           thresholds=thresholds)
+    except ServeError as exc:
+        _error(str(exc))
+        return EXIT_SERVER
+    out.print(report.table())
+    for path, error in report.failed:
+        err.print(f"[yellow]skipped[/yellow] {escape(path)}: {escape(error)}", soft_wrap=True)
+    folder = write_outputs(report, args.out, args.log_dir)
+    colour = {"drift": "bold red", "no drift": "bold green"}.get(report.result.verdict, "yellow")
+    out.print(f"verdict: [{colour}]{report.result.verdict}[/] (score {report.result.score:.3f}); "
+              f"{escape(str(folder / 'drift.json'))}, {escape(str(folder / 'drift.png'))}", soft_wrap=True)
+    if report.result.drifted and args.fail_on_drift:
+        return EXIT_DRIFT
+    return EXIT_INPUT if report.failed else EXIT_OK
+
+
+def _exported_thresholds(args: argparse.Namespace) -> dict[str, Any]:
+    import json
+
+    from serve.drift import version_dir
+
+    meta = json.loads((version_dir(args.model_repository, args.name, args.version) / "metadata.json").read_text())
+    return dict((meta.get("drift") or {}).get("thresholds") or {})
+
+
+# -- rollouts ----------------------------------------------------------------------------------------------
+def cmd_rollout(args: argparse.Namespace) -> int:
+    from serve import rollout
+    from serve.client import ServeError
+
+    repo, name = args.model_repository, args.name
+    url = normalize_url(args.url) if args.url else None
+    try:
+        if args.command == "promote":
+            entry = rollout.promote(repo, name, args.version, data=args.eval_data, split=args.split,
+                                    tolerance=args.tolerance, force=args.force, url=url, timeout=args.timeout)
+            for reason in entry["gate"]["reasons"]:
+                out.print(f"  gate: {escape(reason)}", soft_wrap=True)
+            if entry["decision"] == "refused":
+                _error(f"promotion of {name} v{args.version} refused by the gate (recorded in "
+                       f"{rollout.HISTORY_FILE}); --force overrides it, and is recorded as forced")
+                return EXIT_INPUT
+            out.print(f"[bold green]{escape(name)} v{args.version} is production[/]"
+                      + (" (forced past the gate)" if entry["forced"] else ""))
+        elif args.command == "rollback":
+            entry = rollout.rollback(repo, name, url=url, timeout=args.timeout)
+            out.print(f"[bold]{escape(name)}[/] rolled back: v{entry['from']} -> v{entry['to']} is production")
+        elif args.command in ("canary", "shadow"):
+            rollout.start_trial(repo, name, args.version, args.command, share=getattr(args, "share", 0.0),
+                                url=url, timeout=args.timeout)
+            out.print(f"{args.command} of {escape(name)} v{args.version} started")
+        elif args.command == "end-trial":
+            entry = rollout.end_trial(repo, name, url=url, timeout=args.timeout)
+            out.print(f"{entry['action']} of v{entry['candidate']}; production v{entry['production']} only")
+        else:
+            state = rollout.read_state(repo, name)
+            out.print(f"{escape(name)}: versions {rollout.versions_of(repo, name)}; production "
+                      f"{state.production}; previous {state.previous}; trial "
+                      f"{state.mode + ' of v' + str(state.candidate) if state.mode else 'none'}")
+            for entry in rollout.read_history(repo, name)[-10:]:
+                out.print(f"  {entry['time']}  {escape(entry['action'])}  "
+                          f"{escape(str({k: v for k, v in entry.items() if k in ('from', 'to', 'decision')}))}")
+            return EXIT_OK
+    except ServeError as exc:
+        _error(str(exc))
+        return EXIT_SERVER
+    if not url:
+        out.print("[dim]repository updated; a running Triton picks it up with `python -m serve load "
+                  f"{escape(name)}` (or pass --url)[/dim]")
     return EXIT_OK
 
 
@@ -430,6 +574,47 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compare accuracy/AUROC with a training run's test metrics")
     batch.add_argument("--log-dir", default="logs", help="where --compare-run latest looks (default: logs)")
     batch.set_defaults(func=cmd_batch)
+    for cmd in (predict, batch):
+        cmd.add_argument("--no-rollout", action="store_true",
+                         help="ignore a canary/shadow trial announced by the served model; use --version or latest")
+
+    drift = sub.add_parser("drift", help="compare new images with the model's reference profile (drift check)")
+    drift.add_argument("input", metavar="INPUT", help="image folder, CSV manifest, file list or MedMNIST .npz")
+    drift.add_argument("--name", "--model", dest="name", required=True, help="model name")
+    drift.add_argument("--model-repository", default="model_repository", help="(default: model_repository)")
+    drift.add_argument("--version", type=int, default=None, help="model version (default: the latest)")
+    drift.add_argument("--split", default="test", help="split of a MedMNIST .npz or CSV (default: test)")
+    drift.add_argument("--fail-on-drift", action="store_true", help=f"exit {EXIT_DRIFT} when drift is detected")
+    drift.add_argument("--out", default=None, help="folder for drift.json and drift.png (default: logs/drift/...)")
+    drift.add_argument("--log-dir", default="logs", help="(default: logs)")
+    drift.add_argument("--alpha", type=float, default=None, help="family-wise significance (default: exported)")
+    drift.add_argument("--psi-threshold", type=float, default=None, help="PSI a drifted feature reaches")
+    drift.add_argument("--min-window", type=int, default=None, help="fewer images: insufficient data")
+    drift.set_defaults(func=cmd_drift)
+
+    def rollout_parser(name: str, text: str, version: bool) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("name", metavar="NAME", help="model name")
+        if version:
+            cmd.add_argument("version", metavar="VERSION", type=_positive_int, help="model version")
+        cmd.add_argument("--model-repository", default="model_repository", help="(default: model_repository)")
+        cmd.add_argument("--url", default=None, help="running Triton HTTP HOST:PORT to reload (explicit control)")
+        cmd.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the reload")
+        cmd.set_defaults(func=cmd_rollout)
+        return cmd
+
+    promote = rollout_parser("promote", "make a version production, if it passes the promotion gate", True)
+    promote.add_argument("--eval-data", default=None, help="fixed labelled evaluation set (.npz, folder or CSV)")
+    promote.add_argument("--split", default="test", help="split of --eval-data (default: test)")
+    promote.add_argument("--tolerance", type=float, default=0.01,
+                         help="candidate AUROC may be this much below production's (default: 0.01)")
+    promote.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded)")
+    rollout_parser("rollback", "return to the previous production version", False)
+    canary = rollout_parser("canary", "serve a candidate version to a share of requests", True)
+    canary.add_argument("--share", type=float, default=0.1, help="share of requests to the candidate (default 0.1)")
+    rollout_parser("shadow", "send every request to a candidate too; answer with production", True)
+    rollout_parser("end-trial", "stop a canary or shadow trial", False)
+    rollout_parser("status", "show the rollout state and recent decisions", False)
     return parser
 
 

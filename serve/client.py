@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,8 +101,59 @@ def operating_point_of(op: dict[str, Any]) -> dict[str, Any]:
     return {"threshold": float(op["threshold"]), "positive_class": op.get("positive_class")}
 
 
+def physical_cores() -> int:
+    """Physical CPU cores this process may run on (hyper-threads not counted); at least 1.
+
+    Linux: distinct (package, core) pairs in ``/proc/cpuinfo`` among the CPUs of this process's affinity mask;
+    elsewhere, or when that fails, ``os.cpu_count()``.
+    """
+    try:
+        allowed = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        allowed = set(range(os.cpu_count() or 1))
+    try:
+        cores, cpu, package = set(), None, "0"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "processor":
+                cpu, package = int(value), "0"
+            elif key == "physical id":
+                package = value
+            elif key == "core id" and cpu in allowed:
+                cores.add((package, value))
+        if cores:
+            return len(cores)
+    except (OSError, ValueError):
+        pass
+    return max(1, len(allowed))
+
+
+def ort_session_options(threads: int | None = None) -> Any:
+    """onnxruntime session options for CPU inference of a CNN, used wherever serving creates a session.
+
+    Graph optimisation level ALL (constant folding, Conv+BN/activation fusion, NCHWc layout on AVX2/AVX-512);
+    ``threads`` intra-op threads (default: ``$MEDOPS_ORT_THREADS``, else one per physical core), one inter-op
+    thread and sequential execution (the network is a chain of ops: a second pool only competes for the cores).
+    """
+    import onnxruntime as ort
+
+    if threads is None:
+        threads = int(os.environ.get("MEDOPS_ORT_THREADS") or 0) or physical_cores()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
 class LocalBackend:
-    """onnxruntime in-process on ``<repository>/<name>/<version>/model.onnx`` (the CPU fallback)."""
+    """onnxruntime in-process on ``<repository>/<name>/<version>/model.onnx`` (the CPU fallback).
+
+    Thread-safe; runs are serialised: each already uses one thread per physical core, and concurrent runs
+    (``serve batch`` keeps several requests in flight) only oversubscribe the cores (about 15% fewer images/s
+    for 2 to 4 concurrent batches of 16 on 2 cores, measured with ``python -m bench pipeline``).
+    """
 
     def __init__(self, model_repository: str | Path, name: str, version: str | int | None = None) -> None:
         import onnxruntime as ort
@@ -114,9 +167,9 @@ class LocalBackend:
         if not (folder / "model.onnx").is_file():
             raise ServeError(f"{folder / 'model.onnx'} not found")
         meta = json.loads((folder / "metadata.json").read_text())
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), ort_session_options(),
+                                            providers=["CPUExecutionProvider"])
+        self._run_lock = threading.Lock()
         contract = meta["input"]
         self.info = ModelInfo(
             name=name, version=chosen, input_name=contract["name"], output_name="probabilities",
@@ -129,7 +182,8 @@ class LocalBackend:
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = check_batch(self.info, batch)
         parts = _chunks(batch, self.info.max_batch_size)
-        outs = [self.session.run(None, {self.info.input_name: part})[0] for part in parts]
+        with self._run_lock:
+            outs = [self.session.run(None, {self.info.input_name: part})[0] for part in parts]
         return np.concatenate(outs) if outs else np.zeros((0, len(self.info.class_names)), np.float32)
 
     def close(self) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -15,6 +14,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torchmetrics.functional.classification import binary_roc
 
@@ -176,7 +177,7 @@ def check_data(dm: ImageClassificationDataModule, settings: dict[str, Any], out_
     if not settings.get("enabled", True):
         return {"enabled": False}
     report = run_validation(dm, settings)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_zero_only.rank == 0:  # RANK (torchrun), LOCAL_RANK (Lightning's launcher) or SLURM_PROCID (srun)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "data_validation.json").write_text(json.dumps(report, indent=2, default=str))
     for warning in report["warnings"]:
@@ -185,6 +186,47 @@ def check_data(dm: ImageClassificationDataModule, settings: dict[str, Any], out_
         raise DataError("data validation failed (see data_validation.json; allow with data.validation.allow_leakage"
                         "/allow_corrupt=true):\n  " + "\n  ".join(report["violations"]))
     return {"enabled": True, **validation_summary(report)}
+
+
+class LaunchError(RuntimeError):
+    """A distributed launch that would scatter one run over several Hydra run folders."""
+
+
+def check_one_run_dir(trainer: L.Trainer) -> None:
+    """Refuse launches where the ranks of one run would not share one Hydra run folder (before anything is written).
+
+    * ``torchrun`` / ``srun`` start every rank themselves, so each rank runs Hydra, and Hydra names the run folder
+      after the moment it starts: N ranks, N folders. They must be given one folder: ``hydra.run.dir=...``
+      (scripts/slurm/train_multinode.sbatch passes ``logs/<task>/runs/slurm-<job id>``). Lightning's own
+      launcher (``trainer=ddp`` on one node) passes its folder to the processes it starts, so it needs nothing.
+    * A sweep (``-m``) with Lightning's launcher would start each extra rank as ``python -m train -m ...``: a
+      second sweep. Sweeps run one process per trial (``trainer=gpu``, ``hydra/launcher=slurm_gpu``).
+    """
+    strategy = trainer.strategy
+    env = getattr(strategy, "cluster_environment", None)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # not under Hydra (library use)
+        return
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    launcher = getattr(strategy, "launcher", None)
+    if sweep and isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1 \
+            and env is not None and not env.creates_processes_externally:
+        raise LaunchError(
+            "a sweep (-m) cannot start DDP processes itself (each would start the sweep again): run the trials "
+            "on one device each (trainer=gpu or trainer=cpu), e.g. on SLURM with hydra/launcher=slurm_gpu")
+    if sweep or env is None or not env.creates_processes_externally or trainer.world_size < 2:
+        return
+    explicit = any(o.lstrip("+~").split("=", 1)[0] == "hydra.run.dir" for o in hydra_cfg.overrides.hydra)
+    if not explicit:
+        raise LaunchError(
+            f"{trainer.world_size} ranks started by {type(env).__name__.removesuffix('Environment')} each ran Hydra, "
+            "and each would make its own run folder: give them one with hydra.run.dir=..., e.g. "
+            "hydra.run.dir=logs/train/runs/slurm-$SLURM_JOB_ID (SLURM) or hydra.run.dir=logs/train/runs/<run id> "
+            "(torchrun)")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -209,6 +251,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer: L.Trainer = hydra.utils.instantiate(
         trainer_cfg, callbacks=callbacks, logger=loggers or False, deterministic=cfg.get("deterministic", False)
     )
+    check_one_run_dir(trainer)
 
     record = new_record(out_dir, run_id=out_dir.name)
     record["config"] = OmegaConf.to_container(cfg, resolve=True)

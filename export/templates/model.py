@@ -7,14 +7,19 @@ Execution providers are tried in the order TensorRT -> CUDA -> CPU, keeping thos
 the providers the session really uses are written to the server log at start-up.
 """
 
+import collections
+import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import onnxruntime
 import triton_python_backend_utils as pb_utils
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+DRIFT_DEFAULTS = {"window": 256, "min_window": 64, "every": 32, "hysteresis_on": 2, "hysteresis_off": 3,
+                  "alpha": 0.01, "psi_threshold": 0.2}
 
 
 def choose_providers(available):
@@ -46,14 +51,119 @@ class TritonPythonModel:
 
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Threads: config.pbtxt parameter ort_intra_op_threads, else $MEDOPS_ORT_THREADS, else 0 = onnxruntime's
+        # default (one per physical core); one inter-op thread, sequential execution (the CNN is a chain of ops).
+        # Pool threads do not busy-wait between requests (they share the cores with Triton's request threads);
+        # ort_allow_spinning / $MEDOPS_ORT_SPINNING "1" turns spinning back on.
+        ort_params = {k: v.get("string_value", "") for k, v in (self.model_config.get("parameters") or {}).items()}
+        options.intra_op_num_threads = int(ort_params.get("ort_intra_op_threads") or os.environ.get(
+            "MEDOPS_ORT_THREADS") or 0)
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        spinning = ort_params.get("ort_allow_spinning") or os.environ.get("MEDOPS_ORT_SPINNING") or "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning == "1" else "0")
         providers = choose_providers(onnxruntime.get_available_providers())
         self.session = onnxruntime.InferenceSession(onnx_path, sess_options=options, providers=providers)
+        try:
+            self._init_monitoring(os.path.join(args["model_repository"], args["model_version"]), args["model_version"])
+        except Exception as exc:  # a broken drift reference must not keep the model from serving
+            self.monitor = None
+            pb_utils.Logger.log_error(f"{self.model_name}: drift monitoring off: {type(exc).__name__}: {exc}")
         self.onnx_input = self.session.get_inputs()[0].name
         self.onnx_output = self.session.get_outputs()[0].name
         pb_utils.Logger.log_info(
             f"{self.model_name} v{args['model_version']}: onnxruntime {onnxruntime.__version__} "
             f"providers in use: {', '.join(self.session.get_providers())} (requested: {', '.join(providers)})"
         )
+
+    def _parameter(self, key, default):
+        value = (self.model_config.get("parameters") or {}).get(key, {}).get("string_value", "")
+        return type(default)(value) if value not in ("", None) else default
+
+    def _init_monitoring(self, version_dir, version):
+        """Drift monitoring against ``drift_reference.npz`` with the shared ``drift_core.py``; Prometheus gauges
+        next to Triton's own metrics. Monitoring never fails inference: without the files it is off."""
+        self.monitor = None
+        core_path = os.path.join(version_dir, "drift_core.py")
+        profile_path = os.path.join(version_dir, "drift_reference.npz")
+        if not (os.path.isfile(core_path) and os.path.isfile(profile_path)):
+            pb_utils.Logger.log_info(f"{self.model_name} v{version}: no drift reference, drift monitoring off")
+            return
+        if not hasattr(pb_utils, "MetricFamily"):
+            pb_utils.Logger.log_warn(f"{self.model_name}: this Triton has no custom metrics; drift monitoring off")
+            return
+        spec = importlib.util.spec_from_file_location(f"drift_core_{self.model_name}_{version}", core_path)
+        core = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = core  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(core)
+        profile = core.load_profile(profile_path)
+        settings = {k: self._parameter(f"drift_{k}", v) for k, v in DRIFT_DEFAULTS.items()}
+        self.monitor = {
+            "core": core, "settings": settings, "reference": profile["features"],
+            "class_names": profile["class_names"], "since_check": 0,
+            "window": collections.deque(maxlen=max(settings["window"], settings["min_window"])),
+            "thresholds": core.DriftThresholds(alpha=settings["alpha"], psi_threshold=settings["psi_threshold"],
+                                               min_window=settings["min_window"]),
+            "alarm": core.Hysteresis(settings["hysteresis_on"], settings["hysteresis_off"]),
+        }
+        labels = {"model": self.model_name, "version": str(version)}
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        families = {
+            "detected": ("medops_drift_detected", "1 while drift is detected (with hysteresis)", gauge),
+            "score": ("medops_drift_score", "largest population stability index over the drift features", gauge),
+            "psi": ("medops_drift_psi", "population stability index of one feature vs the reference", gauge),
+            "p_value": ("medops_drift_p_value", "KS (chi-square for classes) p-value of one feature", gauge),
+            "window": ("medops_drift_window_images", "images in the rolling drift window", gauge),
+            "share": ("medops_prediction_class_share", "share of predicted classes in the rolling window", gauge),
+            "intensity": ("medops_input_intensity_mean", "mean input intensity [0, 1] in the rolling window", gauge),
+            "checks": ("medops_drift_checks_total", "drift tests run on the rolling window", counter),
+        }
+        self.families = {k: pb_utils.MetricFamily(name=n, description=d, kind=kind)
+                         for k, (n, d, kind) in families.items()}
+        self.metrics = {k: self.families[k].Metric(labels=labels)
+                        for k in ("detected", "score", "window", "intensity", "checks")}
+        features = sorted(f for f in profile["features"] if not f.startswith("image_"))  # raw sizes: offline only
+        self.metrics["psi"] = {f: self.families["psi"].Metric(labels={**labels, "feature": f}) for f in features}
+        self.metrics["p_value"] = {f: self.families["p_value"].Metric(labels={**labels, "feature": f})
+                                   for f in features}
+        self.metrics["share"] = [self.families["share"].Metric(labels={**labels, "class": c})
+                                 for c in profile["class_names"]]
+        self.metrics["detected"].set(0)
+        pb_utils.Logger.log_info(
+            f"{self.model_name} v{version}: drift monitoring on ({len(features)} features, window "
+            f"{settings['window']}, test every {settings['every']} images once {settings['min_window']} are in)"
+        )
+
+    def _observe(self, batch, probs):
+        """Add a batch to the rolling window; re-test drift every ``every`` images and update the gauges."""
+        m = self.monitor
+        core = m["core"]
+        feats = {**core.image_features(batch), **core.prediction_features(probs, m["class_names"])}
+        names = list(feats)
+        for row in zip(*(feats[k] for k in names), strict=True):
+            m["window"].append(row)
+        m["since_check"] += len(batch)
+        window = np.asarray(m["window"], dtype=np.float64)
+        current = {k: window[:, i] for i, k in enumerate(names)}
+        metrics = self.metrics
+        metrics["window"].set(len(window))
+        metrics["intensity"].set(float(current["intensity_mean"].mean()))
+        classes = current[core.CLASS_FEATURE].astype(np.int64)
+        shares = np.bincount(classes, minlength=len(m["class_names"])) / max(1, len(classes))
+        for metric, share in zip(metrics["share"], shares, strict=True):
+            metric.set(float(share))
+        if m["since_check"] < m["settings"]["every"] or len(window) < m["settings"]["min_window"]:
+            return
+        m["since_check"] = 0
+        result = core.compare(m["reference"], current, num_classes=len(m["class_names"]),
+                              thresholds=m["thresholds"])
+        metrics["checks"].increment(1)
+        metrics["score"].set(result.score)
+        for f in result.features:
+            if f.feature in metrics["psi"]:
+                metrics["psi"][f.feature].set(float(f.psi))
+                metrics["p_value"][f.feature].set(float(f.p_value))
+        metrics["detected"].set(1.0 if m["alarm"].update(result.drifted) else 0.0)
 
     def _check(self, request):
         """The request's input array, or an error message saying what is wrong with it."""
@@ -95,6 +205,11 @@ class TritonPythonModel:
                 for i, _ in valid:
                     responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
                 return responses
+            if self.monitor is not None:
+                try:
+                    self._observe(batch, result)
+                except Exception as exc:  # monitoring must never cost a response
+                    pb_utils.Logger.log_warn(f"{self.model_name}: drift monitoring failed: {exc}")
             start = 0
             for i, array in valid:
                 stop = start + array.shape[0]
@@ -105,3 +220,6 @@ class TritonPythonModel:
 
     def finalize(self):
         self.session = None
+        self.monitor = None
+        self.metrics = {}
+        self.families = {}

@@ -154,9 +154,9 @@ def test_resume_from_an_end_of_epoch_checkpoint(tmp_path: Path, breastmnist_smal
 def test_ddp_two_cpu_processes_one_run_dir_one_wandb_run(tmp_path: Path, breastmnist_small: Path) -> None:
     logs = tmp_path / "logs"
     run_dir = logs / "ddp"
-    run_cli("trainer=ddp_sim", "logger=default", "model=smallcnn", "model.net.width=8",
-            f"data.path={breastmnist_small}", "data.md5=false", "trainer.max_epochs=2",
-            "callbacks.model_summary=null", f"paths.log_dir={logs}", run_dir=run_dir, timeout=900)
+    common = ("logger=default", "model=smallcnn", "model.net.width=8", f"data.path={breastmnist_small}",
+              "data.md5=false", "trainer.max_epochs=2", "callbacks.model_summary=null", f"paths.log_dir={logs}")
+    run_cli("trainer=ddp_sim", *common, run_dir=run_dir, timeout=900)
     assert [p.name for p in logs.iterdir()] == ["ddp"]  # the second process did not make its own folder
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "completed" and record["trainer"]["devices"] == 2
@@ -164,6 +164,18 @@ def test_ddp_two_cpu_processes_one_run_dir_one_wandb_run(tmp_path: Path, breastm
     assert set(record["test"]) >= METRIC_KEYS
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
+
+    # the same metrics format as a single-process run: run.json sections and keys, CSV columns
+    single_dir = tmp_path / "single"
+    run_cli("trainer=cpu", "trainer.precision=32-true", *common, run_dir=single_dir, timeout=900)
+    single = json.loads((single_dir / "run.json").read_text())
+    assert single["trainer"]["devices"] == 1
+    assert set(record) == set(single)
+    for section in ("val", "test", "threshold", "checkpoints", "data"):
+        assert set(record[section]) == set(single[section]), section
+    assert set(record["threshold"]["test"]) == set(single["threshold"]["test"])
+    assert list(read_metrics(run_dir)[0]) == list(read_metrics(single_dir)[0])  # CSV header, in order
+    assert len(read_metrics(run_dir)) > 0 and len(list((single_dir / "wandb").glob("offline-run-*"))) == 1
 
 
 def test_wandb_offline_run_has_the_config(tmp_path: Path, breastmnist_small: Path) -> None:

@@ -1,0 +1,9 @@
+"""``python -m bench``: reproducible performance figures (inference engines, batch pipeline, training, GPU).
+
+Every case prints a table, writes ``<case>.json`` and ``<case>.png`` into the output folder, reports medians over
+several interleaved runs and compares engines as ratios measured in the same process. See ``bench/__main__.py``.
+"""
+
+CASES = ("engines", "pipeline", "training", "gpu")
+
+__all__ = ["CASES"]

@@ -1,0 +1,172 @@
+"""``python -m bench all --quick``: every case writes a JSON with every field and a valid PNG, and prints its table
+with the machine it ran on. Speeds are never asserted (the figures of a quick run mean nothing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from bench import CASES
+from tests.conftest import REPO
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One real quick run of every case (a real Triton included), shared by the tests of this module."""
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "bench", "all", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return out, proc.stdout
+
+
+def load(out: Path, case: str) -> dict[str, Any]:
+    data = json.loads((out / f"{case}.json").read_text())
+    for key in ("schema", "case", "created", "command", "machine", "machine_line", "config", "seconds", "quick"):
+        assert key in data, f"{case}.json lacks {key}"
+    assert data["case"] == case and data["quick"] is True
+    machine = data["machine"]
+    assert machine["cpu"] and machine["physical_cores"] >= 1 and machine["threads"] >= 1
+    assert "torch" in machine["packages"] and "onnxruntime" in machine["packages"]
+    return data
+
+
+def check_latency(row: dict[str, Any]) -> None:
+    assert row["images_per_s"] > 0
+    assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+
+
+def check_target(t: dict[str, Any]) -> None:
+    assert set(t) >= {"name", "value", "target", "comparison", "unit", "met"}
+    assert (t["value"] is None) == (t["met"] is None)
+
+
+def test_every_case_writes_a_valid_png_and_prints_its_machine(quick_run: tuple[Path, str]) -> None:
+    out, stdout = quick_run
+    for case in CASES:
+        data = load(out, case)
+        png = out / f"{case}.png"
+        assert png.read_bytes()[:8] == PNG_SIGNATURE, f"{png} is not a PNG"
+        with Image.open(png) as im:
+            im.verify()
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+        assert data["machine_line"].startswith("machine: ")
+        assert data["machine_line"] in stdout, f"the {case} table was not printed with its machine line"
+        for t in data.get("targets", []):
+            check_target(t)
+
+
+def test_engines_rows_cover_every_engine_size_batch_and_concurrency(quick_run: tuple[Path, str]) -> None:
+    data = load(quick_run[0], "engines")
+    cfg = data["config"]
+    expected = set()
+    for c in cfg["channels"]:
+        for s in cfg["sizes"]:
+            for b in cfg["batches"]:
+                expected |= {("eager", c, s, b, 1), ("onnxruntime", c, s, b, 1)}
+                for conc in cfg["concurrency"]:
+                    expected |= {("triton-http", c, s, b, conc), ("triton-grpc", c, s, b, conc)}
+                    if b == max(cfg["batches"]):
+                        expected.add(("triton-grpc-shm", c, s, b, conc))
+    got = [(r["engine"], r["channels"], r["size"], r["batch"], r["concurrency"]) for r in data["rows"]]
+    assert len(got) == len(set(got)) and set(got) == expected
+    assert data["peak"]["peak_flops"] > 0
+    assert set(data["peak"]["runs"][0]["per_library_flops"]) == {"torch", "numpy", "onnxruntime"}
+    for row in data["rows"]:
+        check_latency(row)
+        assert row["runs"] == cfg["repeats"] and len(row["images_per_s_runs"]) == cfg["repeats"]
+        assert row["flops_per_image"] > 0 and row["peak_flops"] > 0 and row["fraction_of_peak"] > 0
+        assert row["achieved_flops"] == pytest.approx(row["images_per_s"] * row["flops_per_image"])
+        if row["engine"] == "eager":
+            assert row["ratio"] is None
+        else:  # onnxruntime vs eager at its batch; Triton vs in-process onnxruntime at the largest batch
+            assert row["ratio"] > 0
+            assert row["ratio_to"] == (f"eager batch {row['batch']}" if row["engine"] == "onnxruntime"
+                                       else f"onnxruntime batch {max(cfg['batches'])}")
+    # ResNet-18 at 28 px with the small-input stem: ~0.9 GFLOP per image (multiply-add = 2)
+    (model,) = data["models"]
+    assert 0.5e9 < model["flops_per_image"] < 1.5e9
+    # every engine computes the same probabilities as PyTorch
+    assert set(data["max_abs_diff_vs_eager"]) == {"onnxruntime", "triton-http", "triton-grpc", "triton-grpc-shm"}
+    assert max(data["max_abs_diff_vs_eager"].values()) < 1e-4
+    names = " | ".join(t["name"] for t in data["targets"])
+    for part in ("onnxruntime / eager, 224 px", "onnxruntime / eager, 28 px", "Triton c16", "fraction of peak"):
+        assert part in names
+
+
+def test_pipeline_rows_for_png_and_dicom(quick_run: tuple[Path, str]) -> None:
+    data = load(quick_run[0], "pipeline")
+    cfg = data["config"]
+    got = {(r["backend"], r["format"], r["size"]) for r in data["rows"]}
+    assert got == {(b, f, s) for b in cfg["backends"] for f in ("png", "dicom") for s in cfg["sizes"]}
+    for row in data["rows"]:
+        assert row["end_to_end_images_per_s"] > 0 and row["model_only_images_per_s"] > 0
+        assert row["end_to_end_over_model_only"] > 0
+        assert row["decode_ms_per_image"] > 0 and 0 <= row["decode_share"] <= 1
+        assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["images"] == cfg["images"] and row["runs"] == cfg["repeats"]
+    assert len(data["targets"]) == len(data["rows"])
+
+
+def test_training_rows_for_lightning_and_plain(quick_run: tuple[Path, str]) -> None:
+    data = load(quick_run[0], "training")
+    rows = {r["loop"]: r for r in data["rows"]}
+    assert set(rows) == {"lightning", "plain"}
+    for row in rows.values():
+        assert row["images_per_s"] > 0 and row["epoch_seconds"] > 0 and row["step_ms_median"] > 0
+        assert 0 <= row["data_wait_share"] <= 1
+        assert row["runs"] == data["config"]["repeats"]
+    assert rows["plain"]["ratio_to_plain"] == 1.0 and rows["lightning"]["ratio_to_plain"] > 0
+    assert data["lightning_over_plain_epoch_time"] > 0
+    assert data["flops_per_image_forward"] > 0
+    assert data["images"] == (data["config"]["images"] // data["config"]["batch_size"]) * data["config"]["batch_size"]
+
+
+def test_gpu_case_runs_or_says_why_not(quick_run: tuple[Path, str]) -> None:
+    import torch
+
+    data = load(quick_run[0], "gpu")
+    if torch.cuda.is_available():
+        assert data["skipped"] is None and data["training"] and data["dataloader"]
+        for row in data["training"]:
+            assert row["images_per_s"] > 0
+    else:
+        assert "torch.cuda.is_available() is False" in data["skipped"]
+        assert data["training"] == [] and data["targets"][0]["met"] is None
+        assert "GPU case skipped" in quick_run[1]
+
+
+def test_gpu_code_path_dry_run_on_cpu(tmp_path: Path) -> None:
+    """The GPU measurements' code (training eager and compiled, DataLoader busy share, inference) on the CPU."""
+    from bench import common, gpu
+
+    cfg = gpu.GpuConfig(archs=["resnet18"], size=32, batch_size=4, compile=[False], warmup_steps=1, steps=2,
+                        repeats=1, loader_images=8, loader_workers=0, loader_steps=2, inference_batch=4,
+                        inference_steps=2, peak_matmul_size=128, threads=1)
+    result = gpu.dry_run(cfg, tmp_path, common.machine_info(1), log=lambda m: None)
+    assert gpu.DEVICE == "cuda"  # restored
+    assert result["dry_run_device"] == "cpu" and result["partial"] is False
+    (train,) = result["training"]
+    assert train["images_per_s"] > 0 and train["compiled"] is False and train["fraction_of_bf16_peak"] > 0
+    (loader,) = result["dataloader"]
+    assert loader["images_per_s"] > 0 and 0 < loader["gpu_busy_share"] <= 1
+    engines = {r["engine"]: r for r in result["inference"]}
+    assert engines["torch-bf16 (GPU-resident input)"]["images_per_s"] > 0
+    assert "skipped" in engines["TensorRT engine FP16"]
+    assert json.loads((tmp_path / "gpu-dry-run.json").read_text())["training"]
+
+
+def test_unknown_engine_is_refused(tmp_path: Path) -> None:
+    from bench.__main__ import main
+
+    assert main(["engines", "--quick", "--engines", "eager,warp-drive", "--out", str(tmp_path)]) == 1
+    assert not (tmp_path / "engines.json").exists()
