@@ -47,18 +47,24 @@ def export_onnx(net: nn.Module, path: Path, input_shape: tuple[int, int, int], m
     ``optimize`` runs the ONNX optimiser of the exporter (constant folding, redundant-node removal, pattern
     rewrites): the simplification step.
     """
-    model = ProbabilityModel(net).eval().cpu().float()
+    _export_dynamic_batch(ProbabilityModel(net), path, input_shape, max_batch_size, opset, OUTPUT_NAME, optimize)
+    check_onnx(path, input_shape)
+    return path
+
+
+def _export_dynamic_batch(model: nn.Module, path: Path, input_shape: tuple[int, int, int], max_batch_size: int,
+                          opset: int, output_name: str, optimize: bool) -> None:
+    """torch.onnx (dynamo) export of ``model`` with input ``image`` [batch 1..max, C, H, W], weights inlined."""
+    model = model.eval().cpu().float()
     example = torch.rand(2, *input_shape)
     batch = torch.export.Dim("batch", min=1, max=max(2, max_batch_size))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model, (example,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes={"image": {0: batch}}, optimize=optimize, verbose=False,
+            output_names=[output_name], dynamic_shapes={"image": {0: batch}}, optimize=optimize, verbose=False,
         )
     inline_weights(path)
-    check_onnx(path, input_shape)
-    return path
 
 
 def inline_weights(path: Path) -> None:
@@ -121,15 +127,6 @@ def without_last_linear(net: nn.Module) -> nn.Module:
 def export_embedding_onnx(net: nn.Module, path: Path, input_shape: tuple[int, int, int], max_batch_size: int,
                           opset: int = 18) -> Path:
     """Export the penultimate-layer features of ``net``: input ``image`` [batch, C, H, W], output ``embedding``."""
-    model = EmbeddingModel(net).eval().cpu().float()
-    example = torch.rand(2, *input_shape)
-    batch = torch.export.Dim("batch", min=1, max=max(2, max_batch_size))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (example,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[EMBEDDING_NAME], dynamic_shapes={"image": {0: batch}}, optimize=True, verbose=False,
-        )
-    inline_weights(path)
+    _export_dynamic_batch(EmbeddingModel(net), path, input_shape, max_batch_size, opset, EMBEDDING_NAME, True)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return path

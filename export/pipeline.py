@@ -17,7 +17,7 @@ from export.drift_reference import write_drift_reference
 from export.model_card import build_card, render_markdown
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME, TemperatureScaled, export_onnx, opset_of
 from export.parity import ParityError, check_parity, onnxruntime_runner, parity_batch_sizes, torch_probabilities
-from export.repository import next_version, staged_version, validate_model_name
+from export.repository import next_version, staged_version, under_rollout, validate_model_name
 from export.source import ExportError, ExportSource, held_out_images, load_source, sha256_file
 from export.tensorrt import FP16_TOLERANCE, build_engine, tensorrt_runner, tensorrt_unavailable_reason
 from export.triton_config import build_model_config, render_model_config
@@ -218,6 +218,9 @@ def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, A
         write_version(model_stage, version_stage, meta, cfg, source.class_names)
     console.print(f"[bold green]wrote {repository / name / str(version)}[/] ({target}; "
                   f"test AUROC {((meta['metrics'].get('test') or {}).get('auroc') or float('nan')):.4f})")
+    if under_rollout(repository, name):
+        console.print(f"{name} is under rollout control: v{version} is not served until promoted "
+                      f"(python -m serve promote {name} {version} --eval-data <labelled set>)")
     return meta
 
 

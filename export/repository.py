@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# written by ``python -m serve promote``: the model's served versions are decided by the rollout, not by export
+ROLLOUT_STATE = "rollout.json"
 
 
 class RepositoryError(ValueError):
@@ -79,10 +81,18 @@ def publish(repository: Path, name: str, version: int, model_stage: Path) -> Pat
         os.rename(model_stage, model_dir)  # a brand-new model: one rename publishes everything
         return target
     os.rename(model_stage / str(version), target)
+    under_rollout = (model_dir / ROLLOUT_STATE).is_file()
     for item in model_stage.iterdir():
         if item.is_file():
+            if under_rollout and item.name == "config.pbtxt":
+                continue  # keep serving production: a new version waits for `serve promote` (its config is inside)
             os.replace(item, model_dir / item.name)  # atomic per file
     return target
+
+
+def under_rollout(repository: Path, name: str) -> bool:
+    """Is this model's serving controlled by ``serve promote``/``rollback`` (so a new version is only a candidate)?"""
+    return (repository / name / ROLLOUT_STATE).is_file()
 
 
 def snapshot(repository: Path) -> dict[str, int]:

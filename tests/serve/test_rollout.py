@@ -220,3 +220,25 @@ def test_shadow_answers_with_production_and_logs_disagreement(repo: Path, server
     assert serve_cli("end-trial", MODEL, "--model-repository", str(repo), "--url", server.http_url).returncode == 0
     status = serve_cli("status", MODEL, "--model-repository", str(repo))
     assert status.returncode == 0 and "production 1" in status.stdout and "end shadow" in status.stdout
+
+
+def test_a_new_export_waits_for_promotion(repo: Path, server: TritonServer, trained_run: Path,
+                                          breastmnist_small: Path):
+    import tritonclient.http as httpclient
+
+    ensure_production(repo, server)
+    production = rollout.read_state(repo, MODEL).production
+    before = (repo / MODEL / "config.pbtxt").read_text()
+    new = export(trained_run, repo)
+    assert (repo / MODEL / "config.pbtxt").read_text() == before  # the served config is the rollout's
+    assert (repo / MODEL / str(new) / "config.pbtxt").is_file()
+    with httpclient.InferenceServerClient(server.http_url) as client:
+        client.load_model(MODEL)  # what a poll-mode Triton would do on its own
+    assert ready_versions(server) == {str(production)}
+    entry = rollout.promote(repo, MODEL, new, data=breastmnist_small, url=server.http_url)
+    assert entry["decision"] == "promoted" and ready_versions(server) == {str(new)}
+    from export.triton_config import parse_model_config
+
+    config = parse_model_config((repo / MODEL / "config.pbtxt").read_text())
+    assert config.parameters["rollout_production"].string_value == str(new)
+    assert list(config.version_policy.specific.versions) == [new]
