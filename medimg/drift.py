@@ -28,6 +28,7 @@ import numpy as np
 PROFILE_SCHEMA = "medops.drift_reference/1"
 INTENSITY_FEATURES = ("intensity_mean", "intensity_std", "intensity_p05", "intensity_p95")
 CLASS_FEATURE = "predicted_class"
+PERCENTILE_PIXELS = 16384
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,10 @@ def image_features(batch: np.ndarray) -> dict[str, np.ndarray]:
     if x.ndim != 4:
         raise ValueError(f"expected an N x C x H x W batch, got shape {list(x.shape)}")
     flat = x.reshape(len(x), -1)
-    p05, p95 = np.percentile(flat, [5, 95], axis=1) if len(x) else (np.zeros(0), np.zeros(0))
+    # percentiles on a fixed-stride sample of at most ~16k pixels per image: the same estimate everywhere, and
+    # cheap enough for the served model's hot path (224 px RGB: all pixels cost more than 10 % of inference)
+    sample = flat[:, :: max(1, -(-flat.shape[1] // PERCENTILE_PIXELS))]
+    p05, p95 = np.percentile(sample, [5, 95], axis=1) if len(x) else (np.zeros(0), np.zeros(0))
     out = {"intensity_mean": flat.mean(axis=1), "intensity_std": flat.std(axis=1),
            "intensity_p05": np.asarray(p05), "intensity_p95": np.asarray(p95)}
     if x.shape[1] > 1:
