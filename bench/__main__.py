@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _configs(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     from bench.engines import EnginesConfig
     from bench.gpu import GpuConfig
-    from bench.pipeline import PipelineConfig
+    from bench.serve_batch import PipelineConfig
     from bench.training import TrainingConfig
 
     configs: dict[str, Any] = {}

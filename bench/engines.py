@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from bench import common
+from medops.model_version import INPUT_NAME, METADATA_FILE, METADATA_SCHEMA, OUTPUT_NAME, write_json
 
 IN_PROCESS = ("eager", "onnxruntime")
 TRITON = ("triton-http", "triton-grpc", "triton-grpc-shm")
@@ -81,7 +82,7 @@ class Model:
 def build_models(cfg: EnginesConfig, work: Path) -> dict[tuple[int, int], Model]:
     """Export one ONNX model per (channels, size) with the project's exporter into a Triton repository in ``work``."""
     from export.onnx_export import ProbabilityModel, export_onnx
-    from export.triton_config import build_model_config, render_model_config
+    from medops.triton_config import build_model_config, render_model_config
 
     repo = work / "model_repository"
     models = {}
@@ -101,9 +102,9 @@ def build_models(cfg: EnginesConfig, work: Path) -> dict[tuple[int, int], Model]
             )
             (repo / name / "config.pbtxt").write_text(render_model_config(config))
             (repo / name / "labels.txt").write_text("\n".join(CLASSES) + "\n")
-            meta = {"name": name, "class_names": CLASSES, "max_batch_size": cfg.max_batch_size,
-                    "input": {"name": "image", "channels": channels, "size": size, "window": None}}
-            (version / "metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
+            meta = {"schema": METADATA_SCHEMA, "name": name, "class_names": CLASSES, "max_batch_size": cfg.max_batch_size,
+                    "input": {"name": INPUT_NAME, "channels": channels, "size": size, "window": None}}
+            write_json(version / METADATA_FILE, meta)
             models[(channels, size)] = Model(name, channels, size, ProbabilityModel(net).eval(), onnx_path,
                                              common.count_flops(net, (channels, size, size)))
     return models
@@ -152,7 +153,7 @@ class TritonSender:
 
     def __call__(self) -> np.ndarray:
         mod, x = self.mod, self.batch
-        inp = mod.InferInput("image", list(x.shape), "FP32")
+        inp = mod.InferInput(INPUT_NAME, list(x.shape), "FP32")
         if self.shm_handle is not None:
             self.shm.set_shared_memory_region(self.shm_handle, [x])  # the client writes each request's pixels
             inp.set_shared_memory(self.region, self.nbytes)
@@ -161,10 +162,10 @@ class TritonSender:
         else:
             inp.set_data_from_numpy(x)
         if self.engine == "triton-http":
-            out = mod.InferRequestedOutput("probabilities", binary_data=True)
+            out = mod.InferRequestedOutput(OUTPUT_NAME, binary_data=True)
         else:
-            out = mod.InferRequestedOutput("probabilities")
-        return self.client.infer(self.model.name, [inp], outputs=[out]).as_numpy("probabilities")
+            out = mod.InferRequestedOutput(OUTPUT_NAME)
+        return self.client.infer(self.model.name, [inp], outputs=[out]).as_numpy(OUTPUT_NAME)
 
     def close(self) -> None:
         try:
@@ -299,7 +300,7 @@ def run(cfg: EnginesConfig, out_dir: Path, info: dict[str, Any], log: Callable[[
                 session = sessions[(model.channels, model.size)]
 
                 def call() -> Any:
-                    return session.run(None, {"image": x})
+                    return session.run(None, {INPUT_NAME: x})
             return common.time_calls(call, len(x), min_calls=cfg.min_calls, min_seconds=cfg.min_seconds)
 
         # correctness: every engine returns the eager probabilities (to float32 noise)
@@ -308,7 +309,7 @@ def run(cfg: EnginesConfig, out_dir: Path, info: dict[str, Any], log: Callable[[
             x = inputs[(c, s, cfg.reference_batch)]
             with torch.inference_mode():
                 ref = model.net(torch.from_numpy(x)).numpy()
-            outs = {"onnxruntime": sessions[(c, s)].run(None, {"image": x})[0]}
+            outs = {"onnxruntime": sessions[(c, s)].run(None, {INPUT_NAME: x})[0]}
             for engine in triton_engines:
                 outs[engine] = clients.call(0, clients.ensure(1, engine, server, model, x)[0])
             for engine, y in outs.items():

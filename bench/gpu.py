@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from bench import common
+from medops.model_version import INPUT_NAME
 
 DEVICE = "cuda"  # the tests' dry run of this code on a CPU sets it to "cpu"
 
@@ -314,7 +315,7 @@ def _inference(cfg: GpuConfig, log: Callable[[str], None]) -> list[dict[str, Any
                 log(f"inference onnxruntime {provider}: skipped (not available)")
                 continue
             session = ort.InferenceSession(str(onnx_path), providers=[provider, "CPUExecutionProvider"])
-            timed(f"onnxruntime {provider} (host input)", lambda s=session: s.run(None, {"image": x_np}))
+            timed(f"onnxruntime {provider} (host input)", lambda s=session: s.run(None, {INPUT_NAME: x_np}))
         reason = tensorrt_unavailable_reason() if DEVICE == "cuda" else "dry run without a GPU"
         if reason:
             rows.append({"engine": "TensorRT engine FP16", "skipped": reason})

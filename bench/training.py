@@ -76,8 +76,8 @@ def run(cfg: TrainingConfig, out_dir: Path, info: dict[str, Any],
     import torch
     from torch.utils.data import DataLoader
 
-    from train.datamodules.base import ArrayDataset, channel_stats
-    from train.datamodules.medmnist import load_medmnist_npz
+    from medops.datasets import channel_stats, load_medmnist_npz
+    from train.datamodules.base import ArrayDataset
     from train.module import ClassificationModule
 
     started = time.perf_counter()

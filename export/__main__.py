@@ -16,8 +16,8 @@ log = logging.getLogger("export")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
     """Export a run's best checkpoint into the model repository; exit 2 on a refused export."""
+    from export.build import export_model
     from export.parity import ParityError
-    from export.pipeline import export_model
     from export.repository import RepositoryError
     from export.source import ExportError
 

@@ -2,7 +2,7 @@
 
 Computed on the validation split with the exported ONNX graphs themselves (the numbers serving will see): per-image
 intensity and channel statistics, the predicted probabilities and class, the pooled pixel histogram and the
-penultimate-layer embeddings (``embedding.onnx``, exported next to the model). ``medimg/drift.py`` is copied into
+penultimate-layer embeddings (``embedding.onnx``, exported next to the model). ``medops/drift.py`` is copied into
 the version as ``drift_core.py`` so the Triton Python backend computes the same features online.
 """
 
@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-import medimg.drift as drift_core
+import medops.drift as drift_core
 from export.onnx_export import export_embedding_onnx
 from export.parity import onnxruntime_runner
+from medops.model_version import DRIFT_REFERENCE_FILE as PROFILE_FILE
+from medops.model_version import EMBEDDING_FILE
 
 log = logging.getLogger(__name__)
-PROFILE_FILE = "drift_reference.npz"
-EMBEDDING_FILE = "embedding.onnx"
 CORE_FILE = "drift_core.py"
 
 

@@ -10,11 +10,12 @@ import onnx
 import torch
 from torch import nn
 
+from medops.model_version import EMBEDDING_OUTPUT as EMBEDDING_NAME
+from medops.model_version import INPUT_NAME, OUTPUT_NAME
+
 log = logging.getLogger(__name__)
 for _noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch._export", "torch.export"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
-INPUT_NAME = "image"
-OUTPUT_NAME = "probabilities"
 
 
 class ProbabilityModel(nn.Module):
@@ -29,7 +30,7 @@ class ProbabilityModel(nn.Module):
 
 
 class TemperatureScaled(nn.Module):
-    """Logits divided by a temperature fitted on validation (``train.evaluate calibrate=true``)."""
+    """Logits divided by a temperature fitted on validation (``evaluation.evaluate calibrate=true``)."""
 
     def __init__(self, net: nn.Module, temperature: float) -> None:
         super().__init__()
@@ -62,7 +63,7 @@ def _export_dynamic_batch(model: nn.Module, path: Path, input_shape: tuple[int, 
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model, (example,), str(path), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[output_name], dynamic_shapes={"image": {0: batch}}, optimize=optimize, verbose=False,
+            output_names=[output_name], dynamic_shapes={INPUT_NAME: {0: batch}}, optimize=optimize, verbose=False,
         )
     inline_weights(path)
 
@@ -96,7 +97,6 @@ def opset_of(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-EMBEDDING_NAME = "embedding"
 
 
 class EmbeddingModel(nn.Module):

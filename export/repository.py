@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from medops.model_version import ROLLOUT_FILE, list_versions
+
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# written by ``python -m serve promote``: the model's served versions are decided by the rollout, not by export
-ROLLOUT_STATE = "rollout.json"
 
 
 class RepositoryError(ValueError):
@@ -32,15 +32,9 @@ def validate_model_name(name: str) -> str:
     return name
 
 
-def existing_versions(model_dir: Path) -> list[int]:
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
-
 def next_version(repository: Path, name: str, requested: int | None = None) -> int:
     """The version to write: ``requested`` if free, else one above the highest existing version."""
-    versions = existing_versions(repository / validate_model_name(name))
+    versions = list_versions(repository / validate_model_name(name))
     if requested is not None:
         if requested < 1:
             raise RepositoryError(f"version must be >= 1, got {requested}")
@@ -81,18 +75,13 @@ def publish(repository: Path, name: str, version: int, model_stage: Path) -> Pat
         os.rename(model_stage, model_dir)  # a brand-new model: one rename publishes everything
         return target
     os.rename(model_stage / str(version), target)
-    under_rollout = (model_dir / ROLLOUT_STATE).is_file()
+    served_by_rollout = (model_dir / ROLLOUT_FILE).is_file()
     for item in model_stage.iterdir():
         if item.is_file():
-            if under_rollout and item.name == "config.pbtxt":
+            if served_by_rollout and item.name == "config.pbtxt":
                 continue  # keep serving production: a new version waits for `serve promote` (its config is inside)
             os.replace(item, model_dir / item.name)  # atomic per file
     return target
-
-
-def under_rollout(repository: Path, name: str) -> bool:
-    """Is this model's serving controlled by ``serve promote``/``rollback`` (so a new version is only a candidate)?"""
-    return (repository / name / ROLLOUT_STATE).is_file()
 
 
 def snapshot(repository: Path) -> dict[str, int]:

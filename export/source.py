@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medops.run_record import SCHEMA, RunRecordError, read_record, record_path
+from medops.run_record import latest_run as latest
 from train.module import ClassificationModule
 
 
@@ -50,24 +51,26 @@ def sha256_file(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def _read(run: str | Path) -> dict[str, Any]:
+    """The run record of a run folder, its error as an :class:`ExportError`."""
+    try:
+        return read_record(run).raw
+    except RunRecordError as exc:
+        raise ExportError(str(exc)) from None
+
+
 def _run_record_for(checkpoint: Path) -> dict[str, Any]:
     """The run record of the run folder a checkpoint sits in (``<run>/checkpoints/x.ckpt``), if any."""
-    candidate = checkpoint.resolve().parent.parent / "run.json"
-    return json.loads(candidate.read_text()) if candidate.is_file() else {}
+    run_dir = checkpoint.resolve().parent.parent
+    return _read(run_dir) if record_path(run_dir).is_file() else {}
 
 
 def latest_run(log_dir: str | Path) -> Path:
-    """The most recently finished training run under ``log_dir`` (a folder whose run.json says completed)."""
-    candidates = []
-    for record_path in Path(log_dir).glob("**/run.json"):
-        try:
-            if json.loads(record_path.read_text()).get("status") == "completed":
-                candidates.append(record_path)
-        except (OSError, ValueError):
-            continue
-    if not candidates:
-        raise ExportError(f"run=latest: no completed training run under {log_dir}")
-    return max(candidates, key=lambda p: p.stat().st_mtime).parent
+    """The most recently finished training run under ``log_dir`` (``run=latest``)."""
+    try:
+        return latest(log_dir)
+    except RunRecordError as exc:
+        raise ExportError(f"run=latest: {exc}") from None
 
 
 WANDB_RUN_PATH = re.compile(r"^[\w.-]+/[\w.-]+/(runs/)?[\w-]+$")
@@ -107,7 +110,7 @@ def wandb_source(path: str, api: Any = None) -> tuple[Path, dict[str, Any]]:
         config = dict(wb_run.config)
         summary = dict(wb_run.summary)
         record = {
-            "run_id": wb_run.id, "config": config, "data": config.get("data_summary") or {},
+            "schema": SCHEMA, "run_id": wb_run.id, "config": config, "data": config.get("data_summary") or {},
             "git": config.get("git") or {},
             "val": {k[9:]: v for k, v in summary.items() if k.startswith("best_val/")},
             "test": {k[5:]: v for k, v in summary.items() if k.startswith("test/") and isinstance(v, int | float)},
@@ -134,23 +137,21 @@ def resolve_source(
         ckpt = Path(checkpoint)
         if not ckpt.is_file():
             raise ExportError(f"checkpoint not found: {ckpt}")
-        record = json.loads((Path(run) / "run.json").read_text()) if run else _run_record_for(ckpt)
+        record = _read(run) if run else _run_record_for(ckpt)
         return ckpt, record
     run_dir = Path(run)  # type: ignore[arg-type]
     if not run_dir.is_dir():
         raise ExportError(f"run directory not found: {run_dir}")
-    record_path = run_dir / "run.json"
-    if not record_path.is_file():
+    if not record_path(run_dir).is_file():
         raise ExportError(f"{run_dir} has no run.json: not a training run folder")
-    record = json.loads(record_path.read_text())
-    best = (record.get("checkpoints") or {}).get("best")
-    if not best:
-        raise ExportError(f"{record_path} names no best checkpoint (status: {record.get('status')})")
-    local = run_dir / "checkpoints" / Path(best).name  # the folder given wins (runs get moved and copied)
-    ckpt = local if local.is_file() else Path(best)
+    try:
+        record = read_record(run_dir)
+        ckpt = record.best_checkpoint()
+    except RunRecordError as exc:
+        raise ExportError(str(exc)) from None
     if not ckpt.is_file():
-        raise ExportError(f"best checkpoint {Path(best).name} of {run_dir} not found")
-    return ckpt, record
+        raise ExportError(f"best checkpoint {ckpt.name} of {run_dir} not found")
+    return ckpt, record.raw
 
 
 def load_source(run: str | None = None, checkpoint: str | None = None, log_dir: str | Path = "logs") -> ExportSource:

@@ -308,15 +308,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 # -- batch -------------------------------------------------------------------------------------------------
 def cmd_batch(args: argparse.Namespace) -> int:
-    from medimg import ImageReadError
+    from medops import ImageReadError
+    from medops.run_record import RunRecordError, latest_run
+    from serve.batch import compare_with_run, run_batch
     from serve.client import ServeError
-
-    try:  # written alongside this CLI; imported here so that the other commands work without it
-        from serve.batch import compare_with_run, latest_run, run_batch
-        from serve.inputs import iter_inputs
-    except ImportError as exc:
-        _error(f"batch inference is not available: {exc}")
-        return EXIT_INPUT
+    from serve.inputs import iter_inputs
 
     try:
         with server_context(args) as url:
@@ -344,7 +340,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         try:  # a run folder or its run.json
             run = latest_run(args.log_dir) if args.compare_run == "latest" else Path(args.compare_run)
             out.print(compare_with_run(summary, run))
-        except ServeError as exc:  # the predictions are written; the comparison failed
+        except (ServeError, RunRecordError) as exc:  # the predictions are written; the comparison failed
             _error(f"cannot compare with run {args.compare_run}: {exc}")
             return EXIT_INPUT
     errors = _count_errors(summary)
@@ -387,7 +383,7 @@ def _rollout_report(backend: Any, path: Path | None) -> None:
 
 # -- drift -------------------------------------------------------------------------------------------------
 def cmd_drift(args: argparse.Namespace) -> int:
-    from medimg.drift import DriftThresholds
+    from medops.drift import DriftThresholds
     from serve.client import ServeError
     from serve.drift import run_drift, write_outputs
 
@@ -416,16 +412,16 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 
 def _exported_thresholds(args: argparse.Namespace) -> dict[str, Any]:
-    import json
-
+    from medops.model_version import read_metadata
     from serve.drift import version_dir
 
-    meta = json.loads((version_dir(args.model_repository, args.name, args.version) / "metadata.json").read_text())
-    return dict((meta.get("drift") or {}).get("thresholds") or {})
+    meta = read_metadata(version_dir(args.model_repository, args.name, args.version))
+    return dict(meta.drift.get("thresholds") or {})
 
 
 # -- rollouts ----------------------------------------------------------------------------------------------
 def cmd_rollout(args: argparse.Namespace) -> int:
+    from medops.model_version import HISTORY_FILE
     from serve import rollout
     from serve.client import ServeError
 
@@ -439,7 +435,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                 out.print(f"  gate: {escape(reason)}", soft_wrap=True)
             if entry["decision"] == "refused":
                 _error(f"promotion of {name} v{args.version} refused by the gate (recorded in "
-                       f"{rollout.HISTORY_FILE}); --force overrides it, and is recorded as forced")
+                       f"{HISTORY_FILE}); --force overrides it, and is recorded as forced")
                 return EXIT_INPUT
             out.print(f"[bold green]{escape(name)} v{args.version} is production[/]"
                       + (" (forced past the gate)" if entry["forced"] else ""))

@@ -5,7 +5,7 @@ in flight, so Triton's dynamic batcher sees a steady stream. Rows are appended a
 a rerun on the same CSV skips the inputs already predicted. One unreadable image or one failed request costs
 only its rows (written with the error), never the run.
 
-Privacy: rows and messages carry the input path and :mod:`medimg`'s error reason only (medimg never puts DICOM
+Privacy: rows and messages carry the input path and :mod:`medops`'s error reason only (medops never puts DICOM
 header values in a reason); nothing here reads or writes header values.
 
 Torch-free: numpy, rich and the standard library.
@@ -14,7 +14,6 @@ Torch-free: numpy, rich and the standard library.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import threading
@@ -41,7 +40,9 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-import medimg
+import medops
+from medops.metrics import auroc_or_none as auroc
+from medops.run_record import RunRecordError, read_record
 from serve.client import Backend, ModelInfo, ServeError, TritonBackend
 from serve.inputs import InputItem, load_item, parse_label
 
@@ -50,7 +51,6 @@ __all__ = [
     "auroc",
     "compare_with_run",
     "csv_columns",
-    "latest_run",
     "read_predictions",
     "run_batch",
 ]
@@ -344,7 +344,7 @@ def run_batch(items: Sequence[InputItem], backend: Backend, out_csv: str | Path,
                 top_up()
                 try:
                     array = fut.result()
-                except medimg.ImageReadError as exc:
+                except medops.ImageReadError as exc:
                     failed(item, str(exc))
                     writer.flush()
                     bar.update(task, completed=counts["done"], errors=counts["errors"])
@@ -402,55 +402,16 @@ def _metrics(rows: list[dict[str, str]], class_names: Sequence[str]) -> tuple[in
     return len(labels), accuracy, auroc(y, p)
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing their average rank."""
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    return ((ends - counts + 1 + ends) / 2.0)[inverse]
-
-
-def _binary_auroc(positive: np.ndarray, scores: np.ndarray) -> float | None:
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    ranks = _average_ranks(scores)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def auroc(labels: np.ndarray, probs: np.ndarray) -> float | None:
-    """AUROC by the rank (Mann-Whitney) formula with ties averaged: binary -> of P(class 1); more classes -> macro
-    one-vs-rest over the classes present. None when fewer than two classes are present."""
-    y = np.asarray(labels, dtype=np.int64).reshape(-1)
-    p = np.asarray(probs, dtype=np.float64)
-    if p.ndim != 2 or len(p) != len(y) or p.shape[1] < 2 or len(np.unique(y)) < 2:
-        return None
-    if p.shape[1] == 2:
-        return _binary_auroc(y == 1, p[:, 1])
-    scores = [s for k in range(p.shape[1]) if (s := _binary_auroc(y == k, p[:, k])) is not None]
-    return float(np.mean(scores)) if scores else None
-
-
-def _run_record(run_json: str | Path) -> tuple[Path, dict[str, Any]]:
-    path = Path(run_json)
-    if path.is_dir():
-        path = path / "run.json"
-    if not path.is_file():
-        raise ServeError(f"{path}: training run record not found")
-    try:
-        return path, json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ServeError(f"{path}: cannot read the run record ({type(exc).__name__})") from None
-
-
 def compare_with_run(summary: BatchSummary, run_json: str | Path) -> Table:
     """The batch's accuracy and AUROC next to the training run's ``test`` metrics (``run.json`` or its folder)."""
-    path, record = _run_record(run_json)
-    test = record.get("test") or {}
-    data = record.get("data") or {}
+    try:
+        record = read_record(run_json)
+    except RunRecordError as exc:
+        raise ServeError(str(exc)) from None
+    path, test, data = record.path, record.test, record.data
     test_counts = (data.get("counts") or {}).get("test")
     n_test = sum(test_counts) if isinstance(test_counts, list) else None
-    table = Table(title=f"Batch predictions vs training run {record.get('run_id') or path.parent.name} (test split)")
+    table = Table(title=f"Batch predictions vs training run {record.run_id or record.run_dir.name} (test split)")
     table.add_column("metric", style="bold")
     table.add_column("batch", justify="right")
     table.add_column("training test", justify="right")
@@ -468,22 +429,3 @@ def compare_with_run(summary: BatchSummary, run_json: str | Path) -> Table:
         notes.append("no labelled predictions in the batch")
     table.caption = "; ".join(notes)
     return table
-
-
-def latest_run(log_dir: str | Path) -> Path:
-    """The folder under ``log_dir`` whose ``run.json`` (status "completed") was modified most recently."""
-    root = Path(log_dir)
-    if not root.is_dir():
-        raise ServeError(f"{root}: log folder not found")
-    best: tuple[float, Path] | None = None
-    for record in root.rglob("run.json"):
-        try:
-            status = json.loads(record.read_text()).get("status")
-            mtime = record.stat().st_mtime
-        except (OSError, json.JSONDecodeError, AttributeError):
-            continue
-        if status == "completed" and (best is None or mtime > best[0]):
-            best = (mtime, record.parent)
-    if best is None:
-        raise ServeError(f"{root}: no completed training run (run.json with status 'completed') found")
-    return best[1]

@@ -1,6 +1,6 @@
 """Inference backends with one interface: Triton over HTTP or gRPC, or onnxruntime in-process (``local``).
 
-Both take float32 NCHW batches in the model-input contract (:func:`medimg.preprocess`) and return class
+Both take float32 NCHW batches in the model-input contract (:func:`medops.preprocess`) and return class
 probabilities, so ``predict`` and ``batch`` run the same code path whichever backend serves them.
 """
 
@@ -17,6 +17,15 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+
+from medops.model_version import (
+    ONNX_FILE,
+    OUTPUT_NAME,
+    ModelVersionError,
+    VersionMetadata,
+    read_metadata,
+    version_dir,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,6 +110,22 @@ def operating_point_of(op: dict[str, Any]) -> dict[str, Any]:
     return {"threshold": float(op["threshold"]), "positive_class": op.get("positive_class")}
 
 
+def model_version_dir(repository: str | Path, name: str, version: str | int | None = None) -> Path:
+    """:func:`medops.model_version.version_dir`, its error as a :class:`ServeError`."""
+    try:
+        return version_dir(repository, name, version)
+    except ModelVersionError as exc:
+        raise ServeError(str(exc)) from None
+
+
+def read_version_metadata(folder: Path) -> VersionMetadata:
+    """:func:`medops.model_version.read_metadata`, its error as a :class:`ServeError`."""
+    try:
+        return read_metadata(folder)
+    except ModelVersionError as exc:
+        raise ServeError(str(exc)) from None
+
+
 def physical_cores() -> int:
     """Physical CPU cores this process may run on (hyper-threads not counted); at least 1.
 
@@ -158,25 +183,19 @@ class LocalBackend:
     def __init__(self, model_repository: str | Path, name: str, version: str | int | None = None) -> None:
         import onnxruntime as ort
 
-        model_dir = Path(model_repository) / name
-        versions = sorted(int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit())
-        if not versions:
-            raise ServeError(f"model {name!r} not found in {model_repository} (no version folders)")
-        chosen = str(version or versions[-1])
-        folder = model_dir / chosen
-        if not (folder / "model.onnx").is_file():
-            raise ServeError(f"{folder / 'model.onnx'} not found")
-        meta = json.loads((folder / "metadata.json").read_text())
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), ort_session_options(),
+        folder = model_version_dir(model_repository, name, version)
+        if not (folder / ONNX_FILE).is_file():
+            raise ServeError(f"{folder / ONNX_FILE} not found")
+        meta = read_version_metadata(folder)
+        self.session = ort.InferenceSession(str(folder / ONNX_FILE), ort_session_options(),
                                             providers=["CPUExecutionProvider"])
         self._run_lock = threading.Lock()
-        contract = meta["input"]
+        contract = meta.input
         self.info = ModelInfo(
-            name=name, version=chosen, input_name=contract["name"], output_name="probabilities",
-            channels=int(contract["channels"]), size=int(contract["size"]),
-            max_batch_size=int(meta.get("max_batch_size", 64)), class_names=list(meta["class_names"]),
-            window=tuple(contract["window"]) if contract.get("window") else None,
-            extra={"backend": "local", "metadata": meta, **operating_point_of(meta.get("operating_point") or {})},
+            name=name, version=meta.version, input_name=contract.name, output_name=OUTPUT_NAME,
+            channels=contract.channels, size=contract.size, max_batch_size=meta.max_batch_size,
+            class_names=meta.class_names, window=contract.window,
+            extra={"backend": "local", "metadata": meta.raw, **operating_point_of(meta.operating_point)},
         )
 
     def infer(self, batch: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ Compares new images (folder, CSV manifest, file list, or a MedMNIST ``.npz`` spl
 exported with the model version (``drift_reference.npz``, validation split): per-image intensity/channel statistics,
 raw image sizes, the predicted probabilities and classes (the model runs in-process with onnxruntime on the
 version's ``model.onnx``) and, when the version has ``embedding.onnx``, penultimate-layer embeddings (MMD test).
-The statistics live in :mod:`medimg.drift`, the same code the served model runs online.
+The statistics live in :mod:`medops.drift`, the same code the served model runs online.
 
 Torch-free. Unreadable files are reported with their path and skipped; the others are still compared.
 """
@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-import medimg
-from medimg import drift as core
-from serve.client import LocalBackend, ServeError
+import medops
+from medops import drift as core
+from medops.model_version import DRIFT_REFERENCE_FILE
+from serve.client import LocalBackend, ServeError, model_version_dir, read_version_metadata
 from serve.inputs import InputItem, iter_inputs
 
 log = logging.getLogger(__name__)
@@ -65,14 +66,9 @@ class DriftReport:
 
 
 def version_dir(model_repository: str | Path, name: str, version: str | int | None) -> Path:
-    model_dir = Path(model_repository) / name
-    versions = sorted(int(p.name) for p in model_dir.glob("*") if p.is_dir() and p.name.isdigit())
-    if not versions:
-        raise ServeError(f"model {name!r} not found in {model_repository} (no version folders)")
-    folder = model_dir / str(version or versions[-1])
-    if not folder.is_dir():
-        raise ServeError(f"{folder} not found (versions: {versions})")
-    if not (folder / "drift_reference.npz").is_file():
+    """The version folder whose drift reference a check uses (the latest version by default)."""
+    folder = model_version_dir(model_repository, name, version)
+    if not (folder / DRIFT_REFERENCE_FILE).is_file():
         raise ServeError(f"{folder} has no drift_reference.npz (exported with drift.enabled=false or before drift "
                          "monitoring existed); re-export the model")
     return folder
@@ -88,10 +84,10 @@ def read_images(items: list[InputItem], size: int, channels: int, window: tuple[
             if item.array is not None:
                 raw = item.array[..., None] if item.array.ndim == 2 else item.array
             else:
-                raw = medimg.read_image(str(item.path), window=window)
-            arrays.append(medimg.preprocess(raw, size, channels))
+                raw = medops.read_image(str(item.path), window=window)
+            arrays.append(medops.preprocess(raw, size, channels))
             sizes.append(raw.shape[:2])
-        except (medimg.ImageReadError, ValueError, OSError) as exc:
+        except (medops.ImageReadError, ValueError, OSError) as exc:
             failed.append((str(where), str(exc)))
     batch = np.stack(arrays) if arrays else np.zeros((0, channels, size, size), np.float32)
     return batch, np.asarray(sizes, dtype=np.float64).reshape(-1, 2), failed
@@ -102,10 +98,10 @@ def run_drift(source: str | Path, model_repository: str | Path, name: str, *, ve
               limit: int | None = None) -> DriftReport:
     """Compare the images of ``source`` with the reference profile of ``name`` (latest version by default)."""
     folder = version_dir(model_repository, name, version)
-    meta = json.loads((folder / "metadata.json").read_text())
-    profile = core.load_profile(str(folder / "drift_reference.npz"))
+    meta = read_version_metadata(folder)
+    profile = core.load_profile(str(folder / DRIFT_REFERENCE_FILE))
     if thresholds is None:
-        thresholds = core.DriftThresholds.from_mapping((meta.get("drift") or {}).get("thresholds"))
+        thresholds = core.DriftThresholds.from_mapping(meta.drift.get("thresholds"))
     backend = LocalBackend(model_repository, name, folder.name)
     try:
         info = backend.info

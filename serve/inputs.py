@@ -1,9 +1,9 @@
 """Inputs of a batch job: an image folder, a CSV manifest or a MedMNIST ``.npz``, as a list of :class:`InputItem`.
 
 Listing is cheap (no pixels are decoded); :func:`load_item` turns one item into model input through the same
-:mod:`medimg` contract that training used, so batch predictions match the exported model's test metrics.
+:mod:`medops` contract that training used, so batch predictions match the exported model's test metrics.
 
-Torch-free: numpy and :mod:`medimg` only.
+Torch-free: numpy and :mod:`medops` only.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-import medimg
+import medops
 from serve.client import ModelInfo, ServeError
 
 __all__ = ["InputItem", "iter_inputs", "load_item", "parse_label"]
@@ -44,7 +44,7 @@ def iter_inputs(source: str | Path, *, split: str | None = "test",
                 class_names: Sequence[str] | None = None) -> tuple[list[InputItem], dict[str, Any]]:
     """List the inputs in ``source`` and describe them.
 
-    * a folder: every file below it (recursive; suffixes in :data:`medimg.SUPPORTED_SUFFIXES` or none; hidden
+    * a folder: every file below it (recursive; suffixes in :data:`medops.SUPPORTED_SUFFIXES` or none; hidden
       files and folders skipped), sorted. When every first-level sub-folder holding images is named after a class
       in ``class_names``, the sub-folder gives the label.
     * a ``.csv`` manifest with a ``path`` column and optional ``label`` and ``split`` columns; paths are relative
@@ -81,19 +81,19 @@ def iter_inputs(source: str | Path, *, split: str | None = "test",
 
 
 def load_item(item: InputItem, info: ModelInfo) -> np.ndarray:
-    """One input -> float32 C x H x W in [0, 1] for ``info``'s model. Any failure raises medimg.ImageReadError."""
+    """One input -> float32 C x H x W in [0, 1] for ``info``'s model. Any failure raises medops.ImageReadError."""
     where = item.path if item.path is not None else item.key
     try:
         if item.array is not None:
             array = item.array[..., None] if item.array.ndim == 2 else item.array
-            return medimg.preprocess(array, info.size, info.channels)
+            return medops.preprocess(array, info.size, info.channels)
         if item.path is None:
-            raise medimg.ImageReadError(where, "input has neither a file path nor an array")
-        return medimg.load_for_model(item.path, info.size, info.channels, window=info.window)
-    except medimg.ImageReadError:
+            raise medops.ImageReadError(where, "input has neither a file path nor an array")
+        return medops.load_for_model(item.path, info.size, info.channels, window=info.window)
+    except medops.ImageReadError:
         raise
-    except (ValueError, OSError) as exc:  # medimg's array checks raise ValueError; no header values in either
-        raise medimg.ImageReadError(where, f"{type(exc).__name__}: {exc}") from None
+    except (ValueError, OSError) as exc:  # medops's array checks raise ValueError; no header values in either
+        raise medops.ImageReadError(where, f"{type(exc).__name__}: {exc}") from None
 
 
 def parse_label(value: str | int | None, class_names: Sequence[str] | None, where: str = "") -> int | None:
@@ -116,7 +116,7 @@ def parse_label(value: str | int | None, class_names: Sequence[str] | None, wher
 
 
 def _is_image_file(path: Path) -> bool:
-    return path.is_file() and (path.suffix.lower() in medimg.SUPPORTED_SUFFIXES or path.suffix == "")
+    return path.is_file() and (path.suffix.lower() in medops.SUPPORTED_SUFFIXES or path.suffix == "")
 
 
 def _folder_items(root: Path, class_names: list[str] | None) -> list[InputItem]:
@@ -127,7 +127,7 @@ def _folder_items(root: Path, class_names: list[str] | None) -> list[InputItem]:
             continue
         files.append(rel)
     if not files:
-        raise ServeError(f"{root}: no image files found (suffixes {', '.join(sorted(medimg.SUPPORTED_SUFFIXES))} "
+        raise ServeError(f"{root}: no image files found (suffixes {', '.join(sorted(medops.SUPPORTED_SUFFIXES))} "
                          "or none)")
     first_level = {rel.parts[0] for rel in files if len(rel.parts) > 1}
     by_folder = bool(class_names) and bool(first_level) and first_level <= set(class_names or [])

@@ -4,7 +4,7 @@ Used by ``python -m serve predict``. Works with any :class:`serve.client.Backend
 onnxruntime in-process), so the same files give the same probabilities whichever backend serves them.
 
 PRIVACY: a file that cannot be read is reported with its path and a technical reason only
-(:class:`medimg.ImageReadError` never carries DICOM header values; other exceptions are reported by type name),
+(:class:`medops.ImageReadError` never carries DICOM header values; other exceptions are reported by type name),
 and results never contain header values: no patient data reaches the output.
 
 Torch-free.
@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from medimg import ImageReadError, load_for_model
+from medops import ImageReadError, load_for_model
 from serve.client import Backend, ModelInfo
 
 __all__ = [
@@ -101,7 +101,7 @@ def predict_files(paths: Iterable[str | os.PathLike[str]], backend: Backend, top
 
 
 def operating_point_decision(probs: np.ndarray, info: ModelInfo) -> dict[str, Any] | None:
-    """The binary decision at the operating point chosen on validation (``train.evaluate``), when the model has one."""
+    """The binary decision at the operating point chosen on validation (``evaluation.evaluate``), when the model has one."""
     threshold = info.extra.get("threshold")
     if threshold is None or len(info.class_names) != 2:
         return None

@@ -27,78 +27,55 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import medops.model_version as mv
+from medops.metrics import auroc_or_none
+from medops.model_version import (
+    CONFIG_FILE,
+    ROLLOUT_FILE,
+    ModelVersionError,
+    RolloutState,
+    list_versions,
+    read_metadata,
+    read_rollout_state,
+    write_rollout_state,
+)
+from medops.triton_config import parse_model_config, render_model_config
 from serve.client import Backend, LocalBackend, ModelInfo, ServeError
 
-ROLLOUT_FILE = "rollout.json"
-HISTORY_FILE = "history.jsonl"
 MODES = ("canary", "shadow")
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-@dataclass
-class RolloutState:
-    production: int | None = None
-    previous: list[int] = field(default_factory=list)
-    candidate: int | None = None
-    mode: str | None = None
-    canary_share: float = 0.0
-    updated: str | None = None
-
-    @property
-    def served_versions(self) -> list[int]:
-        return sorted({v for v in (self.production, self.candidate) if v is not None})
-
-
-# -- repository state ------------------------------------------------------------------------------------------
+# -- repository state (the format is medops.model_version's) ----------------------------------------------------
 def model_dir(repository: str | Path, name: str) -> Path:
     folder = Path(repository) / name
-    if not (folder / "config.pbtxt").is_file():
-        raise ServeError(f"model {name!r} not found in {repository} (no config.pbtxt)")
+    if not (folder / CONFIG_FILE).is_file():
+        raise ServeError(f"model {name!r} not found in {repository} (no {CONFIG_FILE})")
     return folder
 
 
 def versions_of(repository: str | Path, name: str) -> list[int]:
-    return sorted(int(p.name) for p in model_dir(repository, name).iterdir() if p.is_dir() and p.name.isdigit())
+    return list_versions(model_dir(repository, name))
 
 
 def read_state(repository: str | Path, name: str) -> RolloutState:
-    path = model_dir(repository, name) / ROLLOUT_FILE
-    return RolloutState(**json.loads(path.read_text())) if path.is_file() else RolloutState()
+    return read_rollout_state(model_dir(repository, name))
 
 
 def read_history(repository: str | Path, name: str) -> list[dict[str, Any]]:
-    path = model_dir(repository, name) / HISTORY_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return mv.read_history(model_dir(repository, name))
 
 
 def append_history(repository: str | Path, name: str, entry: dict[str, Any]) -> dict[str, Any]:
-    entry = {"time": _now(), "model": name, **entry}
-    with (model_dir(repository, name) / HISTORY_FILE).open("a") as fh:
-        fh.write(json.dumps(entry) + "\n")
-    return entry
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return mv.append_history(model_dir(repository, name), entry)
 
 
 def write_state(repository: str | Path, name: str, state: RolloutState) -> None:
     """Persist ``state`` and rewrite the model's ``config.pbtxt`` to serve exactly its versions."""
-    from export.triton_config import parse_model_config, render_model_config  # protobuf + tritonclient only
-
     folder = model_dir(repository, name)
     if state.production is None:
         raise ServeError("a rollout needs a production version")
@@ -110,9 +87,10 @@ def write_state(repository: str | Path, name: str, state: RolloutState) -> None:
               "rollout_mode": state.mode or "", "rollout_canary_share": f"{state.canary_share:g}"}
     for key, value in params.items():
         config.parameters[key].string_value = value
-    state.updated = _now()
-    _atomic_write(folder / ROLLOUT_FILE, json.dumps(asdict(state), indent=2) + "\n")
-    _atomic_write(folder / "config.pbtxt", render_model_config(config))
+    write_rollout_state(folder, state)
+    tmp = folder / f".{CONFIG_FILE}.tmp"
+    tmp.write_text(render_model_config(config))
+    os.replace(tmp, folder / CONFIG_FILE)
 
 
 def reload_on_triton(url: str, name: str, state: RolloutState, timeout: float = 120) -> None:
@@ -145,10 +123,10 @@ def reload_on_triton(url: str, name: str, state: RolloutState, timeout: float = 
 # -- promotion gate ------------------------------------------------------------------------------------------
 def parity_check(repository: str | Path, name: str, version: int) -> tuple[bool, str]:
     """Did this version pass the export parity gate? (read from its ``metadata.json``)"""
-    path = model_dir(repository, name) / str(version) / "metadata.json"
-    if not path.is_file():
-        return False, f"version {version}: no metadata.json (not written by python -m export)"
-    reports = json.loads(path.read_text()).get("parity") or []
+    try:
+        reports = read_metadata(model_dir(repository, name) / str(version)).parity
+    except ModelVersionError as exc:
+        return False, f"version {version}: {exc}"
     if not reports:
         return False, f"version {version}: no parity record"
     failed = [r.get("engine") for r in reports if not r.get("passed")]
@@ -161,7 +139,6 @@ def parity_check(repository: str | Path, name: str, version: int) -> tuple[bool,
 def evaluate_version(repository: str | Path, name: str, version: int, data: str | Path, split: str = "test"
                      ) -> dict[str, Any]:
     """AUROC and accuracy of one version on a fixed labelled evaluation set (in-process onnxruntime)."""
-    from serve.batch import auroc
     from serve.drift import read_images
     from serve.inputs import iter_inputs
 
@@ -178,7 +155,7 @@ def evaluate_version(repository: str | Path, name: str, version: int, data: str 
     finally:
         backend.close()
     labels = np.array([item.label for item in items])
-    return {"version": version, "n": int(len(labels)), "auroc": auroc(labels, probs),
+    return {"version": version, "n": int(len(labels)), "auroc": auroc_or_none(labels, probs),
             "acc": float((probs.argmax(axis=1) == labels).mean())}
 
 
@@ -410,7 +387,7 @@ class RolloutBackend:
         if self.shadow_log is None:
             return
         with self.lock, self.shadow_log.open("a") as fh:
-            fh.write(json.dumps({"time": _now(), **record}) + "\n")
+            fh.write(json.dumps({"time": mv.now(), **record}) + "\n")
 
     def report(self) -> dict[str, Any]:
         """Per-version requests, images, latency percentiles (ms) and class shares; shadow agreement."""

@@ -172,7 +172,7 @@ def test_default_commands_are_valid_hydra_overrides(name: str, config: str) -> N
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name=config, overrides=exec_form(cmd))
     if name == "export-trt":
-        from export.triton_config import TARGETS
+        from medops.triton_config import TARGETS
 
         assert cfg.target == "tensorrt" and cfg.target in TARGETS
     else:

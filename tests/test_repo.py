@@ -55,8 +55,8 @@ print('ok')
 """
 
 
-@pytest.mark.parametrize("module", ["medimg", "medimg.drift", "serve", "serve.__main__", "serve.batch",
-                                    "serve.drift", "serve.rollout", "export.triton_config"])
+@pytest.mark.parametrize("module", ["medops", "medops.drift", "serve", "serve.__main__", "serve.batch",
+                                    "serve.drift", "serve.rollout", "medops.triton_config"])
 def test_packages_import_without_torch(module: str) -> None:
     proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH.format(module=module)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)

@@ -19,7 +19,7 @@ log = logging.getLogger("train")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the optimised metric for sweepers (``optimized_metric``)."""
-    from train.pipeline import train  # imported here so `--help` and config errors stay fast
+    from train.fit import train  # imported here so `--help` and config errors stay fast
 
     try:
         record = train(cfg)

@@ -1,7 +1,7 @@
 """Classification networks: torchvision ResNets adapted to medical inputs, and a small CNN.
 
 Every network built here takes float32 NCHW input in [0, 1] (uint8 intensity / 255, the contract
-defined in :mod:`medimg.io`) and starts with a :class:`Normalize` layer holding the training-split
+defined in :mod:`medops.io`) and starts with a :class:`Normalize` layer holding the training-split
 mean and std as buffers, so the normalisation travels inside checkpoints and exported graphs.
 """
 

@@ -17,7 +17,7 @@ from google.protobuf import text_format
 from hydra import compose, initialize_config_dir
 from tritonclient.grpc import model_config_pb2
 
-import export.pipeline as pipeline
+import export.build as pipeline
 from export.parity import ParityError
 from export.repository import RepositoryError, snapshot
 from export.source import ExportError
@@ -304,13 +304,13 @@ def test_export_from_a_wandb_run_path(tmp_path: Path, trained_run: Path, monkeyp
 
 
 def test_evaluated_run_exports_its_operating_point_and_calibration(tmp_path: Path, trained_run: Path) -> None:
-    """train.evaluate (calibrate=true) -> export: CIs in the card, temperature in the graph, threshold served."""
+    """evaluation.evaluate (calibrate=true) -> export: CIs in the card, temperature in the graph, threshold served."""
     from serve.client import LocalBackend
     from serve.predict import predict_files
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    proc = subprocess.run([sys.executable, "-m", "train.evaluate", f"run={run}", "calibrate=true", "n_resamples=200",
+    proc = subprocess.run([sys.executable, "-m", "evaluation.evaluate", f"run={run}", "calibrate=true", "n_resamples=200",
                            f"hydra.run.dir={tmp_path / 'eval_log'}"], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -10,7 +10,7 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-import export.pipeline as pipeline
+import export.build as pipeline
 from tests.conftest import run_cli
 from tests.export.test_export import export_cfg
 

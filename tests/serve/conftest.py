@@ -26,7 +26,7 @@ class Served:
 @pytest.fixture(scope="session")
 def exported_repo(tmp_path_factory: pytest.TempPathFactory, trained_run: Path) -> Path:
     """``model_repository/breast/1``: the python-backend export of the trained run."""
-    from export.pipeline import export_model
+    from export.build import export_model
 
     repo = tmp_path_factory.mktemp("serve") / "model_repository"
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import medimg
+import medops
 from serve.client import TritonBackend
 from serve.drift import false_alarm_rate, run_drift
 from serve.triton_server import TritonServer, free_port
@@ -34,9 +34,9 @@ def shifts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     images, labels = data["test_images"], data["test_labels"].reshape(-1)
     grey = images.astype(np.float64)
     rng = np.random.default_rng(0)
-    mr = [medimg.resize(s, 28)[..., 0] for axis in (0, 1, 2) for s in medimg.nifti_slices(NIFTI / "anatomical.nii",
+    mr = [medops.resize(s, 28)[..., 0] for axis in (0, 1, 2) for s in medops.nifti_slices(NIFTI / "anatomical.nii",
                                                                                           axis=axis)]
-    mr += [medimg.resize(s, 28)[..., 0] for s in medimg.nifti_slices(NIFTI / "example_nifti2.nii.gz")]
+    mr += [medops.resize(s, 28)[..., 0] for s in medops.nifti_slices(NIFTI / "example_nifti2.nii.gz")]
     return {
         "brighter": shifted(tmp / "brighter.npz", np.clip(grey + 40, 0, 255).astype(np.uint8), labels),
         "lower contrast": shifted(tmp / "contrast.npz", np.clip(128 + (grey - 128) * 0.6, 0, 255).astype(np.uint8),
@@ -55,7 +55,7 @@ def test_reference_profile_is_exported_with_the_version(exported_repo: Path):
     assert meta["drift"]["reference"] == "val" and meta["drift"]["n"] > 30
     assert {"intensity_mean", "predicted_class", "image_height"} <= set(meta["drift"]["features"])
     assert "penultimate" in meta["drift"]["embeddings"]
-    assert (folder / "drift_core.py").read_text() == (REPO / "medimg" / "drift.py").read_text()
+    assert (folder / "drift_core.py").read_text() == (REPO / "medops" / "drift.py").read_text()
     card = (folder / "MODEL_CARD.md").read_text()
     assert "## Monitoring" in card and f"{meta['drift']['n']} images of the val split" in card
 

@@ -1,4 +1,4 @@
-"""serve.inputs: listing a folder, a CSV manifest or a MedMNIST .npz, and loading items through medimg (no Triton)."""
+"""serve.inputs: listing a folder, a CSV manifest or a MedMNIST .npz, and loading items through medops (no Triton)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import medimg
+import medops
 from serve.client import ModelInfo, ServeError
 from serve.inputs import InputItem, iter_inputs, load_item, parse_label
 from tests.conftest import REPO, write_csv
@@ -173,7 +173,7 @@ def test_npz_rgb_and_unlabelled(tmp_path: Path, rgb_multiclass: Path) -> None:
     items, info = iter_inputs(rgb_multiclass, class_names=["a", "b", "c"])
     assert items[0].array.shape == (28, 28, 3) and info["labelled"] == 60
     out = load_item(items[0], INFO)  # RGB -> the model's 1 channel by luma
-    expected = medimg.preprocess(np.load(rgb_multiclass)["test_images"][0], 28, 1)
+    expected = medops.preprocess(np.load(rgb_multiclass)["test_images"][0], 28, 1)
     np.testing.assert_array_equal(out, expected)
     nolabels = tmp_path / "nolabels.npz"
     np.savez(nolabels, test_images=np.zeros((3, 10, 10), np.uint8))
@@ -187,19 +187,19 @@ def test_load_item_files_and_arrays(class_tree: Path) -> None:
     for name in ("a.png", "ct.dcm", "mr_nosuffix"):
         out = load_item(by_name[name], INFO)
         assert out.shape == (1, 28, 28) and out.dtype == np.float32
-        np.testing.assert_array_equal(out, medimg.load_for_model(by_name[name].path, 28, 1))
+        np.testing.assert_array_equal(out, medops.load_for_model(by_name[name].path, 28, 1))
     rgb = ModelInfo(**{**INFO.__dict__, "channels": 3, "size": 16})
     assert load_item(by_name["a.png"], rgb).shape == (3, 16, 16)
     array = np.arange(100, dtype=np.uint8).reshape(10, 10)
     out = load_item(InputItem("npz:test:0", None, 1, array), INFO)
-    np.testing.assert_array_equal(out, medimg.preprocess(array[..., None], 28, 1))
+    np.testing.assert_array_equal(out, medops.preprocess(array[..., None], 28, 1))
 
 
 def test_load_item_errors_name_the_input(tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_text("this is not a png")
-    with pytest.raises(medimg.ImageReadError) as err:
+    with pytest.raises(medops.ImageReadError) as err:
         load_item(InputItem(str(corrupt), str(corrupt), None), INFO)
     assert err.value.path == str(corrupt) and str(corrupt) in str(err.value)
-    with pytest.raises(medimg.ImageReadError, match=r"npz:test:7: ValueError.*uint8"):
+    with pytest.raises(medops.ImageReadError, match=r"npz:test:7: ValueError.*uint8"):
         load_item(InputItem("npz:test:7", None, None, np.zeros((4, 4), np.float32)), INFO)

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from medimg import load_for_model
+from medops import load_for_model
 from serve.client import open_backend
 from serve.predict import predict_files, top_k_classes
 from serve.triton_server import free_port

@@ -20,7 +20,7 @@ MODEL = "breast"
 
 
 def export(run: Path, repo: Path) -> int:
-    from export.pipeline import export_model
+    from export.build import export_model
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="export", overrides=[f"run={run}", f"name={MODEL}", f"model_repository={repo}",
@@ -237,7 +237,7 @@ def test_a_new_export_waits_for_promotion(repo: Path, server: TritonServer, trai
     assert ready_versions(server) == {str(production)}
     entry = rollout.promote(repo, MODEL, new, data=breastmnist_small, url=server.http_url)
     assert entry["decision"] == "promoted" and ready_versions(server) == {str(new)}
-    from export.triton_config import parse_model_config
+    from medops.triton_config import parse_model_config
 
     config = parse_model_config((repo / MODEL / "config.pbtxt").read_text())
     assert config.parameters["rollout_production"].string_value == str(new)

@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
-from export.triton_config import build_model_config, render_model_config
+from medops.triton_config import build_model_config, render_model_config
 from serve.triton_server import (
     TritonNotFound,
     TritonServer,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from medops.datasets import stratified_split
 from tests.conftest import REPO, synthetic_rgb_splits, write_csv, write_medmnist
 from train.datamodules import DataError, FolderDataModule, MedMNISTDataModule
-from train.datamodules.base import stratified_split
 
 
 def test_breastmnist_shapes_dtypes_and_stats(breastmnist: Path) -> None:
@@ -163,7 +163,7 @@ def test_stratified_split_is_seeded_and_disjoint() -> None:
 
 def test_download_verifies_md5(tmp_path: Path, breastmnist: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The download path (no network here: the 'server' is a local file URL) checks the official MD5."""
-    from train.datamodules import medmnist
+    from medops import datasets as medmnist
 
     monkeypatch.setattr(medmnist, "medmnist_url", lambda name: breastmnist.resolve().as_uri())
     target = tmp_path / "dl" / "breastmnist.npz"

@@ -1,6 +1,7 @@
 """Lightning DataModules: MedMNIST ``.npz`` files and image folders / CSV manifests."""
 
-from train.datamodules.base import DataError, ImageClassificationDataModule, SplitArrays
+from medops.datasets import DataError, SplitArrays
+from train.datamodules.base import ImageClassificationDataModule
 from train.datamodules.folder import FolderDataModule
 from train.datamodules.medmnist import MedMNISTDataModule
 

@@ -1,0 +1,273 @@
+"""De-identifying ingest: a tree of DICOM / NIfTI files -> PNGs (or one .npz) + ``manifest.csv``.
+
+    python -m datatools.ingest_dicom SRC DST [--format png|npz] [--window C W] [--salt S]
+        [--label-from folder|none] [--nifti-axis 2] [--sidecar] [--patient-split VAL TEST] [--size 64]
+
+* DICOM files with or without ``.dcm`` (recognised by the 'DICM' magic), single- and multi-frame
+  (each frame -> one image), read with :func:`medops.read_dicom` (modality LUT + windowing:
+  ``--window`` or the file's own window or min-max); NIfTI ``.nii``/``.nii.gz`` -> slices along
+  ``--nifti-axis`` (:func:`medops.nifti.nifti_slices`). Other files are listed as skipped.
+* Output names never contain anything from the source: ``<pseudonymous patient id>_<hash of the
+  remapped series UID>_<salted hash of the source path>_<frame>.png`` under ``DST/images/``.
+  The pseudonym is ``medops.deid.pseudonym(PatientID, salt)``; NIfTI files (no patient fields)
+  get one from their relative path.
+* ``DST/manifest.csv``: ``path,label,split,patient_id`` (paths relative to DST), usable as
+  ``data=folder data.path=DST/manifest.csv``. The label is the first folder under SRC
+  (``--label-from folder``) or ``unlabelled``. ``split`` is empty (the datamodule splits by
+  label) unless ``--patient-split VAL TEST`` assigns whole patients by a hash of the pseudonym.
+* ``--format npz``: ``DST/images.npz`` with ``images`` (N x size x size x 1 uint8),
+  ``labels`` (int), ``class_names``, ``patient_ids``, ``splits``; no PNGs and no manifest.
+* ``--sidecar``: a de-identified copy of each DICOM header (no pixel data) as JSON in ``DST/headers/``.
+* Unreadable files (corrupt, no pixel data...) go to ``DST/ingest_report.json`` as (path relative
+  to SRC, technical reason) and the run goes on. Exit status 0 unless no image was written.
+* The salt comes from ``--salt`` or ``MEDOPS_DEID_SALT``; it is never written anywhere. Logs
+  (stderr and ``DST/ingest.log``) carry counts and output names only, never header values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from medops.deid import deidentify, pseudonym, quiet_pydicom, remap_uid
+from medops.dicom import read_dicom
+from medops.errors import ImageReadError
+from medops.io import resize, to_channels
+from medops.nifti import is_nifti, nifti_slices
+
+log = logging.getLogger("medops.ingest")
+
+SALT_ENV = "MEDOPS_DEID_SALT"
+UNLABELLED = "unlabelled"
+
+
+@dataclass
+class Item:
+    image: np.ndarray
+    name: str
+    label: str
+    patient_id: str
+
+
+@dataclass
+class Result:
+    items: int = 0
+    files_ok: int = 0
+    errors: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def _h(*parts: str, n: int = 10) -> str:
+    return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()[:n]
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _label(rel: Path, mode: str) -> str:
+    if mode == "folder" and len(rel.parts) > 1:
+        return rel.parts[0]
+    return UNLABELLED
+
+
+def _dicom_items(path: Path, rel: Path, label: str, args: argparse.Namespace, dst: Path) -> list[Item]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, force=path.suffix.lower() == ".dcm")
+    except Exception as exc:  # pydicom messages may quote values: type name only
+        raise ImageReadError(str(rel), f"corrupt or unreadable DICOM file ({type(exc).__name__})") from None
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    pid = pseudonym(str(ds.get("PatientID", "") or ""), args.salt)
+    series = _h(remap_uid(str(ds.get("SeriesInstanceUID", "") or ""), args.salt), n=8)
+    key = _h(args.salt, "file", rel.as_posix(), n=8)
+    stem = f"{pid}_{series}_{key}"
+    images = []
+    for frame in range(max(frames, 1)):
+        try:
+            img = read_dicom(path, window=args.window, frame=frame if frames > 1 else None)
+        except ImageReadError as err:
+            raise ImageReadError(str(rel), err.reason) from None
+        images.append(Item(img, f"{stem}_{frame:04d}", label, pid))
+    if args.sidecar:
+        _write_sidecar(ds, dst / "headers" / f"{stem}.json", args.salt)
+    return images
+
+
+def _write_sidecar(ds: pydicom.Dataset, out: Path, salt: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            if keyword in ds:
+                delattr(ds, keyword)
+        clean = deidentify(ds, salt=salt)
+        header = clean.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=lambda _elem: "")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(header, indent=1, sort_keys=True))
+
+
+def _nifti_items(path: Path, rel: Path, label: str, args: argparse.Namespace) -> list[Item]:
+    try:
+        slices = nifti_slices(path, axis=args.nifti_axis)
+    except ImageReadError as err:
+        raise ImageReadError(str(rel), err.reason) from None
+    pid = pseudonym("nifti:" + rel.as_posix(), args.salt)
+    stem = f"{pid}_{_h(args.salt, 'nifti', rel.as_posix(), n=8)}_{_h(args.salt, 'file', rel.as_posix(), n=8)}"
+    return [Item(img, f"{stem}_{i:04d}", label, pid) for i, img in enumerate(slices)]
+
+
+def _split_for(pid: str, fractions: tuple[float, float] | None, salt: str) -> str:
+    if fractions is None:
+        return ""
+    val, test = fractions
+    u = int(_h(salt, "split", pid, n=12), 16) / float(16**12)
+    return "test" if u < test else "val" if u < test + val else "train"
+
+
+def ingest(args: argparse.Namespace) -> Result:
+    src, dst = Path(args.src), Path(args.dst)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    dst.mkdir(parents=True, exist_ok=True)
+    result = Result()
+    rows: list[dict[str, str]] = []
+    arrays: list[tuple[np.ndarray, str, str]] = []
+    image_dir = dst / "images"
+    if args.format == "png":
+        image_dir.mkdir(exist_ok=True)
+    columns = (TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True, disable=args.no_progress) as progress:
+        task = progress.add_task("ingest", total=len(files))
+        for number, path in enumerate(files, start=1):
+            rel = path.relative_to(src)
+            label = _label(rel, args.label_from)
+            try:
+                if is_nifti(path):
+                    items = _nifti_items(path, rel, label, args)
+                elif path.suffix.lower() == ".dcm" or _has_dicom_magic(path):
+                    items = _dicom_items(path, rel, label, args, dst)
+                else:
+                    result.skipped.append({"path": rel.as_posix(), "reason": "not a DICOM or NIfTI file"})
+                    items = []
+                    progress.advance(task)
+                    continue
+            except ImageReadError as err:
+                result.errors.append({"path": rel.as_posix(), "reason": err.reason})
+                log.warning("file %d of %d could not be ingested (see ingest_report.json)", number, len(files))
+                progress.advance(task)
+                continue
+            result.files_ok += 1
+            for item in items:
+                split = _split_for(item.patient_id, args.patient_split, args.salt)
+                if args.format == "png":
+                    out = image_dir / f"{item.name}.png"
+                    Image.fromarray(item.image[:, :, 0] if item.image.shape[2] == 1 else item.image).save(out)
+                    rows.append({"path": out.relative_to(dst).as_posix(), "label": item.label, "split": split,
+                                 "patient_id": item.patient_id})
+                else:
+                    arrays.append((resize(to_channels(item.image, 1), args.size), item.label, item.patient_id, split))
+                result.items += 1
+            progress.advance(task)
+    if args.format == "png":
+        with (dst / "manifest.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["path", "label", "split", "patient_id"])
+            writer.writeheader()
+            writer.writerows(rows)
+    elif arrays:
+        class_names = sorted({a[1] for a in arrays})
+        np.savez_compressed(
+            dst / "images.npz",
+            images=np.stack([a[0] for a in arrays]),
+            labels=np.array([class_names.index(a[1]) for a in arrays], dtype=np.int64),
+            class_names=np.array(class_names),
+            patient_ids=np.array([a[2] for a in arrays]),
+            splits=np.array([a[3] for a in arrays]),
+        )
+    report = {
+        "files_seen": len(files),
+        "files_ingested": result.files_ok,
+        "images_written": result.items,
+        "format": args.format,
+        "errors": result.errors,
+        "skipped": result.skipped,
+    }
+    (dst / "ingest_report.json").write_text(json.dumps(report, indent=2))
+    return result
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m datatools.ingest_dicom", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="folder of DICOM / NIfTI files (class sub-folders with --label-from folder)")
+    parser.add_argument("dst", help="output folder")
+    parser.add_argument("--format", choices=("png", "npz"), default="png")
+    parser.add_argument("--window", nargs=2, type=float, metavar=("C", "W"), default=None,
+                        help="DICOM window center/width (default: the file's own, else min-max)")
+    parser.add_argument("--salt", default=None, help=f"pseudonymisation salt (default: ${SALT_ENV})")
+    parser.add_argument("--label-from", choices=("folder", "none"), default="folder")
+    parser.add_argument("--nifti-axis", type=int, choices=(0, 1, 2), default=2)
+    parser.add_argument("--size", type=int, default=64, help="image size for --format npz")
+    parser.add_argument("--sidecar", action="store_true", help="write de-identified DICOM headers as JSON")
+    parser.add_argument("--patient-split", nargs=2, type=float, metavar=("VAL", "TEST"), default=None,
+                        help="assign whole patients to val/test with these fractions (default: no split column)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    args.salt = args.salt or os.environ.get(SALT_ENV)
+    if not args.salt:
+        parser.error(f"a salt is required: --salt or ${SALT_ENV}")
+    if args.window is not None:
+        args.window = tuple(args.window)
+    if args.patient_split is not None:
+        val, test = args.patient_split
+        if val < 0 or test < 0 or val + test >= 1:
+            parser.error("--patient-split fractions must be >= 0 and sum to < 1")
+        args.patient_split = (val, test)
+    if not Path(args.src).is_dir():
+        parser.error("SRC is not a folder")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    dst = Path(args.dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr), logging.FileHandler(dst / "ingest.log")]
+    for h in handlers:
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        with quiet_pydicom():  # pydicom's own warnings/log records can quote header values
+            result = ingest(args)
+        log.info("%d image(s) from %d file(s) written to %s; %d error(s), %d skipped (see ingest_report.json)",
+                 result.items, result.files_ok, dst, len(result.errors), len(result.skipped))
+        return 0 if result.items else 1
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Clinical evaluation: metrics with intervals, operating point, calibration, subgroups, explanations, reports."""

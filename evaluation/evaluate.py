@@ -1,0 +1,359 @@
+"""``python -m evaluation.evaluate run=<run dir> [split=test] [data=<npz|csv>] ...``: clinical evaluation.
+
+Loads the run's best checkpoint, predicts on the run's validation split and on the evaluated split (the
+run's own, or an external MedMNIST ``.npz`` / CSV manifest), chooses the operating point on validation
+(and a temperature with ``calibrate=true``), and writes ``evaluation.json``, ``report.html`` (plots
+embedded), ``predictions_<split>.csv`` to ``output_dir`` and ``operating_point.json`` into the run folder.
+Bad input (unknown classes, mismatched images, missing run) exits with status 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from medops.datasets import FolderDataset, label_index, load_medmnist_npz, read_manifest, scan_class_folders
+from medops.model_version import METADATA_FILE, ONNX_FILE, ModelVersionError, list_versions, read_metadata
+from medops.run_record import write_operating_point
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("evaluation.evaluate")
+
+
+class EvaluationError(ValueError):
+    """Evaluation input that cannot be used; the message says why."""
+
+
+@dataclass
+class EvalData:
+    images: np.ndarray  # N x C x H x W uint8
+    labels: np.ndarray  # N int64
+    source: str
+    columns: dict[str, list[str]] = field(default_factory=dict)  # subgroup column -> value per sample
+    known_values: dict[str, list[str]] = field(default_factory=dict)  # every value in the source
+
+
+def _check_labels(labels: np.ndarray, class_names: list[str], source: str) -> None:
+    bad = (labels < 0) | (labels >= len(class_names))
+    if bad.any():
+        raise EvaluationError(
+            f"{source}: label(s) {sorted(set(labels[bad].tolist()))} are classes the model does not know "
+            f"(it was trained on {len(class_names)} classes: {class_names})"
+        )
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return [{k.strip().lower(): (v or "").strip() for k, v in row.items() if k} for row in csv.DictReader(fh)]
+
+
+def _subgroups(rows: list[dict[str, str]], keep: list[int], wanted: list[str]) -> tuple[dict, dict]:
+    present = [c for c in wanted if rows and c in rows[0]]
+    columns = {c: [rows[i].get(c, "") for i in keep] for c in present}
+    known = {c: sorted({r.get(c, "") for r in rows}) for c in present}
+    return columns, known
+
+
+def run_data(source: Any, split: str, wanted: list[str]) -> EvalData:
+    """A split of the dataset the run was trained on (subgroup columns when it is a CSV manifest)."""
+    from hydra.utils import instantiate
+
+    from train.datamodules import FolderDataModule
+
+    data_cfg = dict((source.record.get("config") or {}).get("data") or {})
+    data_cfg.pop("validation", None)
+    if not data_cfg:
+        raise EvaluationError(f"{source.checkpoint}: the run record has no data config; pass data=<npz or csv>")
+    dm = instantiate(data_cfg)
+    dm.prepare()
+    if split not in dm.datasets:
+        raise EvaluationError(f"unknown split {split!r}; use train, val or test")
+    ds = dm.datasets[split]
+    labels = ds.labels.numpy().astype(np.int64)
+    out = EvalData(ds.images.numpy(), labels, f"{dm.summary()['source']} ({split})")
+    if isinstance(dm, FolderDataModule) and dm.path.suffix.lower() == ".csv" and dm.scan_result is not None:
+        rows = _csv_rows(dm.path)
+        by_path = {str((dm.path.parent / r["path"]) if not Path(r["path"]).is_absolute() else Path(r["path"])): i
+                   for i, r in enumerate(rows)}
+        keep = [by_path[p] for p in dm.scan_result.paths[split] if p in by_path]
+        if len(keep) == len(labels):
+            out.columns, out.known_values = _subgroups(rows, keep, wanted)
+    return out
+
+
+def external_data(path: str, split: str, source: Any, wanted: list[str]) -> EvalData:
+    """An external MedMNIST ``.npz`` (its ``split``), CSV manifest or class-folder tree (its ``split`` rows, else
+    every row)."""
+    p = Path(path)
+    names = source.class_names
+    channels, size, _ = source.input_shape
+    if p.suffix.lower() == ".npz":
+        data = load_medmnist_npz(p)
+        if split not in data.images:
+            raise EvaluationError(f"{p}: no split {split!r}")
+        images, labels = data.images[split], data.labels[split]
+        _check_labels(labels, names, f"{p} ({split})")
+        if images.shape[-1] != channels or images.shape[1] != size:
+            raise EvaluationError(f"{p}: images are {images.shape[1]} px with {images.shape[-1]} channels; the "
+                                  f"model expects {size} px with {channels}")
+        return EvalData(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels, f"{p} ({split})")
+    if p.is_dir():  # class sub-folders (optionally under train/val/test)
+        samples = scan_class_folders(p)
+        rows: list[dict[str, str]] = [{} for _ in samples]
+    elif p.suffix.lower() == ".csv":
+        samples = read_manifest(p)
+        rows = _csv_rows(p)
+    else:
+        raise EvaluationError(f"data={path}: expected a MedMNIST .npz, a CSV manifest or a folder of class folders")
+    keep = [i for i, s in enumerate(samples) if s.split == split] if any(s.split for s in samples) else []
+    keep = keep or list(range(len(samples)))
+    label_values = [samples[i].label for i in keep]
+    unknown = sorted(set(label_values) - set(names))
+    if unknown:
+        raise EvaluationError(f"{p}: label(s) {unknown} are classes the model does not know (it knows {names})")
+    labels, _ = label_index(label_values, names, str(p))
+    reader = FolderDataset(p, image_size=size, channels=channels, class_names=names, group_column=None)
+    images = np.stack([reader.read_sample(samples[i])[1] for i in keep]).transpose(0, 3, 1, 2)
+    columns, known = _subgroups(rows, keep, wanted)
+    return EvalData(np.ascontiguousarray(images), labels, f"{p} ({len(keep)} rows)", columns, known)
+
+
+def predict(module: Any, images: np.ndarray, batch_size: int = 256, device: str = "auto") -> np.ndarray:
+    """Softmax probabilities (float64 N x K) of uint8 N x C x H x W images."""
+    import torch
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    module = module.to(dev).eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[start : start + batch_size]).to(dev).float().div_(255.0)
+            out.append(module(x).float().softmax(-1).cpu().numpy())
+    return np.concatenate(out).astype(np.float64) if out else np.zeros((0, module.hparams["num_classes"]))
+
+
+def write_predictions(path: Path, P: np.ndarray, y: np.ndarray, names: list[str]) -> Path:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["index", "label", *[f"p_{n}" for n in names]])
+        for i, (row, label) in enumerate(zip(P, y, strict=True)):
+            w.writerow([i, int(label), *[repr(float(v)) for v in row]])
+    return path
+
+
+def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
+    from evaluation.calibration import (
+        apply_temperature,
+        expected_calibration_error,
+        fit_temperature,
+        nll,
+        plot_reliability,
+    )
+    from evaluation.explain import explanation_grid
+    from evaluation.report import write_html_report
+    from export.source import load_source
+    from medops.metrics import choose_threshold, evaluate_predictions, subgroup_metrics
+    from medops.plots import plot_confusion, plot_roc
+
+    onnx_model = resolve_exported_model(cfg.exported_model) if cfg.get("exported_model") else None
+    if onnx_model is not None:  # an exported version: its run (data, classes) from the lineage, outputs from ONNX
+        source = load_source(run=onnx_model["run_dir"], log_dir=cfg.paths.log_dir)
+    elif cfg.get("run") or cfg.get("checkpoint"):
+        source = load_source(run=cfg.get("run"), checkpoint=cfg.get("checkpoint"), log_dir=cfg.paths.log_dir)
+    else:
+        raise EvaluationError("nothing to evaluate: pass run=<run dir>, checkpoint=<file.ckpt> or model=<exported dir>")
+    run_dir = source.checkpoint.resolve().parent.parent
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "evaluation"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = source.class_names
+    k = len(names)
+    wanted = [str(c).lower() for c in (cfg.subgroup_columns or [])]
+    pos = int(cfg.positive_class)
+    if k == 2 and pos not in (0, 1):
+        raise EvaluationError(f"positive_class must be 0 or 1 for a binary task, got {pos}")
+
+    val = run_data(source, "val", wanted)
+    _check_labels(val.labels, names, val.source)
+    if cfg.dataset:
+        ev = external_data(str(cfg.dataset), str(cfg.split), source, wanted)
+    else:
+        ev = run_data(source, str(cfg.split), wanted)
+    _check_labels(ev.labels, names, ev.source)
+    if len(ev.labels) == 0:
+        raise EvaluationError(f"{ev.source}: no samples to evaluate")
+    log.info("predicting %d validation and %d %s images", len(val.labels), len(ev.labels), cfg.split)
+    if onnx_model is not None:
+        P_val_raw = predict_onnx(onnx_model["onnx"], val.images)
+        P_raw = predict_onnx(onnx_model["onnx"], ev.images)
+    else:
+        P_val_raw = predict(source.module, val.images, int(cfg.batch_size), str(cfg.device))
+        P_raw = predict(source.module, ev.images, int(cfg.batch_size), str(cfg.device))
+
+    temperature = fit_temperature(P_val_raw, val.labels) if cfg.calibrate else None
+    P_val = apply_temperature(P_val_raw, temperature) if temperature else P_val_raw
+    P = apply_temperature(P_raw, temperature) if temperature else P_raw
+    calibration: dict[str, Any] = {"ece": expected_calibration_error(P_raw, ev.labels), "nll": nll(P_raw, ev.labels)}
+    if temperature:
+        calibration |= {"temperature": temperature, "ece_calibrated": expected_calibration_error(P, ev.labels),
+                        "nll_calibrated": nll(P, ev.labels),
+                        "val_nll": nll(P_val_raw, val.labels), "val_nll_calibrated": nll(P_val, val.labels)}
+
+    threshold = None
+    op: dict[str, Any] = {"method": "argmax", "threshold": None}
+    if k == 2:
+        threshold = choose_threshold(P_val, val.labels, cfg.threshold.method, float(cfg.threshold.target), pos)
+        op = {"method": str(cfg.threshold.method), "target": float(cfg.threshold.target), "threshold": threshold,
+              "positive_class": names[pos], "positive_index": pos, "chosen_on": "val",
+              "temperature": temperature}
+        op["val"] = {m: v["value"] for m, v in evaluate_predictions(
+            P_val, val.labels, names, threshold, pos, n_resamples=0)["metrics"].items()}
+    n_res, seed = int(cfg.n_resamples), int(cfg.seed)
+    evaluation = evaluate_predictions(P, ev.labels, names, threshold, pos, n_res, seed, float(cfg.alpha))
+    subgroups = (subgroup_metrics(P, ev.labels, ev.columns, names, threshold, pos, n_res, seed, evaluation,
+                                  ev.known_values) if ev.columns else {})
+
+    plots = {
+        "ROC with operating point": plot_roc(P, ev.labels, names, out_dir / "roc.png", f"ROC, {cfg.split}",
+                                             threshold, pos),
+        "Reliability diagram": plot_reliability(
+            {"model": (P_raw, ev.labels), **({f"T={temperature:.2f}": (P, ev.labels)} if temperature else {})},
+            out_dir / "reliability.png"),
+        "Confusion matrix": plot_confusion(np.array(evaluation["confusion_matrix"]), names,
+                                           out_dir / "confusion.png", f"Confusion, {cfg.split}"),
+        "Explanations (Grad-CAM and occlusion) of correct and wrong predictions": explanation_grid(
+            source.module.net, ev.images, ev.labels, P, names, out_dir / "explanations.png", method="both"),
+    }
+    result = {
+        "run": str(run_dir), "checkpoint": str(source.checkpoint), "split": str(cfg.split),
+        "model": onnx_model and {k: str(v) for k, v in onnx_model.items()},
+        "data": {"source": ev.source, "external": bool(cfg.dataset), "n": int(len(ev.labels)),
+                 "val_source": val.source, "n_val": int(len(val.labels))},
+        "class_names": names, "operating_point": op, "evaluation": evaluation, "calibration": calibration,
+        "subgroups": subgroups, "plots": {name: p.name for name, p in plots.items()},
+        "config": OmegaConf.to_container(cfg, resolve=False),
+    }
+    write_predictions(out_dir / f"predictions_{cfg.split}.csv", P, ev.labels, names)
+    (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2, default=str))
+    write_html_report(result, plots, out_dir / "report.html")
+    op_record = {**op, "class_names": names, "checkpoint": source.checkpoint.name,
+                 "evaluation": str(out_dir / "evaluation.json")}
+    if onnx_model is None:  # an operating point belongs to the checkpoint it was chosen for
+        write_operating_point(run_dir, op_record)
+    if cfg.wandb == "on" or (cfg.wandb == "auto" and source.record.get("wandb")):
+        result["wandb"] = log_to_wandb(result, source.record, out_dir)
+        (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def resolve_exported_model(path: str) -> dict[str, Any]:
+    """``<repository>/<name>`` (newest version) or ``<repository>/<name>/<version>`` of an export."""
+    folder = Path(path)
+    if folder.is_dir() and not (folder / ONNX_FILE).is_file():
+        versions = list_versions(folder)
+        folder = folder / str(versions[-1]) if versions else folder
+    if not (folder / ONNX_FILE).is_file():
+        raise EvaluationError(f"{path}: not an exported model version (needs {ONNX_FILE} and {METADATA_FILE})")
+    try:
+        run_dir = read_metadata(folder).lineage.get("run_dir")
+    except ModelVersionError as exc:
+        raise EvaluationError(str(exc)) from None
+    if not run_dir or not Path(run_dir).is_dir():
+        raise EvaluationError(f"{folder}: the training run of this export ({run_dir}) is not available here")
+    return {"onnx": folder / "model.onnx", "version_dir": folder, "run_dir": run_dir}
+
+
+def predict_onnx(onnx_path: Path, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Probabilities of the exported graph (onnxruntime, CPU) for uint8 N x C x H x W images."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    out = [session.run(None, {name: images[i : i + batch_size].astype(np.float32) / 255.0})[0]
+           for i in range(0, len(images), batch_size)]
+    return np.concatenate(out).astype(np.float64)
+
+
+def log_to_wandb(result: dict[str, Any], record: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """An ``evaluation`` W&B run (offline without an API key) with the metrics, intervals and the report."""
+    import wandb
+
+    from train.loggers import wandb_mode
+
+    wb = record.get("wandb") or {}
+    mode = wandb_mode()
+    run = wandb.init(project=wb.get("project") or "medops", group="evaluation", job_type="evaluation",
+                     name=f"eval-{record.get('run_id')}-{result['split']}", dir=str(out_dir), mode=mode,
+                     config={"training_run": record.get("run_id"), "training_wandb_run": wb.get("id"),
+                             "split": result["split"], "data": result["data"],
+                             "operating_point": result["operating_point"]}, reinit="finish_previous")
+    summary: dict[str, Any] = {}
+    for name, m in result["evaluation"]["metrics"].items():
+        summary[f"eval/{name}"] = m["value"]
+        if m.get("ci_low") is not None:
+            summary[f"eval/{name}_ci_low"], summary[f"eval/{name}_ci_high"] = m["ci_low"], m["ci_high"]
+    summary |= {f"eval/calibration/{k}": v for k, v in result["calibration"].items()}
+    run.log({k: v for k, v in summary.items() if v is not None})
+    artifact = wandb.Artifact(f"evaluation-{record.get('run_id')}", type="evaluation")
+    for name in ("report.html", "evaluation.json"):
+        artifact.add_file(str(out_dir / name), name=name)
+    run.log_artifact(artifact)
+    info = {"id": run.id, "mode": mode, "dir": str(Path(run.dir).parent)}
+    run.finish()
+    return info
+
+
+def print_result(result: dict[str, Any]) -> None:
+    ev = result["evaluation"]
+    op = result["operating_point"]
+    print(f"evaluation of {result['checkpoint']} on {result['data']['source']} (n={ev['n']})")
+    if op.get("threshold") is not None:
+        print(f"operating point: {op['method']} on val, threshold {op['threshold']:.4f} on P({op['positive_class']})")
+    for name, m in ev["metrics"].items():
+        ci = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m["ci_low"] is not None else (m["note"] or "")
+        value = "n/a" if m["value"] is None else f"{m['value']:.4f}"
+        print(f"  {name:<18} {value}  {ci}")
+    print(f"  ECE {result['calibration']['ece']:.4f}" + (
+        f" -> {result['calibration']['ece_calibrated']:.4f} (T={result['calibration']['temperature']:.3f})"
+        if "temperature" in result["calibration"] else ""))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from export.source import ExportError
+    from medops.datasets import DataError
+
+    try:
+        result = evaluate_run(cfg)
+    except (EvaluationError, DataError, ExportError) as exc:
+        log.error("cannot evaluate: %s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print_result(result)
+
+
+GROUP_NAMED_KEYS = {"data=": "dataset=", "model=": "exported_model="}
+
+
+def _rewrite_data_override(argv: list[str]) -> list[str]:
+    """``data=<path>`` -> ``dataset=<path>`` and ``model=<dir>`` -> ``exported_model=<dir>``: ``data`` and ``model``
+    are config groups (conf/data, conf/model), so Hydra would read them as group choices."""
+    out = []
+    for arg in argv:
+        prefix = next((p for p in GROUP_NAMED_KEYS if arg.startswith(p)), None)
+        out.append(GROUP_NAMED_KEYS[prefix] + arg[len(prefix):] if prefix else arg)
+    return out
+
+
+if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *_rewrite_data_override(sys.argv[1:])]
+    main()

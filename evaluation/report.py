@@ -1,0 +1,84 @@
+"""The self-contained HTML evaluation report (figures embedded; the figures themselves come from medops.plots)."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return html.escape(str(v))
+
+
+def _metrics_table(metrics: dict[str, Any], with_gap: bool = False) -> str:
+    gap_head = "<th>gap</th>" if with_gap else ""
+    head = f"<tr><th>metric</th><th>value</th><th>95% CI</th>{gap_head}<th>note</th></tr>"
+    rows = []
+    for name, m in metrics.items():
+        ci = f"{_fmt(m['ci_low'])} – {_fmt(m['ci_high'])}" if m.get("ci_low") is not None else "–"
+        gap_value = "–" if m.get("gap") is None else f"{m['gap']:+.3f}"
+        gap = f"<td>{gap_value}</td>" if with_gap else ""
+        rows.append(f"<tr><td>{name}</td><td>{_fmt(m['value'])}</td><td>{ci}</td>{gap}<td>{_fmt(m.get('note'))}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    alt = html.escape(alt)
+    return f'<figure><img alt="{alt}" src="data:image/png;base64,{data}"><figcaption>{alt}</figcaption></figure>'
+
+
+def write_html_report(result: dict[str, Any], plots: dict[str, Path], path: Path) -> Path:
+    """One self-contained HTML page: the operating point, metrics with CIs, calibration, subgroups, plots."""
+    ev = result["evaluation"]
+    op = result.get("operating_point") or {}
+    cal = result.get("calibration") or {}
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>medops evaluation</title><style>"
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}figure{display:inline-block;margin:0 1em}"
+        "</style></head><body>",
+        "<h1>Clinical evaluation report</h1>",
+        f"<p>Run <code>{html.escape(str(result['run']))}</code>, "
+        f"checkpoint <code>{html.escape(result['checkpoint'])}</code>"
+        f"<br>Data: <code>{html.escape(result['data']['source'])}</code>, split <b>{html.escape(result['split'])}</b>, "
+        f"{ev['n']} samples, class counts {dict(zip(result['class_names'], ev['class_counts'], strict=True))}</p>",
+    ]
+    if op.get("threshold") is not None:
+        target = f" (target {op['target']})" if op["method"] == "sensitivity" else ""
+        parts.append(
+            f"<h2>Operating point</h2><p>Threshold {op['threshold']:.4f} on P({html.escape(op['positive_class'])}), "
+            f"method <b>{html.escape(op['method'])}</b>{target}, "
+            "chosen on the validation split and applied unchanged here"
+            f"{' to temperature-scaled probabilities' if op.get('temperature') else ''}.</p>"
+        )
+    else:
+        parts.append("<h2>Operating point</h2><p>Multi-class: the arg-max class.</p>")
+    parts += [f"<h2>Metrics ({html.escape(result['split'])})</h2>", _metrics_table(ev["metrics"])]
+    per_class = "".join(
+        f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(v[k])}</td>" for k in
+                                                   ("support", "precision", "recall", "specificity", "f1", "auroc_ovr"))
+        + "</tr>" for c, v in ev["per_class"].items())
+    parts.append("<h3>Per class</h3><table><tr><th>class</th><th>support</th><th>precision</th><th>recall</th>"
+                 f"<th>specificity</th><th>F1</th><th>AUROC (OvR)</th></tr>{per_class}</table>")
+    if cal:
+        rows = "".join(f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>" for k, v in cal.items())
+        parts.append(f"<h2>Calibration</h2><table>{rows}</table>")
+    parts.append("<h2>Plots</h2>" + "".join(_img(p, name) for name, p in plots.items()))
+    for column, groups in (result.get("subgroups") or {}).items():
+        parts.append(f"<h2>Subgroups by {html.escape(column)}</h2>")
+        for value, g in groups.items():
+            note = f" — {html.escape(g['note'])}" if g.get("note") else ""
+            parts.append(f"<h3>{html.escape(column)} = {html.escape(value)} (n={g['n']}){note}</h3>")
+            if g["metrics"]:
+                parts.append(_metrics_table(g["metrics"], with_gap=True))
+    parts.append("</body></html>")
+    path = Path(path)
+    path.write_text("\n".join(parts))
+    return path

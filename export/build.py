@@ -1,0 +1,228 @@
+"""The export job: checkpoint -> ONNX (parity-gated) [-> TensorRT] -> a new Triton model version."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from rich.console import Console
+
+from export.drift_reference import write_drift_reference
+from export.model_card import build_card, render_markdown
+from export.onnx_export import INPUT_NAME, OUTPUT_NAME, TemperatureScaled, export_onnx, opset_of
+from export.parity import ParityError, check_parity, onnxruntime_runner, parity_batch_sizes, torch_probabilities
+from export.repository import next_version, staged_version, validate_model_name
+from export.source import ExportError, ExportSource, held_out_images, load_source, sha256_file
+from export.tensorrt import FP16_TOLERANCE, build_engine, tensorrt_runner, tensorrt_unavailable_reason
+from medops.model_version import METADATA_FILE, METADATA_SCHEMA, MODEL_FILES, under_rollout, write_json
+from medops.run_record import OPERATING_POINT_FILE, git_info, package_versions, read_operating_point
+from medops.triton_config import build_model_config, render_model_config
+
+log = logging.getLogger(__name__)
+TEMPLATE = Path(__file__).parent / "templates" / "model.py"
+EXPORT_PACKAGES = ("torch", "onnx", "onnxscript", "onnxruntime", "tensorrt", "tritonclient", "lightning")
+
+
+def input_contract(source: ExportSource) -> dict[str, Any]:
+    c, h, w = source.input_shape
+    hp = source.hparams
+    return {
+        "name": INPUT_NAME, "dtype": "FP32", "layout": "NCHW", "shape": [-1, c, h, w], "channels": c, "size": h,
+        "range": "[0, 1] = uint8 intensity / 255 (medops.preprocess)",
+        "normalisation": f"inside the graph: (x - {list(hp['mean'])}) / {list(hp['std'])}",
+        "output": f"{OUTPUT_NAME} FP32 [-1, {hp['num_classes']}], softmax over classes in labels.txt order",
+        # DICOM windowing used in training ([center, width]); null: each file's own window, else min-max
+        "window": ((source.record.get("config") or {}).get("data") or {}).get("window"),
+    }
+
+
+def clinical_evaluation(source: ExportSource) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The operating point (threshold, temperature) and evaluation summary that ``evaluation.evaluate`` saved with the
+    run, when they belong to the checkpoint being exported."""
+    run_dir = source.checkpoint.resolve().parent.parent
+    op = read_operating_point(run_dir)
+    if not op:
+        return {}, {}
+    if op.get("checkpoint") not in (None, source.checkpoint.name):
+        log.warning("%s/%s is for checkpoint %s, not %s: ignored", run_dir, OPERATING_POINT_FILE, op.get("checkpoint"),
+                    source.checkpoint.name)
+        return {}, {}
+    evaluation: dict[str, Any] = {}
+    eval_path = Path(op.get("evaluation") or "")
+    if eval_path.is_file():
+        result = json.loads(eval_path.read_text())
+        evaluation = {"split": result.get("split"), "n": result["data"]["n"], "source": result["data"]["source"],
+                      "metrics": result["evaluation"]["metrics"], "calibration": result.get("calibration"),
+                      "subgroups": result.get("subgroups") or {}}
+    return op, evaluation
+
+
+def lineage(source: ExportSource, cfg: DictConfig) -> dict[str, Any]:
+    record = source.record
+    return {
+        "run_id": record.get("run_id"),
+        "run_dir": record.get("output_dir"),
+        "training_git_commit": (record.get("git") or {}).get("commit"),
+        "export_git_commit": git_info()["commit"],
+        "dataset_fingerprint": (record.get("data") or {}).get("fingerprint"),
+        "checkpoint": str(source.checkpoint.resolve()),
+        "checkpoint_sha256": sha256_file(source.checkpoint),
+        "wandb_run": (record.get("wandb") or {}).get("id"),
+    }
+
+
+def triton_parameters(meta: dict[str, Any]) -> dict[str, str]:
+    """Lineage and headline metrics as Triton model-config parameters (strings)."""
+    lin, test = meta["lineage"], meta["metrics"].get("test") or {}
+    params = {k: str(v) for k, v in lin.items() if v is not None and k not in ("run_dir", "checkpoint")}
+    params |= {f"test_{k}": f"{test[k]:.4f}" for k in ("auroc", "acc") if k in test}
+    params |= {"medops_version": str(meta["version"]), "created": meta["created"],
+               "class_names": json.dumps(meta["class_names"]), "input_range": meta["input"]["range"]}
+    op = meta.get("operating_point") or {}
+    if op.get("threshold") is not None:
+        params |= {"threshold": f"{op['threshold']:.6f}", "positive_class": str(op["positive_class"]),
+                   "threshold_method": str(op["method"])}
+    if op.get("temperature"):
+        params["temperature"] = f"{op['temperature']:.6f}"
+    if meta["input"].get("window"):
+        params["window"] = json.dumps(list(meta["input"]["window"]))
+    drift = meta.get("drift") or {}
+    params |= {f"drift_{k}": str(v) for k, v in (drift.get("thresholds") or {}).items() if k != "min_window"}
+    params |= {f"drift_{k}": str(v) for k, v in (drift.get("online") or {}).items()}
+    return params
+
+
+def resolve_instance_kind(kind: str, target: str) -> str:
+    if kind != "auto":
+        return kind
+    return "gpu" if target == "tensorrt" or torch.cuda.is_available() else "cpu"
+
+
+def write_version(model_stage: Path, version_stage: Path, meta: dict[str, Any], cfg: DictConfig,
+                  class_names: list[str]) -> None:
+    """config.pbtxt and labels.txt (model root, a copy of the config in the version), metadata and model card."""
+    c, h, _ = meta["input"]["shape"][1:]
+    tcfg = cfg.triton
+    config = build_model_config(
+        meta["name"], meta["target"], channels=c, image_size=h, num_classes=len(class_names),
+        max_batch_size=cfg.max_batch_size, preferred_batch_sizes=list(tcfg.preferred_batch_sizes),
+        max_queue_delay_us=tcfg.max_queue_delay_us, instance_kind=resolve_instance_kind(tcfg.instance_kind,
+                                                                                        meta["target"]),
+        instance_count=tcfg.instance_count, versions_to_serve=tcfg.versions_to_serve,
+        parameters=triton_parameters(meta), input_name=INPUT_NAME, output_name=OUTPUT_NAME,
+    )
+    text = render_model_config(config)
+    (model_stage / "config.pbtxt").write_text(text)
+    (version_stage / "config.pbtxt").write_text(text)
+    (model_stage / "labels.txt").write_text("\n".join(class_names) + "\n")
+    (version_stage / "labels.txt").write_text("\n".join(class_names) + "\n")
+    write_json(version_stage / METADATA_FILE, meta)
+    card = build_card(meta)
+    (version_stage / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (version_stage / "MODEL_CARD.md").write_text(render_markdown(card))
+
+
+def drift_profile(cfg: DictConfig, source: ExportSource, version_stage: Path, console: Console) -> dict[str, Any]:
+    """The drift reference of this version (validation split) and the online-monitoring settings."""
+    dcfg = cfg.drift
+    images = held_out_images(source, split=dcfg.split, limit=dcfg.max_images, data_path=cfg.parity.data)
+    summary = write_drift_reference(version_stage, source.module.net, images, source.class_names,
+                                    max_batch_size=cfg.max_batch_size, opset=cfg.opset,
+                                    embeddings=bool(dcfg.embeddings), source=str(dcfg.split))
+    summary["thresholds"] = {k: dcfg[k] for k in ("alpha", "psi_threshold", "min_window", "mmd_alpha")}
+    summary["online"] = {k: dcfg.online[k] for k in dcfg.online}
+    console.print(f"drift reference: {summary['n']} {dcfg.split} images, {len(summary['features'])} features, "
+                  f"embeddings {summary['embeddings']}")
+    return summary
+
+
+def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
+    """Run one export as configured; returns the version's metadata. Raises before anything is published."""
+    console = console or Console()
+    name = validate_model_name(str(cfg.name))
+    target = str(cfg.target)
+    if target not in MODEL_FILES:
+        raise ExportError(f"unknown target {target!r}; choose one of {', '.join(MODEL_FILES)}")
+    repository = Path(cfg.model_repository)
+    version = next_version(repository, name, cfg.get("version"))
+    trt_reason = tensorrt_unavailable_reason()
+    if target == "tensorrt" and trt_reason:
+        raise ExportError(f"target=tensorrt needs TensorRT, which is not available here: {trt_reason}")
+
+    log_dir = cfg.paths.log_dir if cfg.get("run") == "latest" else "logs"  # resolved only when needed
+    source = load_source(cfg.get("run"), cfg.get("checkpoint"), log_dir)
+    console.print(f"exporting run {source.record.get('run_id')} ({source.record.get('output_dir')})")
+    images = held_out_images(source, split=cfg.parity.split, limit=cfg.parity.max_images, data_path=cfg.parity.data)
+    operating_point, evaluation = clinical_evaluation(source)
+    net = source.module.net
+    if operating_point.get("temperature"):  # calibrated probabilities: the temperature goes into the graph
+        net = TemperatureScaled(net, operating_point["temperature"])
+        console.print(f"temperature scaling T={operating_point['temperature']:.3f} (fitted on validation)")
+    reference = torch_probabilities(net, images)
+    record = source.record
+    meta: dict[str, Any] = {
+        "schema": METADATA_SCHEMA, "name": name, "version": version, "target": target,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "class_names": source.class_names, "input": input_contract(source),
+        "model": {"arch": source.hparams.get("net", {}).get("arch"),
+                  "parameters": sum(p.numel() for p in source.module.net.parameters())},
+        "data": record.get("data") or {},
+        "metrics": {k: record.get(k) for k in ("val", "test", "confusion_matrix", "threshold")},
+        "lineage": lineage(source, cfg),
+        "versions": package_versions(EXPORT_PACKAGES),
+        "max_batch_size": cfg.max_batch_size,
+        "operating_point": operating_point or None,
+        "evaluation": evaluation or None,
+    }
+
+    with staged_version(repository, name, version) as (model_stage, version_stage):
+        onnx_path = version_stage / "model.onnx"
+        console.print(f"exporting {source.checkpoint} to ONNX (opset {cfg.opset}, batch 1..{cfg.max_batch_size})")
+        export_onnx(net, onnx_path, source.input_shape, cfg.max_batch_size, cfg.opset, cfg.optimize)
+        import onnx
+
+        meta["opset"] = opset_of(onnx.load(str(onnx_path)))
+        sizes = parity_batch_sizes(cfg.max_batch_size, list(cfg.parity.batch_sizes))
+        report = check_parity(reference, onnxruntime_runner(str(onnx_path)), images, sizes, cfg.parity.atol,
+                              "onnxruntime (CPU, FP32)")
+        console.print(report.summary())
+        if not report.passed:
+            raise ParityError(report.summary())
+        meta["parity"] = [report.as_dict()]
+
+        if target == "tensorrt" or (cfg.tensorrt.enabled in ("auto", True) and trt_reason is None):
+            plan = build_engine(onnx_path, version_stage / "model.plan", source.input_shape, cfg.max_batch_size,
+                                fp16=cfg.tensorrt.fp16, workspace_gb=cfg.tensorrt.workspace_gb)
+            tol = cfg.tensorrt.atol if cfg.tensorrt.fp16 else cfg.parity.atol
+            trt_report = check_parity(reference, tensorrt_runner(plan), images, sizes, tol,
+                                      "TensorRT FP16" if cfg.tensorrt.fp16 else "TensorRT FP32")
+            console.print(trt_report.summary())
+            if not trt_report.passed:
+                raise ParityError(trt_report.summary())
+            meta["parity"].append(trt_report.as_dict())
+        else:
+            meta["tensorrt"] = f"skipped: {trt_reason or 'tensorrt.enabled=false'}"
+            console.print(f"TensorRT skipped: {trt_reason or 'tensorrt.enabled=false'}")
+
+        if cfg.drift.enabled:
+            meta["drift"] = drift_profile(cfg, source, version_stage, console)
+        if target == "python":
+            shutil.copyfile(TEMPLATE, version_stage / "model.py")
+        elif target == "onnxruntime":
+            pass  # Triton's onnxruntime backend reads model.onnx directly
+        write_version(model_stage, version_stage, meta, cfg, source.class_names)
+    console.print(f"[bold green]wrote {repository / name / str(version)}[/] ({target}; "
+                  f"test AUROC {((meta['metrics'].get('test') or {}).get('auroc') or float('nan')):.4f})")
+    if under_rollout(repository, name):
+        console.print(f"{name} is under rollout control: v{version} is not served until promoted "
+                      f"(python -m serve promote {name} {version} --eval-data <labelled set>)")
+    return meta
+
+
+__all__ = ["ExportError", "ParityError", "export_model", "FP16_TOLERANCE"]

@@ -1,0 +1,565 @@
+"""Datasets as every stage reads them: split names, in-memory splits, manifests, class folders and MedMNIST files.
+
+One owner for the dataset formats that training, data validation, evaluation and serving share: the split names
+(and their aliases), :class:`SplitArrays` (uint8 N x H x W x C images and int64 labels per split), CSV manifests
+(``path,label[,split][,patient_id]``), class-folder trees, MedMNIST v2 ``.npz`` files, and the seeded
+stratified, patient-grouped and k-fold splits. Numpy only; the torch DataModules in ``train.datamodules`` wrap it.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import track
+
+from medops.errors import ImageReadError
+from medops.fingerprint import dataset_fingerprint, file_md5
+from medops.io import SUPPORTED_SUFFIXES, read_image, resize, to_channels
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """Bad input data, found before training starts; the message names the source and the problem."""
+
+
+@dataclass
+class SplitArrays:
+    """Images (N x H x W x C, uint8) and labels (N, int64) of each split, with class names."""
+
+    images: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    class_names: list[str]
+    source: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images["train"].shape[-1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images["train"].shape[1])
+
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+
+
+GROUP_COLUMNS = ("patient_id", "study_id")  # ``group_column: auto`` uses the first one present
+
+
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
+
+
+@dataclass
+class Sample:
+    path: Path
+    label: str
+    split: str | None
+    group: str | None = None
+
+
+@dataclass
+class ScanResult:
+    """What :meth:`FolderDataModule.scan` found: the readable files as splits, and every unreadable file.
+
+    ``paths``/``groups``/``original_shapes``/``original_dtypes`` are per split, aligned with ``data``;
+    ``errors`` lists ``(path, reason)`` of the files that could not be used (``data`` is ``None`` when
+    none could).
+    """
+
+    data: SplitArrays | None
+    errors: list[tuple[str, str]]
+    paths: dict[str, list[str]] = field(default_factory=dict)
+    groups: dict[str, list[str | None]] = field(default_factory=dict)
+    original_shapes: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
+    original_dtypes: dict[str, list[str]] = field(default_factory=dict)
+    group_column: str | None = None
+
+
+def validate_splits(data: SplitArrays) -> None:
+    """Raise :class:`DataError` naming the source for missing splits, bad shapes or out-of-range labels."""
+    num_classes = len(data.class_names)
+    if num_classes < 2:
+        raise DataError(f"{data.source}: need at least 2 classes, found {num_classes}")
+    shapes = set()
+    for split in SPLITS:
+        if split not in data.images:
+            raise DataError(f"{data.source}: split {split!r} is missing")
+        images, labels = data.images[split], data.labels[split]
+        if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[1] != images.shape[2]:
+            raise DataError(
+                f"{data.source}: {split} images have shape {images.shape}; expected N x S x S x C with C in 1 or 3"
+            )
+        if images.dtype != np.uint8:
+            raise DataError(f"{data.source}: {split} images have dtype {images.dtype}; expected uint8")
+        if len(images) == 0:
+            raise DataError(f"{data.source}: split {split!r} is empty")
+        if labels.shape != (len(images),):
+            raise DataError(
+                f"{data.source}: {split} has {len(images)} images but labels of shape {labels.shape}"
+            )
+        bad = (labels < 0) | (labels >= num_classes)
+        if bad.any():
+            raise DataError(
+                f"{data.source}: {split} label {int(labels[bad][0])} at index {int(np.argmax(bad))} is out of "
+                f"range for {num_classes} classes (0..{num_classes - 1})"
+            )
+        shapes.add(images.shape[1:])
+    if len(shapes) != 1:
+        raise DataError(f"{data.source}: splits disagree on image shape: {sorted(shapes)}")
+
+
+def fingerprint_of(data: SplitArrays) -> str:
+    """The dataset fingerprint (``sha256:``) of every split's pixels and labels, as the run record stores it."""
+    return dataset_fingerprint({s: (data.images[s], data.labels[s]) for s in SPLITS})
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images, in the [0, 1] model-input scale."""
+    flat = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    std = np.maximum(flat.std(axis=0), 1e-6)
+    return flat.mean(axis=0).round(6).tolist(), std.round(6).tolist()
+
+
+def check_fold(fold: int | None, num_folds: int) -> None:
+    """With ``fold`` set, raise :class:`DataError` unless ``num_folds >= 2`` and ``0 <= fold < num_folds``."""
+    if fold is None:
+        return
+    if isinstance(num_folds, bool) or not isinstance(num_folds, (int, np.integer)) or num_folds < 2:
+        raise DataError(f"data.num_folds must be an integer >= 2 for cross-validation, got {num_folds!r}")
+    if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 0 <= fold < num_folds:
+        raise DataError(
+            f"data.fold must be an integer in 0..{num_folds - 1} for data.num_folds={num_folds}, got {fold!r}"
+        )
+
+
+def stratified_folds(labels: np.ndarray, num_folds: int, seed: int) -> np.ndarray:
+    """The fold (0..num_folds-1) of every sample: stratified by label, seeded, deterministic.
+
+    Per class, the samples are shuffled and dealt round-robin to the folds, so each fold holds
+    ``floor`` or ``ceil`` of ``n_class / num_folds`` samples of every class; the dealing continues
+    where the previous class stopped, so the fold sizes differ by at most one.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    rng = np.random.default_rng(seed)
+    folds = np.empty(len(labels), dtype=np.int64)
+    offset = 0
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        folds[idx] = (offset + np.arange(len(idx))) % num_folds
+        offset = (offset + len(idx)) % num_folds
+    return folds
+
+
+def split_fold(data: SplitArrays, fold: int, num_folds: int, seed: int) -> SplitArrays:
+    """``data`` with train and val replaced by fold ``fold`` (val) and the remaining folds (train)."""
+    check_fold(fold, num_folds)
+    images = np.concatenate([data.images["train"], data.images["val"]])
+    labels = np.concatenate([data.labels["train"], data.labels["val"]])
+    if len(labels) < num_folds:
+        raise DataError(f"{data.source}: {len(labels)} train+val samples cannot make {num_folds} folds")
+    counts = np.bincount(labels, minlength=len(data.class_names))
+    rare = [data.class_names[c] for c in np.flatnonzero(counts < num_folds)]
+    if rare:
+        log.warning("%s: classes %s have fewer than %d train+val samples; some validation folds lack them",
+                    data.source, rare, num_folds)
+    folds = stratified_folds(labels, num_folds, seed)
+    val, train = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
+    return SplitArrays(
+        images={"train": images[train], "val": images[val], "test": data.images["test"]},
+        labels={"train": labels[train], "val": labels[val], "test": data.labels["test"]},
+        class_names=data.class_names,
+        source=data.source,
+        info=dict(data.info),
+    )
+
+
+def stratified_split(
+    labels: np.ndarray, fractions: Mapping[str, float], seed: int
+) -> dict[str, np.ndarray]:
+    """Indices per split (``fractions`` for val/test, the rest train), stratified by label, seeded."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[int]] = {s: [] for s in SPLITS}
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        start = 0
+        for split in ("val", "test"):
+            n = int(round(fractions.get(split, 0.0) * len(idx)))
+            out[split].extend(idx[start : start + n].tolist())
+            start += n
+        out["train"].extend(idx[start:].tolist())
+    return {s: np.array(sorted(v), dtype=np.int64) for s, v in out.items()}
+
+
+def grouped_split(
+    labels: np.ndarray, groups: np.ndarray, fractions: Mapping[str, float], seed: int
+) -> dict[str, np.ndarray]:
+    """Indices per split with every group (patient/study) in exactly one split.
+
+    The groups are stratified by their majority label (ties: the smallest label) and split with
+    :func:`stratified_split` (seeded); each sample follows its group.
+    """
+    labels = np.asarray(labels).reshape(-1)
+    groups = np.asarray(groups).reshape(-1)
+    names, inverse = np.unique(groups, return_inverse=True)
+    majority = np.empty(len(names), dtype=np.int64)
+    for g in range(len(names)):
+        majority[g] = int(np.argmax(np.bincount(labels[inverse == g])))
+    parts = stratified_split(majority, fractions, seed)
+    out = {}
+    for split in SPLITS:
+        member = np.zeros(len(names), dtype=bool)
+        member[parts[split]] = True
+        out[split] = np.flatnonzero(member[inverse]).astype(np.int64)
+    return out
+
+
+def is_lfs_pointer(path: Path) -> bool:
+    """True for a Git LFS pointer file (the object itself was not fetched)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(LFS_POINTER_PREFIX)) == LFS_POINTER_PREFIX
+    except OSError:
+        return False
+
+
+def manifest_group_column(csv_path: Path, group_column: str | None = "auto") -> str | None:
+    """The patient/study column used for grouped splitting: ``auto`` picks the first of GROUP_COLUMNS present."""
+    if not group_column or str(group_column).lower() in ("none", "null", "false"):
+        return None
+    with csv_path.open(newline="") as fh:
+        columns = [c.strip().lower() for c in csv.DictReader(fh).fieldnames or []]
+    if str(group_column).lower() == "auto":
+        return next((c for c in GROUP_COLUMNS if c in columns), None)
+    if group_column.lower() not in columns:
+        raise DataError(f"{csv_path}: group column {group_column!r} not found among {columns}")
+    return group_column.lower()
+
+
+def read_manifest(csv_path: Path, group_column: str | None = None) -> list[Sample]:
+    """Rows of a ``path,label[,split][,patient_id]`` CSV (paths relative to the CSV's folder); errors name the row."""
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: manifest not found")
+    with csv_path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        if "path" not in columns or "label" not in columns:
+            raise DataError(f"{csv_path}: manifest needs 'path' and 'label' columns, found {columns}")
+        samples = []
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
+            if not row["path"] or not row["label"]:
+                raise DataError(f"{csv_path}:{line}: empty path or label")
+            split = row.get("split") or None
+            if split is not None:
+                if split.lower() not in SPLIT_ALIASES:
+                    raise DataError(f"{csv_path}:{line}: unknown split {split!r}; use train, val or test")
+                split = SPLIT_ALIASES[split.lower()]
+            path = Path(row["path"])
+            group = (row.get(group_column) or None) if group_column else None
+            samples.append(Sample(path if path.is_absolute() else csv_path.parent / path, row["label"], split, group))
+    if not samples:
+        raise DataError(f"{csv_path}: manifest has no rows")
+    return samples
+
+
+def scan_class_folders(root: Path) -> list[Sample]:
+    """``root/<class>/*`` or ``root/<split>/<class>/*`` image files as samples."""
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found")
+    split_dirs = [d for d in root.iterdir() if d.is_dir() and d.name.lower() in SPLIT_ALIASES]
+    layout = [(d, SPLIT_ALIASES[d.name.lower()]) for d in split_dirs] if split_dirs else [(root, None)]
+    samples = []
+    for base, split in layout:
+        for class_dir in sorted(d for d in base.iterdir() if d.is_dir()):
+            for f in sorted(class_dir.rglob("*")):
+                if f.is_file() and (f.suffix.lower() in SUPPORTED_SUFFIXES or f.suffix == ""):
+                    samples.append(Sample(f, class_dir.name, split))
+    if not samples:
+        raise DataError(f"{root}: no image files found in class sub-folders")
+    return samples
+
+
+def label_index(labels: list[str], class_names: list[str] | None, source: str) -> tuple[np.ndarray, list[str]]:
+    names = list(class_names) if class_names else sorted(set(labels), key=lambda s: (not s.isdigit(), s.zfill(12)))
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise DataError(f"{source}: labels {unknown} are not among the configured classes {names}")
+    return np.array([index[label] for label in labels], dtype=np.int64), names
+
+
+ZENODO_RECORD = "https://zenodo.org/records/10519652/files"
+
+
+# Official MD5 checksums of the 28 px MedMNIST v2 2D files (as published in medmnist/info.py, v2.1.0).
+# Other sizes (``*_64``, ``*_128``, ``*_224``) need ``data.md5=...`` to be verified.
+OFFICIAL_MD5 = {
+    "pathmnist": "a8b06965200029087d5bd730944a56c1",
+    "chestmnist": "02c8a6516a18b556561a56cbdd36c4a8",
+    "dermamnist": "0744692d530f8e62ec473284d019b0c7",
+    "octmnist": "c68d92d5b585d8d81f7112f81e2d0842",
+    "pneumoniamnist": "28209eda62fecd6e6a2d98b1501bb15f",
+    "retinamnist": "bd4c0672f1bba3e3a89f0e4e876791e4",
+    "breastmnist": "750601b1f35ba3300ea97c75c52ff8f6",
+    "bloodmnist": "7053d0359d879ad8a5505303e11de1dc",
+    "tissuemnist": "ebe78ee8b05294063de985d821c1c34b",
+    "organamnist": "866b832ed4eeba67bfb9edee1d5544e6",
+    "organcmnist": "0afa5834fb105f7705a7d93372119a21",
+    "organsmnist": "e5c39f1af030238290b9557d9503af9d",
+}
+
+
+def medmnist_url(name: str) -> str:
+    """The official Zenodo URL of a MedMNIST v2 file stem such as ``breastmnist`` or ``pathmnist_64``."""
+    return f"{ZENODO_RECORD}/{name}.npz?download=1"
+
+
+def download_medmnist(name: str, path: Path, md5: str | None = None) -> Path:
+    """Download a MedMNIST file from Zenodo and verify its MD5 (for users with internet; never in tests)."""
+    expected = md5 or OFFICIAL_MD5.get(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    log.info("downloading %s to %s", medmnist_url(name), path)
+    urllib.request.urlretrieve(medmnist_url(name), tmp)  # noqa: S310 - fixed https URL
+    actual = file_md5(tmp)
+    if expected and actual != expected:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{path}: downloaded file has MD5 {actual}, expected {expected}")
+    if not expected:
+        log.warning("%s: no official MD5 known for %r; downloaded file has MD5 %s", path, name, actual)
+    tmp.replace(path)
+    return path
+
+
+def load_medmnist_npz(path: str | Path, class_names: list[str] | None = None) -> SplitArrays:
+    """Read ``{train,val,test}_images`` and ``*_labels`` from a MedMNIST ``.npz`` into :class:`SplitArrays`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: dataset file not found")
+    try:
+        npz = np.load(path, allow_pickle=False)
+        keys = set(npz.files)
+    except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError...
+        raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
+    needed = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
+    missing = [k for k in needed if k not in keys]
+    if missing:
+        raise DataError(f"{path}: missing keys {missing}; a MedMNIST file has {needed} (found {sorted(keys)})")
+    images: dict[str, np.ndarray] = {}
+    labels: dict[str, np.ndarray] = {}
+    for split in SPLITS:
+        try:
+            imgs, labs = npz[f"{split}_images"], npz[f"{split}_labels"]
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read split {split!r} ({exc})") from exc
+        if imgs.ndim == 3:
+            imgs = imgs[..., None]
+        if imgs.ndim != 4:
+            raise DataError(f"{path}: {split}_images has shape {imgs.shape}; expected N x H x W [x C] (2D MedMNIST)")
+        if labs.ndim == 2 and labs.shape[1] > 1:
+            raise DataError(
+                f"{path}: {split}_labels has shape {labs.shape}: multi-label datasets (e.g. ChestMNIST) are not "
+                "supported by single-label classification"
+            )
+        labs = labs.reshape(-1)
+        if not np.issubdtype(labs.dtype, np.integer):
+            raise DataError(f"{path}: {split}_labels has dtype {labs.dtype}; expected integer class indices")
+        images[split], labels[split] = imgs, labs.astype(np.int64)
+    num_classes = int(max(int(labels[s].max(initial=0)) for s in SPLITS)) + 1
+    # with configured names, a label beyond them is reported by validate_splits (file, split, index)
+    names = list(class_names) if class_names else [str(i) for i in range(max(num_classes, 2))]
+    return SplitArrays(images, labels, names, source=str(path), info={"format": "medmnist", "md5": file_md5(path),
+                                     "licence": "CC BY 4.0" if path.stem in OFFICIAL_MD5 else None})
+
+
+class FolderDataset:
+    """PNG/JPEG/DICOM/... images from a CSV manifest or class folders as :class:`SplitArrays` (torch-free).
+
+    Every file is read with :func:`medops.io.read_image` and brought to the model's channels and size with the
+    preprocessing contract (:func:`medops.io.to_channels`, :func:`medops.io.resize`). :meth:`scan` collects
+    unreadable files as ``(path, reason)``; :meth:`load` raises :class:`DataError` listing them (or skips them
+    with ``skip_unreadable``). Rows without a split are split by patient group when a group column is present,
+    else stratified by label (seeded). ``train.datamodules.FolderDataModule`` serves it to training.
+    """
+
+    def __init__(self, path: str | Path, image_size: int = 28, channels: int = 1,
+                 class_names: list[str] | None = None, val_fraction: float = 0.1, test_fraction: float = 0.2,
+                 split_seed: int = 0, window: list[float] | None = None, group_column: str | None = "auto",
+                 skip_unreadable: bool = False) -> None:
+        if channels not in (1, 3):
+            raise DataError(f"data.channels must be 1 or 3, got {channels}")
+        self.path = Path(path)
+        self.size = image_size
+        self.out_channels = channels
+        self.configured_class_names = list(class_names) if class_names else None
+        self.fractions = {"val": val_fraction, "test": test_fraction}
+        self.split_seed = split_seed
+        self.window = tuple(window) if window else None
+        self.group_column = group_column
+        self.skip_unreadable = skip_unreadable
+        self.scan_result: ScanResult | None = None
+
+    def _samples(self) -> tuple[list[Sample], str | None]:
+        if self.path.suffix.lower() == ".csv":
+            if not self.path.is_file():
+                raise DataError(f"{self.path}: manifest not found")
+            column = manifest_group_column(self.path, self.group_column)
+            return read_manifest(self.path, column), column
+        return scan_class_folders(self.path), None
+
+    def read_sample(self, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+        """(original HxWxC image, resized model image); raises ImageReadError."""
+        if is_lfs_pointer(sample.path):
+            raise ImageReadError(str(sample.path), "Git LFS pointer file: the LFS object is not fetched (git lfs pull)")
+        if sample.path.is_file() and sample.path.stat().st_size == 0:
+            raise ImageReadError(str(sample.path), "empty file (0 bytes)")
+        img = read_image(sample.path, window=self.window)  # type: ignore[arg-type]
+        return img, resize(to_channels(img, self.out_channels), self.size)
+
+    def scan(self) -> ScanResult:
+        """Read every file; unreadable or empty ones are collected as ``(path, reason)`` instead of raising.
+
+        The readable files are split as :meth:`load` would split them (given splits, else by patient
+        group, else stratified by label). Configuration problems (missing manifest, unknown labels)
+        still raise :class:`DataError`.
+        """
+        if self.scan_result is not None:
+            return self.scan_result
+        samples, column = self._samples()
+        labels, names = label_index([s.label for s in samples], self.configured_class_names, str(self.path))
+        images = np.zeros((len(samples), self.size, self.size, self.out_channels), dtype=np.uint8)
+        ok = np.ones(len(samples), dtype=bool)
+        shapes: list[tuple[int, ...]] = [()] * len(samples)
+        dtypes: list[str] = [""] * len(samples)
+        errors: list[tuple[str, str]] = []
+        for i, sample in enumerate(track(samples, description=f"reading {len(samples)} images", transient=True)):
+            try:
+                original, images[i] = self.read_sample(sample)
+                shapes[i], dtypes[i] = tuple(int(d) for d in original.shape), str(original.dtype)
+            except ImageReadError as exc:
+                ok[i] = False
+                errors.append((str(sample.path), getattr(exc, "reason", None) or str(exc)))
+        keep = np.flatnonzero(ok)
+        samples = [samples[i] for i in keep]
+        images, labels = images[keep], labels[keep]
+        shapes = [shapes[i] for i in keep]
+        dtypes = [dtypes[i] for i in keep]
+        result = ScanResult(data=None, errors=errors, group_column=column)
+        if samples:
+            index = self._split_index(samples, labels)
+            result.data = SplitArrays(
+                images={s: images[index[s]] for s in SPLITS},
+                labels={s: labels[index[s]] for s in SPLITS},
+                class_names=names,
+                source=str(self.path),
+                info={"format": "csv" if self.path.suffix.lower() == ".csv" else "folder", "files": len(samples),
+                      "group_column": column},
+            )
+            result.paths = {s: [str(samples[i].path) for i in index[s]] for s in SPLITS}
+            result.groups = {s: [samples[i].group for i in index[s]] for s in SPLITS}
+            result.original_shapes = {s: [shapes[i] for i in index[s]] for s in SPLITS}
+            result.original_dtypes = {s: [dtypes[i] for i in index[s]] for s in SPLITS}
+        self.scan_result = result
+        return result
+
+    def _split_index(self, samples: list[Sample], labels: np.ndarray) -> dict[str, np.ndarray]:
+        given = np.array([s.split or "" for s in samples])
+        index: dict[str, np.ndarray] = {s: np.flatnonzero(given == s) for s in SPLITS}
+        unsplit = np.flatnonzero(given == "")
+        if len(unsplit):
+            groups = [samples[i].group for i in unsplit]
+            if any(g is not None for g in groups):
+                # a patient that already has rows in a given split keeps all its unsplit rows there
+                fixed = {samples[i].group: samples[i].split for i in range(len(samples))
+                         if samples[i].split and samples[i].group is not None}
+                keys = np.array([g if g is not None else f"__row{i}" for g, i in zip(groups, unsplit, strict=True)])
+                free = np.array([k not in fixed for k in keys])
+                parts = grouped_split(labels[unsplit[free]], keys[free], self.fractions, self.split_seed)
+                for s in SPLITS:
+                    pinned = unsplit[~free][np.array([fixed[k] == s for k in keys[~free]], dtype=bool)]
+                    index[s] = np.sort(np.concatenate([index[s], unsplit[free][parts[s]], pinned]))
+            else:
+                parts = stratified_split(labels[unsplit], self.fractions, self.split_seed)
+                for s in SPLITS:
+                    index[s] = np.sort(np.concatenate([index[s], unsplit[parts[s]]]))
+        return index
+
+    def load(self) -> SplitArrays:
+        result = self.scan()
+        if result.errors and (not self.skip_unreadable or result.data is None):
+            total = len(result.errors) + (int(result.data.info["files"]) if result.data else 0)
+            lines = [f"{path}: {reason}" for path, reason in result.errors]
+            shown = "\n  ".join(lines[:20])
+            more = f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""
+            raise DataError(f"{self.path}: {len(lines)} of {total} images cannot be used:\n  {shown}{more}")
+        if result.errors:
+            log.warning("%s: skipping %d unreadable files (allow_corrupt): %s", self.path, len(result.errors),
+                        ", ".join(p for p, _ in result.errors[:5]))
+        assert result.data is not None
+        return result.data
+
+    def file_meta(self) -> dict[str, Any]:
+        """Per-split paths, groups and original shapes of the loaded files (for data validation)."""
+        r = self.scan()
+        return {"paths": r.paths, "groups": r.groups, "original_shapes": r.original_shapes,
+                "original_dtypes": r.original_dtypes, "group_column": r.group_column}
+
+
+class MedMNISTFile:
+    """A MedMNIST v2 2D ``.npz`` as :class:`SplitArrays`, its MD5 checked (torch-free).
+
+    ``md5``: expected MD5; ``None``: the official checksum when the file stem is a known MedMNIST name; ``False``:
+    no check. ``download``: fetch ``name`` from the official Zenodo record when the file is missing.
+    """
+
+    def __init__(self, path: str | Path, md5: str | bool | None = None, download: bool = False,
+                 name: str | None = None, class_names: list[str] | None = None) -> None:
+        self.path = Path(path)
+        self.name = name or self.path.stem
+        self.md5 = None if md5 is False else (md5 or OFFICIAL_MD5.get(self.path.stem))
+        self.download = download
+        self.configured_class_names = list(class_names) if class_names else None
+
+    def prepare_data(self) -> None:
+        if self.download and not self.path.is_file():
+            download_medmnist(self.name, self.path, self.md5)  # type: ignore[arg-type]
+
+    def load(self) -> SplitArrays:
+        self.prepare_data()
+        if self.md5 and self.path.is_file():
+            actual = file_md5(self.path)
+            if actual != self.md5:
+                raise DataError(
+                    f"{self.path}: MD5 {actual} does not match the expected {self.md5} (corrupt or different file; "
+                    "set data.md5=false to accept it)"
+                )
+        return load_medmnist_npz(self.path, self.configured_class_names)
+
+
+SOURCES = {"FolderDataModule": FolderDataset, "MedMNISTDataModule": MedMNISTFile}
+
+
+def source_from_config(data_cfg: Mapping[str, Any]) -> FolderDataset | MedMNISTFile:
+    """The torch-free reader of a ``data`` config (its ``_target_`` names the training DataModule that wraps the
+    same reader; the loader settings are dropped)."""
+    import inspect
+
+    target = str(data_cfg.get("_target_", "")).rsplit(".", 1)[-1]
+    if target not in SOURCES:
+        raise DataError(f"data._target_ {data_cfg.get('_target_')!r}: no dataset reader for it (known: "
+                        f"{sorted(SOURCES)})")
+    cls = SOURCES[target]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    return cls(**{k: v for k, v in data_cfg.items() if k in accepted})

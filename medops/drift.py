@@ -1,0 +1,359 @@
+"""Input and prediction drift statistics: per-image features, PSI, Kolmogorov-Smirnov, MMD, hysteresis.
+
+numpy only and self-contained (no package-relative imports): export copies this file verbatim next to the
+Python-backend ``model.py`` of every model version, so the served model and ``python -m serve drift`` compute
+the same features and tests. One definition, two users.
+
+Features are computed on the model input (float32 C x H x W in [0, 1], after :func:`medops.preprocess`) and on the
+model output (class probabilities). The reference profile stores the per-image feature values of the validation
+split; a window of new images is compared with it feature by feature:
+
+* PSI (population stability index) on reference-quantile bins, the effect size;
+* the two-sample Kolmogorov-Smirnov test (chi-square test for the categorical predicted class), the significance,
+  Bonferroni-corrected over the features;
+* a feature drifts when it is both significant and large (PSI >= ``psi_threshold``), so big windows do not alarm
+  on trivial shifts and small windows do not alarm on sampling noise;
+* optionally the maximum mean discrepancy of penultimate-layer embeddings with a permutation test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PROFILE_SCHEMA = "medops.drift_reference/1"
+INTENSITY_FEATURES = ("intensity_mean", "intensity_std", "intensity_p05", "intensity_p95")
+CLASS_FEATURE = "predicted_class"
+PERCENTILE_PIXELS = 16384
+
+
+@dataclass(frozen=True)
+class DriftThresholds:
+    """When a window counts as drifted. ``alpha`` is the family-wise significance over all features."""
+
+    alpha: float = 0.01
+    psi_threshold: float = 0.2
+    min_window: int = 30
+    mmd_alpha: float = 0.01
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> DriftThresholds:
+        values = values or {}
+        return cls(**{k: type(getattr(cls, k))(values[k]) for k in cls.__dataclass_fields__ if k in values})
+
+
+# -- features ------------------------------------------------------------------------------------------------
+def image_features(batch: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image intensity features of a float N x C x H x W batch in [0, 1]: mean, std, 5th/95th percentile,
+    and the mean of every channel when there are several."""
+    x = np.asarray(batch, dtype=np.float32)
+    if x.ndim != 4:
+        raise ValueError(f"expected an N x C x H x W batch, got shape {list(x.shape)}")
+    flat = x.reshape(len(x), -1)
+    # percentiles on a fixed-stride sample of at most ~16k pixels per image: the same estimate everywhere, and
+    # cheap enough for the served model's hot path (224 px RGB: all pixels cost more than 10 % of inference)
+    sample = flat[:, :: max(1, -(-flat.shape[1] // PERCENTILE_PIXELS))]
+    p05, p95 = np.percentile(sample, [5, 95], axis=1) if len(x) else (np.zeros(0), np.zeros(0))
+    out = {"intensity_mean": flat.mean(axis=1), "intensity_std": flat.std(axis=1),
+           "intensity_p05": np.asarray(p05), "intensity_p95": np.asarray(p95)}
+    if x.shape[1] > 1:
+        for c in range(x.shape[1]):
+            out[f"channel{c}_mean"] = x[:, c].reshape(len(x), -1).mean(axis=1)
+    return {k: v.astype(np.float64) for k, v in out.items()}
+
+
+def prediction_features(probs: np.ndarray, class_names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per-image prediction features: the probability of every class (only the positive one for two classes)
+    and the predicted class index (categorical)."""
+    p = np.asarray(probs, dtype=np.float64)
+    names = list(class_names)
+    if p.ndim != 2 or p.shape[1] != len(names):
+        raise ValueError(f"expected probabilities N x {len(names)}, got shape {list(p.shape)}")
+    keep = range(1, 2) if len(names) == 2 else range(len(names))
+    out = {f"prob_{safe_name(names[k])}": p[:, k] for k in keep}
+    out[CLASS_FEATURE] = p.argmax(axis=1).astype(np.float64) if len(p) else np.zeros(0)
+    return out
+
+
+def size_features(sizes: np.ndarray) -> dict[str, np.ndarray]:
+    """The stored (raw, before resizing) height and width of every image, from an N x 2 array. Only offline
+    checks see raw sizes; the served model receives resized images."""
+    hw = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
+    return {"image_height": hw[:, 0], "image_width": hw[:, 1]}
+
+
+def safe_name(text: str) -> str:
+    """A class name as a metric/feature-name fragment: lower-case letters, digits and underscores."""
+    cleaned = "".join(ch if ch.isalnum() else "_" for ch in str(text).lower()).strip("_")
+    return cleaned or "class"
+
+
+# -- statistics -----------------------------------------------------------------------------------------------
+def psi(reference: np.ndarray, current: np.ndarray, bins: int | None = None, eps: float = 1e-4) -> float:
+    """Population stability index of ``current`` against ``reference`` on reference-quantile bins.
+
+    ``bins`` defaults to 10 for large references and fewer for small ones (about 15 reference values per bin),
+    which keeps the PSI of two samples of the same distribution well below the usual 0.2 alarm level.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    cur = np.asarray(current, dtype=np.float64)
+    if len(ref) == 0 or len(cur) == 0:
+        return float("nan")
+    bins = bins or int(min(10, max(3, len(ref) // 15)))
+    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
+    ref_share = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=len(edges) + 1) / len(ref)
+    cur_share = np.bincount(np.searchsorted(edges, cur, side="right"), minlength=len(edges) + 1) / len(cur)
+    ref_share, cur_share = np.clip(ref_share, eps, None), np.clip(cur_share, eps, None)
+    return float(np.sum((cur_share - ref_share) * np.log(cur_share / ref_share)))
+
+
+def categorical_psi(reference: np.ndarray, current: np.ndarray, categories: int, eps: float = 1e-4) -> float:
+    """PSI of two samples of category indices 0..categories-1."""
+    ref = np.bincount(np.asarray(reference, dtype=np.int64), minlength=categories)[:categories] / max(1, len(reference))
+    cur = np.bincount(np.asarray(current, dtype=np.int64), minlength=categories)[:categories] / max(1, len(current))
+    ref, cur = np.clip(ref, eps, None), np.clip(cur, eps, None)
+    return float(np.sum((cur - ref) * np.log(cur / ref)))
+
+
+def ks_2samp(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
+    """Two-sample Kolmogorov-Smirnov statistic D and its asymptotic p-value (Stephens' small-sample correction)."""
+    a = np.sort(np.asarray(reference, dtype=np.float64))
+    b = np.sort(np.asarray(current, dtype=np.float64))
+    if len(a) == 0 or len(b) == 0:
+        return float("nan"), float("nan")
+    values = np.concatenate([a, b])
+    cdf_a = np.searchsorted(a, values, side="right") / len(a)
+    cdf_b = np.searchsorted(b, values, side="right") / len(b)
+    d = float(np.max(np.abs(cdf_a - cdf_b)))
+    ne = len(a) * len(b) / (len(a) + len(b))
+    lam = (math.sqrt(ne) + 0.12 + 0.11 / math.sqrt(ne)) * d
+    return d, _kolmogorov_q(lam)
+
+
+def _kolmogorov_q(lam: float) -> float:
+    """P(K > lam) for the Kolmogorov distribution."""
+    if lam < 1e-3:
+        return 1.0
+    total = 0.0
+    for k in range(1, 101):
+        term = 2.0 * (-1) ** (k - 1) * math.exp(-2.0 * k * k * lam * lam)
+        total += term
+        if abs(term) < 1e-12:
+            break
+    return float(min(1.0, max(0.0, total)))
+
+
+def chi2_pvalue(reference: np.ndarray, current: np.ndarray, categories: int) -> float:
+    """p-value of Pearson's chi-square test that two category samples share one distribution."""
+    ref = np.bincount(np.asarray(reference, dtype=np.int64), minlength=categories)[:categories].astype(np.float64)
+    cur = np.bincount(np.asarray(current, dtype=np.int64), minlength=categories)[:categories].astype(np.float64)
+    table = np.stack([ref, cur])
+    table = table[:, table.sum(axis=0) > 0]
+    if table.shape[1] < 2 or table.sum(axis=1).min() == 0:
+        return 1.0
+    expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0, keepdims=True) / table.sum()
+    stat = float(np.sum((table - expected) ** 2 / expected))
+    return _chi2_sf(stat, table.shape[1] - 1)
+
+
+def _chi2_sf(x: float, dof: int) -> float:
+    """Survival function of the chi-square distribution (regularised upper incomplete gamma, series/fraction)."""
+    if x <= 0:
+        return 1.0
+    a, z = dof / 2.0, x / 2.0
+    if z < a + 1:  # series for the lower incomplete gamma
+        term = total = 1.0 / a
+        n = a
+        for _ in range(500):
+            n += 1
+            term *= z / n
+            total += term
+            if abs(term) < abs(total) * 1e-14:
+                break
+        return float(max(0.0, 1.0 - total * math.exp(-z + a * math.log(z) - math.lgamma(a))))
+    b, c, d = z + 1 - a, 1e300, 1 / (z + 1 - a)  # Lentz continued fraction for the upper incomplete gamma
+    h = d
+    for i in range(1, 500):
+        an = -i * (i - a)
+        b += 2
+        d = an * d + b
+        d = 1e-300 if abs(d) < 1e-300 else d
+        c = b + an / c
+        c = 1e-300 if abs(c) < 1e-300 else c
+        d = 1 / d
+        h *= d * c
+        if abs(d * c - 1) < 1e-14:
+            break
+    return float(min(1.0, math.exp(-z + a * math.log(z) - math.lgamma(a)) * h))
+
+
+def mmd_test(reference: np.ndarray, current: np.ndarray, permutations: int = 200, seed: int = 0,
+             max_samples: int = 400) -> tuple[float, float]:
+    """Squared maximum mean discrepancy (RBF kernel, median-distance bandwidth) and its permutation p-value."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(reference, dtype=np.float64)
+    y = np.asarray(current, dtype=np.float64)
+    if len(x) < 2 or len(y) < 2:
+        return float("nan"), float("nan")
+    if len(x) > max_samples:
+        x = x[rng.choice(len(x), max_samples, replace=False)]
+    if len(y) > max_samples:
+        y = y[rng.choice(len(y), max_samples, replace=False)]
+    z = np.concatenate([x, y]).reshape(len(x) + len(y), -1)
+    sq = np.sum(z * z, axis=1)
+    dist2 = np.maximum(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0.0)
+    positive = dist2[np.triu_indices(len(z), 1)]
+    positive = positive[positive > 0]
+    bandwidth = float(np.median(positive)) if len(positive) else 1.0
+    kernel = np.exp(-dist2 / bandwidth)
+    n = len(x)
+
+    def statistic(order: np.ndarray) -> float:
+        k = kernel[np.ix_(order, order)]
+        kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
+        m = len(order) - n
+        return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+                     - 2 * kxy.mean())
+
+    observed = statistic(np.arange(len(z)))
+    null = [statistic(rng.permutation(len(z))) for _ in range(permutations)]
+    p_value = (1 + sum(v >= observed for v in null)) / (permutations + 1)
+    return observed, float(p_value)
+
+
+# -- comparison ----------------------------------------------------------------------------------------------
+@dataclass
+class FeatureDrift:
+    feature: str
+    psi: float
+    statistic: float
+    p_value: float
+    test: str
+    drifted: bool
+    reference_mean: float
+    current_mean: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class DriftResult:
+    verdict: str  # "drift", "no drift" or "insufficient data"
+    n_reference: int
+    n_current: int
+    features: list[FeatureDrift] = field(default_factory=list)
+    embedding: dict[str, Any] | None = None
+    thresholds: DriftThresholds = field(default_factory=DriftThresholds)
+
+    @property
+    def drifted(self) -> bool:
+        return self.verdict == "drift"
+
+    @property
+    def score(self) -> float:
+        """The largest PSI among the features (0 when there is none): one number for dashboards."""
+        values = [f.psi for f in self.features if not math.isnan(f.psi)]
+        return float(max(values)) if values else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "drifted": self.drifted, "score": self.score,
+                "n_reference": self.n_reference, "n_current": self.n_current,
+                "thresholds": dict(self.thresholds.__dict__), "features": [f.as_dict() for f in self.features],
+                "embedding": self.embedding}
+
+
+def compare(reference: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray], *, num_classes: int,
+            thresholds: DriftThresholds | None = None, reference_embeddings: np.ndarray | None = None,
+            current_embeddings: np.ndarray | None = None, seed: int = 0) -> DriftResult:
+    """Compare a window of per-image features with the reference profile, feature by feature.
+
+    Only features present in both are compared. Categorical features (the predicted class, ``image_size``) use
+    the chi-square test; the others Kolmogorov-Smirnov. The Bonferroni-corrected level is ``alpha / features``.
+    """
+    th = thresholds or DriftThresholds()
+    names = [k for k in reference if k in current]
+    n_ref = int(len(reference[names[0]])) if names else 0
+    n_cur = int(len(current[names[0]])) if names else 0
+    if n_cur < th.min_window or not names:
+        return DriftResult("insufficient data", n_ref, n_cur, thresholds=th)
+    level = th.alpha / len(names)
+    results = []
+    for name in names:
+        ref, cur = np.asarray(reference[name], np.float64), np.asarray(current[name], np.float64)
+        if name in (CLASS_FEATURE, "image_size"):
+            cats = int(max(num_classes if name == CLASS_FEATURE else 0, ref.max(initial=0) + 1,
+                           cur.max(initial=0) + 1))
+            value, stat, p, test = categorical_psi(ref, cur, cats), float("nan"), chi2_pvalue(ref, cur, cats), "chi2"
+        else:
+            value = psi(ref, cur)
+            stat, p = ks_2samp(ref, cur)
+            test = "ks"
+        drifted = bool(p < level and value >= th.psi_threshold)
+        results.append(FeatureDrift(name, value, stat, p, test, drifted, float(ref.mean()), float(cur.mean())))
+    embedding = None
+    if reference_embeddings is not None and current_embeddings is not None and len(reference_embeddings) > 1:
+        mmd2, p = mmd_test(reference_embeddings, current_embeddings, seed=seed)
+        embedding = {"mmd2": mmd2, "p_value": p, "drifted": bool(p < th.mmd_alpha), "dim": int(
+            np.asarray(reference_embeddings).reshape(len(reference_embeddings), -1).shape[1])}
+    any_drift = any(f.drifted for f in results) or bool(embedding and embedding["drifted"])
+    return DriftResult("drift" if any_drift else "no drift", n_ref, n_cur, results, embedding, th)
+
+
+class Hysteresis:
+    """An alarm that turns on after ``on`` consecutive drifted checks and off after ``off`` clean ones."""
+
+    def __init__(self, on: int = 2, off: int = 3) -> None:
+        if on < 1 or off < 1:
+            raise ValueError("on and off must be >= 1")
+        self.on, self.off = on, off
+        self.active = False
+        self._streak = 0
+
+    def update(self, drifted: bool) -> bool:
+        if drifted != self.active:
+            self._streak += 1
+            if self._streak >= (self.on if drifted else self.off):
+                self.active, self._streak = bool(drifted), 0
+        else:
+            self._streak = 0
+        return self.active
+
+
+# -- reference profile (npz) ---------------------------------------------------------------------------------
+def save_profile(path: str, features: Mapping[str, np.ndarray], *, class_names: Sequence[str],
+                 pixel_histogram: np.ndarray, embeddings: np.ndarray | None = None,
+                 source: str = "") -> None:
+    """Write the reference profile: per-image features (``f_<name>``), the pooled 64-bin pixel histogram,
+    optional embeddings, and a little metadata."""
+    arrays: dict[str, Any] = {f"f_{k}": np.asarray(v, np.float64) for k, v in features.items()}
+    arrays["pixel_histogram"] = np.asarray(pixel_histogram, np.float64)
+    arrays["class_names"] = np.asarray(list(class_names))
+    arrays["schema"] = np.asarray(PROFILE_SCHEMA)
+    arrays["source"] = np.asarray(source)
+    if embeddings is not None:
+        arrays["embeddings"] = np.asarray(embeddings, np.float32)
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+
+
+def load_profile(path: str) -> dict[str, Any]:
+    """The profile written by :func:`save_profile`: ``features`` (dict), ``pixel_histogram``, ``class_names``,
+    ``embeddings`` (or None), ``source``."""
+    with np.load(path, allow_pickle=False) as data:
+        if str(data["schema"]) != PROFILE_SCHEMA:
+            raise ValueError(f"{path}: not a {PROFILE_SCHEMA} file")
+        return {"features": {k[2:]: data[k] for k in data.files if k.startswith("f_")},
+                "pixel_histogram": data["pixel_histogram"], "class_names": [str(c) for c in data["class_names"]],
+                "embeddings": data["embeddings"] if "embeddings" in data.files else None,
+                "source": str(data["source"])}
+
+
+def pixel_histogram(batch: np.ndarray, bins: int = 64) -> np.ndarray:
+    """Share of all pixel values of a [0, 1] batch in ``bins`` equal bins."""
+    counts, _ = np.histogram(np.clip(np.asarray(batch, np.float64), 0, 1), bins=bins, range=(0.0, 1.0))
+    return counts / max(1, counts.sum())

@@ -1,0 +1,74 @@
+"""The result figures every stage draws the same way: ROC curves (with the operating point) and confusion matrices.
+
+Training (its end-of-run test evaluation) and the clinical evaluation report both call these, so a figure in
+``roc_test.png`` and one in ``report.html`` always mean the same thing. Inputs are numpy arrays; torch-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medops.metrics import binary_auroc, roc_curve
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(P: np.ndarray, y: np.ndarray, class_names: Sequence[str], path: Path, title: str = "ROC",
+             threshold: float | None = None, positive_class: int = 1) -> Path:
+    """ROC curve of the positive class (binary) or one-vs-rest curves (multi-class), AUROC in the legend;
+    with ``threshold`` (binary) the operating point is marked."""
+    P, y = np.asarray(P, dtype=np.float64), np.asarray(y).reshape(-1)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    classes = [positive_class] if P.shape[1] == 2 else range(P.shape[1])
+    for c in classes:
+        is_c = y == c
+        if not is_c.any() or is_c.all():
+            continue
+        fpr, tpr, _ = roc_curve(P[:, c], is_c)
+        ax.plot(fpr, tpr, lw=2, label=f"{class_names[c]} (AUC {binary_auroc(P[:, c], is_c):.3f})")
+    if threshold is not None and P.shape[1] == 2:
+        pos = y == positive_class
+        pred = P[:, positive_class] >= threshold
+        if pos.any() and (~pos).any():
+            ax.plot([pred[~pos].mean()], [pred[pos].mean()], "ro", label=f"operating point (t={threshold:.3f})")
+    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)", title=title,
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path, title: str = "Confusion") -> Path:
+    """Confusion matrix with counts and row-normalised shares (rows: true class)."""
+    plt = _plt()
+    matrix = np.asarray(matrix)
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    size = max(4.5, 0.6 * len(class_names) + 2.5)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    labels = [n if len(n) <= 20 else n[:19] + "…" for n in class_names]
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            color = "white" if shares[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{matrix[i, j]}\n{shares[i, j]:.0%}", ha="center", va="center", color=color, fontsize=9)
+    ax.set(xlabel="Predicted", ylabel="True", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

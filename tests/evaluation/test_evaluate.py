@@ -1,0 +1,270 @@
+"""Clinical evaluation: bootstrap intervals, calibration, operating point, subgroups and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evaluation.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
+from medops.metrics import (
+    auroc,
+    bootstrap_ci,
+    choose_threshold,
+    evaluate_predictions,
+    metric_functions,
+    subgroup_metrics,
+)
+from tests.conftest import REPO, write_csv
+
+
+@pytest.fixture
+def trained_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the shared run: evaluation writes operating_point.json into the run folder."""
+    import shutil as _shutil
+
+    copy = tmp_path_factory.mktemp("evaluated") / "run"
+    _shutil.copytree(trained_run, copy)
+    return copy
+
+
+def binary_scores(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    s = 1 / (1 + np.exp(-(rng.normal(0, 1, n) + 1.5 * (2 * y - 1))))
+    return np.c_[1 - s, s], y
+
+
+def sample_labels(P: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return (rng.random(len(P))[:, None] > np.cumsum(P, axis=1)).sum(axis=1)
+
+
+def random_probs(n: int, k: int, rng: np.random.Generator, scale: float = 1.5) -> np.ndarray:
+    z = rng.normal(0, scale, (n, k))
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_bootstrap_interval_contains_estimate_and_narrows_with_more_data():
+    widths = []
+    for n in (80, 2000):
+        P, y = binary_scores(n, seed=n)
+        value = auroc(P, y)
+        low, high = bootstrap_ci(P, y, auroc, n_resamples=400, seed=0)
+        assert low <= value <= high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2
+    fn = metric_functions(2, threshold=0.5)["sensitivity"]
+    P, y = binary_scores(300)
+    low, high = bootstrap_ci(P, y, fn, n_resamples=300)
+    assert low <= fn(P, y) <= high
+
+
+def test_too_few_positives_gives_a_note_instead_of_an_interval():
+    P, y = binary_scores(200)
+    y = np.zeros_like(y)
+    y[:3] = 1
+    assert bootstrap_ci(P, y, auroc, n_resamples=100) is None
+    ci, reason = bootstrap_ci(P, y, auroc, n_resamples=100, return_reason=True)
+    assert ci is None and "too few positives" in reason
+    result = evaluate_predictions(P, y, ["neg", "pos"], threshold=0.5, n_resamples=100)
+    for entry in result["metrics"].values():
+        assert entry["ci_low"] is None and entry["ci_high"] is None
+        assert "too few positives" in entry["note"]
+    assert result["metrics"]["auroc"]["value"] is not None  # the point estimate is still reported
+
+
+def test_ece_near_zero_for_calibrated_and_large_for_overconfident():
+    rng = np.random.default_rng(0)
+    P = random_probs(40000, 3, rng)
+    y = sample_labels(P, rng)  # labels drawn from the probabilities: calibrated by construction
+    assert expected_calibration_error(P, y) < 0.02
+    sharp = apply_temperature(P, 0.3)  # same labels, far more confident
+    assert expected_calibration_error(sharp, y) > 0.15
+
+
+def test_temperature_scaling_fixes_overconfidence():
+    rng = np.random.default_rng(1)
+    P = random_probs(5000, 2, rng)
+    y = sample_labels(P, rng)
+    over = apply_temperature(P, 0.4)
+    T = fit_temperature(over, y)
+    assert T > 1
+    assert abs(T - 1 / 0.4) < 0.4  # recovers the sharpening it has to undo
+    assert nll(apply_temperature(over, T), y) < nll(over, y)
+    assert expected_calibration_error(apply_temperature(over, T), y) < expected_calibration_error(over, y)
+
+
+def test_choose_threshold_methods():
+    P, y = binary_scores(500)
+    t = choose_threshold(P, y, "sensitivity", target=0.95)
+    pred = P[:, 1] >= t
+    assert pred[y == 1].mean() >= 0.95
+    assert (P[:, 1] >= np.nextafter(t, 1))[y == 1].mean() < 0.95  # the highest such threshold
+    ty = choose_threshold(P, y, "youden")
+    j = lambda t: (P[:, 1] >= t)[y == 1].mean() - (P[:, 1] >= t)[y == 0].mean()  # noqa: E731
+    assert j(ty) >= max(j(v) for v in np.unique(P[:, 1])) - 1e-12
+    with pytest.raises(ValueError):
+        choose_threshold(P, y, "nonsense")
+
+
+def test_subgroups_empty_and_single_class_are_notes():
+    P, y = binary_scores(120)
+    site = np.array(["A"] * 60 + ["B"] * 40 + [""] * 20, dtype=object)
+    y[60:100] = 1  # site B has positives only
+    result = subgroup_metrics(P, y, {"site": list(site)}, ["neg", "pos"], threshold=0.5, n_resamples=100,
+                              known_values={"site": ["A", "B", "C", ""]})
+    groups = result["site"]
+    assert set(groups) == {"A", "B", "C", "(blank)"}
+    assert groups["C"]["n"] == 0 and "empty" in groups["C"]["note"]
+    assert "single class" in groups["B"]["note"] and groups["B"]["metrics"]["auroc"]["value"] is None
+    assert groups["B"]["metrics"]["sensitivity"]["value"] is not None
+    assert "blank" in groups["(blank)"]["note"] and groups["(blank)"]["n"] == 20
+    overall = evaluate_predictions(P, y, ["neg", "pos"], threshold=0.5, n_resamples=0)
+    a = groups["A"]["metrics"]["accuracy"]
+    assert a["gap"] == pytest.approx(a["value"] - overall["metrics"]["accuracy"]["value"])
+
+
+def run_evaluate(*overrides: str, log_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "evaluation.evaluate", f"hydra.run.dir={log_dir}", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def test_cli_on_trained_run(trained_run: Path, tmp_path: Path):
+    out = tmp_path / "eval"
+    proc = run_evaluate(f"run={trained_run}", f"output_dir={out}", "n_resamples=200", "calibrate=true",
+                        log_dir=tmp_path / "log")
+    assert "operating point" in proc.stdout
+    result = json.loads((out / "evaluation.json").read_text())
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3
+    op = json.loads((trained_run / "operating_point.json").read_text())
+    assert op["chosen_on"] == "val" and op["threshold"] == result["operating_point"]["threshold"]
+    assert op["temperature"] == pytest.approx(result["calibration"]["temperature"]) and op["temperature"] > 0
+    # the validation threshold is applied unchanged to the test split
+    with (out / "predictions_test.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    names = result["class_names"]
+    p_pos = np.array([float(r[f"p_{names[1]}"]) for r in rows])
+    y = np.array([int(r["label"]) for r in rows])
+    assert len(y) == result["evaluation"]["n"] == 64
+    by_hand = (p_pos[y == 1] >= op["threshold"]).mean()
+    assert result["evaluation"]["metrics"]["sensitivity"]["value"] == pytest.approx(by_hand)
+    spec = (p_pos[y == 0] < op["threshold"]).mean()
+    assert result["evaluation"]["metrics"]["specificity"]["value"] == pytest.approx(spec)
+    for entry in result["evaluation"]["metrics"].values():
+        if entry["ci_low"] is not None:
+            assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
+
+
+def write_image_csv(tmp_path: Path, labels: list[str], sites: list[str], splits: list[str]) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (label, site, split) in enumerate(zip(labels, sites, splits, strict=True)):
+        path = tmp_path / f"img{i:03d}.png"
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(path)
+        rows.append({"path": path.name, "label": label, "split": split, "site": site})
+    return write_csv(tmp_path / "manifest.csv", rows)
+
+
+def test_cli_external_csv_subgroups_and_unknown_class(trained_run: Path, tmp_path: Path):
+    from export.source import load_source
+
+    names = load_source(run=str(trained_run)).class_names
+    labels = [names[0]] * 12 + [names[1]] * 12 + [names[1]] * 6 + [names[0], names[1]] * 3 + [names[0]]
+    sites = ["A"] * 24 + ["B"] * 6 + [""] * 6 + ["C"]
+    splits = ["test"] * 36 + ["train"]  # site C only outside the evaluated split: an empty subgroup
+    manifest = write_image_csv(tmp_path, labels, sites, splits)
+    out = tmp_path / "eval"
+    run_evaluate(f"run={trained_run}", f"output_dir={out}", f"data={manifest}", "n_resamples=100",
+                 "threshold.method=sensitivity", "threshold.target=0.9", log_dir=tmp_path / "log")
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["evaluation"]["n"] == 36 and result["operating_point"]["method"] == "sensitivity"
+    site = result["subgroups"]["site"]
+    assert site["C"]["n"] == 0 and "empty" in site["C"]["note"]
+    assert "single class" in site["B"]["note"] and site["B"]["metrics"]["auroc"]["value"] is None
+    assert site["(blank)"]["n"] == 6 and site["A"]["n"] == 24
+    assert site["A"]["metrics"]["accuracy"]["gap"] is not None
+
+    (tmp_path / "bad").mkdir()
+    bad = write_image_csv(tmp_path / "bad", [names[0], "unicorn", names[1]], ["A", "A", "A"], ["test"] * 3)
+    proc = run_evaluate(f"run={trained_run}", f"output_dir={tmp_path / 'bad_out'}", f"data={bad}",
+                        log_dir=tmp_path / "log2", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "unicorn" in proc.stderr and "does not know" in proc.stderr
+    assert not (tmp_path / "bad_out" / "evaluation.json").exists()
+
+
+def test_evaluate_exported_onnx_model_and_log_to_wandb(tmp_path: Path, trained_run: Path) -> None:
+    """`model=<exported dir>` evaluates through the ONNX graph and gives the checkpoint's figures; `wandb=on`
+    writes an offline evaluation run whose summary holds the metrics."""
+    import shutil as _shutil
+    import subprocess as _subprocess
+    import sys as _sys
+
+    from hydra import compose, initialize_config_dir
+
+    from export.build import export_model
+    from tests.conftest import REPO
+    from tests.wandb_log import final_summary
+
+    run = tmp_path / "run"
+    _shutil.copytree(trained_run, run)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="export", overrides=[f"run={run}", "name=m", f"model_repository={tmp_path / 'repo'}"])
+    export_model(cfg)
+
+    def evaluate(*args: str) -> dict:
+        out = tmp_path / f"eval{len(list(tmp_path.glob('eval*')))}"
+        proc = _subprocess.run([_sys.executable, "-m", "evaluation.evaluate", *args, f"output_dir={out}", "n_resamples=100",
+                                f"hydra.run.dir={out}/log"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                               env={**__import__("os").environ, "WANDB_MODE": "offline"})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return json.loads((out / "evaluation.json").read_text())
+
+    from_ckpt = evaluate(f"run={run}", "wandb=off")
+    from_onnx = evaluate(f"model={tmp_path / 'repo' / 'm'}", "wandb=on")
+    for name in ("auroc", "accuracy"):
+        assert from_onnx["evaluation"]["metrics"][name]["value"] == pytest.approx(
+            from_ckpt["evaluation"]["metrics"][name]["value"], abs=1e-6)
+    assert from_onnx["model"]["onnx"].endswith("m/1/model.onnx")
+    (log_file,) = Path(from_onnx["wandb"]["dir"]).glob("run-*.wandb")
+    summary = final_summary(log_file)
+    assert summary["eval/auroc"] == pytest.approx(from_onnx["evaluation"]["metrics"]["auroc"]["value"])
+
+
+def test_evaluate_external_class_folder(tmp_path: Path, trained_run: Path) -> None:
+    """An external folder of class sub-folders (PNG files) is evaluated; labels come from the folder names."""
+    import subprocess as _subprocess
+    import sys as _sys
+
+    from PIL import Image
+
+    from tests.conftest import BREASTMNIST, REPO
+
+    src = np.load(BREASTMNIST)
+    names = ["malignant", "normal_or_benign"]
+    for i in range(24):
+        label = int(src["test_labels"][i, 0])
+        (tmp_path / "ext" / names[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(src["test_images"][i]).save(tmp_path / "ext" / names[label] / f"{i}.png")
+    out = tmp_path / "out"
+    proc = _subprocess.run([_sys.executable, "-m", "evaluation.evaluate", f"run={trained_run}", f"data={tmp_path / 'ext'}",
+                            f"output_dir={out}", "n_resamples=50", "wandb=off", f"hydra.run.dir={out}/log"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["data"]["n"] == 24 and result["data"]["external"]
+    assert sum(map(sum, result["evaluation"]["confusion_matrix"])) == 24

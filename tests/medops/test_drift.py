@@ -1,0 +1,94 @@
+"""medops.drift: the statistics behind drift monitoring, checked against scipy and on known shifts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from medops import drift
+
+
+def test_ks_matches_scipy_asymptotic():
+    rng = np.random.default_rng(0)
+    for shift in (0.0, 0.3, 1.0):
+        a, b = rng.normal(size=120), rng.normal(shift, 1, size=90)
+        d, p = drift.ks_2samp(a, b)
+        ref = scipy.stats.ks_2samp(a, b, method="asymp")
+        assert d == pytest.approx(ref.statistic)
+        assert p == pytest.approx(ref.pvalue, abs=0.02)  # Stephens' correction vs scipy's asymptotic form
+
+
+def test_chi2_matches_scipy():
+    ref, cur = np.array([0] * 40 + [1] * 38 + [2] * 10), np.array([0] * 20 + [1] * 50 + [2] * 2)
+    expected = scipy.stats.chi2_contingency(np.stack([np.bincount(ref), np.bincount(cur)]), correction=False)[1]
+    assert drift.chi2_pvalue(ref, cur, 3) == pytest.approx(expected, rel=1e-6)
+    for x, k in ((0.5, 1), (3.2, 2), (40.0, 9), (120.0, 3)):
+        assert drift._chi2_sf(x, k) == pytest.approx(scipy.stats.chi2.sf(x, k), rel=1e-6, abs=1e-300)
+
+
+def test_psi_small_for_same_distribution_large_for_a_shift():
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=1000)
+    assert drift.psi(ref, rng.normal(size=1000)) < 0.05
+    assert drift.psi(ref, rng.normal(1.0, 1, size=1000)) > 0.5
+    assert drift.categorical_psi(np.array([0, 1] * 50), np.array([0, 1] * 50), 2) == pytest.approx(0.0)
+
+
+def test_mmd_permutation_test_separates_shifted_embeddings():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(80, 16))
+    _, p_same = drift.mmd_test(x, rng.normal(size=(60, 16)))
+    _, p_shift = drift.mmd_test(x, rng.normal(0.6, 1, size=(60, 16)))
+    assert p_same > 0.05 and p_shift < 0.01
+
+
+def test_compare_needs_significance_and_size_and_a_minimum_window():
+    rng = np.random.default_rng(3)
+    ref = {"intensity_mean": rng.normal(0.4, 0.05, 200)}
+    th = drift.DriftThresholds(min_window=30)
+    assert drift.compare(ref, {"intensity_mean": rng.normal(0.4, 0.05, 20)}, num_classes=2,
+                         thresholds=th).verdict == "insufficient data"
+    assert drift.compare(ref, {"intensity_mean": rng.normal(0.4, 0.05, 150)}, num_classes=2,
+                         thresholds=th).verdict == "no drift"
+    shifted = drift.compare(ref, {"intensity_mean": rng.normal(0.5, 0.05, 150)}, num_classes=2, thresholds=th)
+    assert shifted.verdict == "drift" and shifted.features[0].drifted and shifted.score > 0.2
+    # a tiny but significant shift in a huge window is not an alarm: PSI stays below the threshold
+    big_ref = {"intensity_mean": rng.normal(0.4, 0.05, 20000)}
+    tiny = drift.compare(big_ref, {"intensity_mean": rng.normal(0.403, 0.05, 20000)}, num_classes=2, thresholds=th)
+    assert tiny.features[0].p_value < 1e-4 and not tiny.drifted
+
+
+def test_features_of_a_batch():
+    batch = np.zeros((3, 3, 8, 8), np.float32)
+    batch[1] = 1.0
+    batch[2, 0] = 0.5
+    feats = drift.image_features(batch)
+    assert feats["intensity_mean"].tolist() == pytest.approx([0.0, 1.0, 0.5 / 3])
+    assert feats["channel0_mean"].tolist() == pytest.approx([0.0, 1.0, 0.5])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    pf = drift.prediction_features(probs, ["Benign", "malignant tumour"])
+    assert set(pf) == {"prob_malignant_tumour", "predicted_class"}
+    assert pf["predicted_class"].tolist() == [0, 1, 0]
+    with pytest.raises(ValueError, match="N x C x H x W"):
+        drift.image_features(np.zeros((8, 8)))
+
+
+def test_hysteresis_needs_consecutive_checks():
+    alarm = drift.Hysteresis(on=2, off=3)
+    seen = [alarm.update(v) for v in (True, False, True, True, False, False, True, False, False, False)]
+    assert seen == [False, False, False, True, True, True, True, True, True, False]
+
+
+def test_profile_round_trip(tmp_path):
+    feats = {"intensity_mean": np.linspace(0, 1, 10)}
+    path = tmp_path / "ref.npz"
+    drift.save_profile(str(path), feats, class_names=["a", "b"], pixel_histogram=np.ones(64) / 64,
+                       embeddings=np.ones((10, 4)), source="val")
+    prof = drift.load_profile(str(path))
+    assert prof["class_names"] == ["a", "b"] and prof["source"] == "val"
+    assert np.allclose(prof["features"]["intensity_mean"], feats["intensity_mean"])
+    assert prof["embeddings"].shape == (10, 4)
+    np.savez(tmp_path / "other.npz", schema=np.asarray("something else"))
+    with pytest.raises(ValueError, match="not a medops.drift_reference"):
+        drift.load_profile(str(tmp_path / "other.npz"))

@@ -1,0 +1,315 @@
+"""The training job: data -> fit -> best checkpoint on the test split -> plots and ``run.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from datatools.validate_data import data_arguments, run_validation
+from datatools.validate_data import summary as validation_summary
+from medops.metrics import choose_threshold, operating_point_figures
+from medops.plots import plot_confusion, plot_roc
+from medops.run_record import new_record, write_record
+from train.datamodules import DataError, ImageClassificationDataModule
+from train.loggers import wandb_run_info
+from train.module import ClassificationModule, count_parameters
+from train.wandb_report import log_checkpoint_artifact, log_evaluation, run_name
+
+log = logging.getLogger(__name__)
+# Augmentation runs in the module's on_after_batch_transfer on purpose (on the training device).
+warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+
+
+def environment() -> dict[str, Any]:
+    """Host, platform and accelerator facts worth keeping with a result (the run record's ``environment``)."""
+    cuda = torch.cuda.is_available()
+    return {
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if cuda else None,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+    }
+
+
+def resolve_ckpt_path(ckpt_path: str | None) -> str | None:
+    """A checkpoint file, or a run directory whose ``checkpoints/last.ckpt`` is used for resuming."""
+    if not ckpt_path:
+        return None
+    path = Path(ckpt_path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
+    return str(path)
+
+
+def choose_precision(precision: Any, accelerator: str) -> Any:
+    """Resolve ``precision: auto``: bf16 mixed where the hardware runs it natively, else full float32."""
+    if precision != "auto":
+        return precision
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if accelerator in ("cpu", "auto") and torch.backends.mkldnn.is_available():
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "bf16-mixed"
+    return "32-true"
+
+
+def instantiate_list(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a config group such as callbacks or logger."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def build_module(cfg: DictConfig, dm: ImageClassificationDataModule) -> ClassificationModule:
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(model_cfg, dict)
+    compile_net = bool(model_cfg.pop("compile", False))
+    model_cfg.pop("_target_", None)
+    module = ClassificationModule(
+        num_classes=dm.num_classes,
+        in_channels=dm.channels,
+        image_size=dm.image_size,
+        mean=dm.mean,
+        std=dm.std,
+        class_names=dm.class_names,
+        class_counts=dm.class_counts("train"),
+        **model_cfg,
+    )
+    if compile_net:
+        module.net.compile()
+    return module
+
+
+def predict_split(trainer: L.Trainer, module: ClassificationModule, dm: ImageClassificationDataModule,
+                  split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities [N, classes] and labels [N] of a split, as numpy arrays."""
+    probs = torch.cat(trainer.predict(module, dataloaders=dm.predict_split_dataloader(split)))  # type: ignore[arg-type]
+    return probs.float().numpy(), dm.datasets[split].labels.numpy()
+
+
+def evaluate(
+    cfg: DictConfig, best_path: str, dm: ImageClassificationDataModule, loggers: list[Logger], out_dir: Path,
+    step: int,
+) -> dict[str, Any]:
+    """Test the best checkpoint on one device in float32, then write the plots; returns the record part.
+
+    The metrics go to the run's loggers at the fit's last ``step`` (as ``test/*`` and ``best_val/*``).
+    """
+    module = ClassificationModule.load_from_checkpoint(best_path, map_location="cpu", weights_only=False)
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=1, logger=False, precision="32-true",
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    (val_metrics,) = trainer.validate(module, datamodule=dm, verbose=False)
+    (test_metrics,) = trainer.test(module, datamodule=dm, verbose=False)
+    names = dm.class_names
+    probs_val, y_val = predict_split(trainer, module, dm, "val")
+    probs_test, y_test = predict_split(trainer, module, dm, "test")
+    confusion = module.test_confusion.compute().cpu().numpy().astype(int)
+    plots = {
+        "roc": plot_roc(probs_test, y_test, names, out_dir / "roc_test.png", "ROC, test split"),
+        "confusion_matrix": plot_confusion(confusion, names, out_dir / "confusion_test.png", "Confusion, test"),
+    }
+    result: dict[str, Any] = {
+        "val": {k.removeprefix("val/"): float(v) for k, v in val_metrics.items()},
+        "test": {k.removeprefix("test/"): float(v) for k, v in test_metrics.items()},
+        "confusion_matrix": confusion.tolist(),
+        "plots": {k: p.name for k, p in plots.items()},
+    }
+    if len(names) == 2:
+        thr = choose_threshold(probs_val, y_val, "youden")
+        result["threshold"] = {
+            "method": "youden_j_on_val", "positive_class": names[1], "value": thr,
+            "val": operating_point_figures(probs_val, y_val, thr),
+            "test": operating_point_figures(probs_test, y_test, thr),
+        }
+    final = {f"test/{k}": v for k, v in result["test"].items()}
+    final |= {f"best_val/{k}": v for k, v in result["val"].items()}
+    for lg in loggers:
+        lg.log_metrics(final, step=step)
+        if isinstance(lg, WandbLogger):
+            lg.log_image("test/plots", [str(p) for p in plots.values()], caption=list(plots))
+            log_evaluation(lg.experiment, torch.from_numpy(probs_test), torch.from_numpy(y_test), names,
+                           dm.datasets["test"].images.float() / 255)
+            lg.experiment.summary.update(final)
+    return result
+
+
+def name_wandb_run(cfg: DictConfig, dm: ImageClassificationDataModule, module: ClassificationModule) -> None:
+    """W&B run name from the overrides (what changed), tags with the model and dataset."""
+    wb = (cfg.get("logger") or {}).get("wandb")
+    if not wb:
+        return
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra (library use)
+        overrides = []
+    dataset = Path(str(dm.summary()["source"])).stem
+    with open_dict(cfg):
+        if not wb.get("name"):
+            fallback = f"{module.hparams.net.get('arch')}-{Path(cfg.paths.output_dir).name}"
+            wb.name = run_name(overrides, fallback=fallback)
+        wb.tags = sorted({*(wb.get("tags") or []), str(module.hparams.net.get("arch")), dataset})
+
+
+def check_data(dm: ImageClassificationDataModule, settings: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Data-quality checks (datatools.validate_data): ``data_validation.json`` in the run folder, the summary back."""
+    if not settings.get("enabled", True):
+        return {"enabled": False}
+    report = run_validation(dm, settings)
+    if rank_zero_only.rank == 0:  # RANK (torchrun), LOCAL_RANK (Lightning's launcher) or SLURM_PROCID (srun)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "data_validation.json").write_text(json.dumps(report, indent=2, default=str))
+    for warning in report["warnings"]:
+        log.warning("data validation: %s", warning)
+    if report["violations"]:
+        raise DataError("data validation failed (see data_validation.json; allow with data.validation.allow_leakage"
+                        "/allow_corrupt=true):\n  " + "\n  ".join(report["violations"]))
+    return {"enabled": True, **validation_summary(report)}
+
+
+class LaunchError(RuntimeError):
+    """A distributed launch that would scatter one run over several Hydra run folders."""
+
+
+def check_one_run_dir(trainer: L.Trainer) -> None:
+    """Refuse launches where the ranks of one run would not share one Hydra run folder (before anything is written).
+
+    * ``torchrun`` / ``srun`` start every rank themselves, so each rank runs Hydra, and Hydra names the run folder
+      after the moment it starts: N ranks, N folders. They must be given one folder: ``hydra.run.dir=...``
+      (scripts/slurm/train_multinode.sbatch passes ``logs/<task>/runs/slurm-<job id>``). Lightning's own
+      launcher (``trainer=ddp`` on one node) passes its folder to the processes it starts, so it needs nothing.
+    * A sweep (``-m``) with Lightning's launcher would start each extra rank as ``python -m train -m ...``: a
+      second sweep. Sweeps run one process per trial (``trainer=gpu``, ``hydra/launcher=slurm_gpu``).
+    """
+    strategy = trainer.strategy
+    env = getattr(strategy, "cluster_environment", None)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # not under Hydra (library use)
+        return
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    launcher = getattr(strategy, "launcher", None)
+    if sweep and isinstance(launcher, _SubprocessScriptLauncher) and launcher.num_processes > 1 \
+            and env is not None and not env.creates_processes_externally:
+        raise LaunchError(
+            "a sweep (-m) cannot start DDP processes itself (each would start the sweep again): run the trials "
+            "on one device each (trainer=gpu or trainer=cpu), e.g. on SLURM with hydra/launcher=slurm_gpu")
+    if sweep or env is None or not env.creates_processes_externally or trainer.world_size < 2:
+        return
+    explicit = any(o.lstrip("+~").split("=", 1)[0] == "hydra.run.dir" for o in hydra_cfg.overrides.hydra)
+    if not explicit:
+        raise LaunchError(
+            f"{trainer.world_size} ranks started by {type(env).__name__.removesuffix('Environment')} each ran Hydra, "
+            "and each would make its own run folder: give them one with hydra.run.dir=..., e.g. "
+            "hydra.run.dir=logs/train/runs/slurm-$SLURM_JOB_ID (SLURM) or hydra.run.dir=logs/train/runs/<run id> "
+            "(torchrun)")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job as configured; returns the run record (empty on non-zero DDP ranks)."""
+    started = time.perf_counter()
+    out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    data_args, validation = data_arguments(cfg.data)  # the DataModule's arguments, the `validation` block
+    dm: ImageClassificationDataModule = hydra.utils.instantiate(data_args)
+    dm.prepare()  # raises DataError naming the file and the problem, before anything is trained
+    data_validation = check_data(dm, validation, out_dir)  # raises DataError on a violation not allowed
+    module = build_module(cfg, dm)
+
+    callbacks: list[Callback] = instantiate_list(cfg.get("callbacks"))
+    name_wandb_run(cfg, dm, module)
+    loggers: list[Logger] = instantiate_list(cfg.get("logger"))
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(trainer_cfg, dict)
+    trainer_cfg["precision"] = choose_precision(trainer_cfg.get("precision", "auto"),
+                                                trainer_cfg.get("accelerator", "auto"))
+    trainer: L.Trainer = hydra.utils.instantiate(
+        trainer_cfg, callbacks=callbacks, logger=loggers or False, deterministic=cfg.get("deterministic", False)
+    )
+    check_one_run_dir(trainer)
+
+    record = new_record(out_dir, run_id=out_dir.name, environment=environment())
+    record["config"] = OmegaConf.to_container(cfg, resolve=True)
+    record["config"]["data"].pop("validation", None)  # keeps the data config instantiable (export, serve)
+    record["data"] = dm.summary()
+    record["data_validation"] = data_validation
+    record["model"] = {"arch": module.hparams.net.get("arch"), "parameters": count_parameters(module.net)}
+    record["trainer"] = {"precision": str(trainer_cfg["precision"]), "accelerator": trainer_cfg.get("accelerator"),
+                         "devices": trainer_cfg.get("devices"), "strategy": str(trainer_cfg.get("strategy", "auto"))}
+    for lg in loggers:
+        lg.log_hyperparams({**record["config"], "data_summary": record["data"], "git": record["git"]})
+    if trainer.is_global_zero:
+        write_record(record, out_dir)
+
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"))
+    fit_started = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    fit_seconds = time.perf_counter() - fit_started
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # evaluation below runs on rank 0 alone
+    if not trainer.is_global_zero:
+        return {}
+
+    best_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+    best_path = best_cb.best_model_path if best_cb and best_cb.best_model_path else None
+    last_path = next((c.last_model_path for c in trainer.callbacks
+                      if isinstance(c, ModelCheckpoint) and c.last_model_path), None)
+    record["checkpoints"] = {
+        "best": best_path and str(Path(best_path).resolve()),
+        "last": last_path and str(Path(last_path).resolve()),
+        "monitor": best_cb.monitor if best_cb else None,
+        "best_score": float(best_cb.best_model_score) if best_cb and best_cb.best_model_score is not None else None,
+    }
+    record["resumed_from"] = ckpt_path
+    record["epochs"] = trainer.current_epoch
+    record["global_step"] = trainer.global_step
+    record["val"] = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items()
+                     if k.startswith("val/")}
+    record["status"] = "fitted"
+    write_record(record, out_dir)
+
+    if cfg.get("test", True) and best_path and not trainer.interrupted:
+        record.update(evaluate(cfg, best_path, dm, loggers, out_dir, step=trainer.global_step))
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            record["wandb"] = wandb_run_info(lg)
+            if best_path and record.get("test"):
+                record["wandb"]["model_artifact"] = log_checkpoint_artifact(lg.experiment, best_path, record)
+    record["timing"] = {"fit_seconds": round(fit_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1)}
+    record["status"] = "interrupted" if trainer.interrupted else "completed"
+    write_record(record, out_dir)
+    for lg in loggers:
+        lg.finalize("success")
+        if isinstance(lg, WandbLogger):
+            lg.experiment.finish()  # flush the run (config, summary, files) now, not at interpreter exit
+    return record
