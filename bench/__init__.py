@@ -5,5 +5,6 @@ several interleaved runs and compares engines as ratios measured in the same pro
 """
 
 CASES = ("engines", "pipeline", "training", "gpu")
+MODULES = {"pipeline": "serve_batch"}  # the batch-pipeline case lives in bench/serve_batch.py
 
 __all__ = ["CASES"]

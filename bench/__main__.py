@@ -17,7 +17,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from bench import CASES
+from bench import CASES, MODULES
 
 
 def _ints(text: str) -> list[int]:
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.perf_counter()
         console.rule(f"[bold]bench {case}{' (quick)' if args.quick else ''}")
         try:
-            module = __import__(f"bench.{case}", fromlist=["run"])
+            module = __import__(f"bench.{MODULES.get(case, case)}", fromlist=["run"])
             result = module.run(configs[case], out_dir, info, log=lambda m: console.print(m, highlight=False))
             result.setdefault("seconds", time.perf_counter() - started)
             result["quick"] = bool(args.quick)

@@ -10,9 +10,10 @@ import numpy as np
 
 __all__ = ["dataset_fingerprint", "file_md5", "sample_digest"]
 
-_SAMPLE_TAG = b"medops.sample.v1\n"
-_SPLIT_TAG = b"medops.split.v1\n"
-_DATASET_TAG = b"medops.dataset.v1\n"
+# the tags keep the package's former name (medimg): changing them would change every recorded fingerprint
+_SAMPLE_TAG = b"medimg.sample.v1\n"
+_SPLIT_TAG = b"medimg.split.v1\n"
+_DATASET_TAG = b"medimg.dataset.v1\n"
 
 
 def file_md5(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:

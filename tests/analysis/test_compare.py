@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import wandb
 
+from analysis import compare
 from analysis.compare import (
     CompareError,
     RunInfo,
@@ -30,7 +31,6 @@ from analysis.compare import (
     rank,
 )
 from tests.conftest import FAST, REPO
-from train import compare
 
 WANDB_FIXTURE = REPO / "tests" / "data" / "wandb_runs.json"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

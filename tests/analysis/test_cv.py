@@ -16,9 +16,9 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from analysis import cv
 from medops.datasets import stratified_folds
 from tests.conftest import FAST, REPO
-from train import cv
 from train.datamodules import DataError, FolderDataModule, MedMNISTDataModule
 
 CONF = REPO / "conf"
