@@ -45,6 +45,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from medops.run_record import FILENAME as RUN_RECORD_FILE
 from medops.run_record import RunRecordError, find_records, read_record
 
 DEFAULT_METRIC = "test/auroc"
@@ -286,7 +287,7 @@ def load_local_runs(paths: Iterable[str | Path]) -> list[RunInfo]:
     seen: set[Path] = set()
     for given in paths:
         path = Path(given)
-        if path.is_file() and path.name == "run.json":
+        if path.is_file() and path.name == RUN_RECORD_FILE:
             path = path.parent
         if not path.is_dir():
             raise CompareError(f"{path}: no such run folder")

@@ -106,16 +106,6 @@ def dhash(images: np.ndarray) -> np.ndarray:
     return np.packbits(bits, axis=1).view(">u8").reshape(-1).astype(np.uint64)
 
 
-def ahash(images: np.ndarray) -> np.ndarray:
-    """64-bit average hashes (uint64): grey 8 x 8 area downscale, pixel > mean."""
-    grey = images.astype(np.float32)
-    if grey.ndim == 4:
-        grey = grey.mean(axis=-1)
-    small = _bin_means(_bin_means(grey, 1, 8), 2, 8).reshape(len(images), 64)
-    bits = small > small.mean(axis=1, keepdims=True)
-    return np.packbits(bits, axis=1).view(">u8").reshape(-1).astype(np.uint64)
-
-
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise Hamming distances (len(a) x len(b), uint8) between uint64 hashes."""
     x = np.bitwise_xor(a[:, None], b[None, :])
@@ -143,89 +133,114 @@ def _stats(images: np.ndarray, rng: np.random.Generator) -> tuple[dict[str, floa
             "p50": float(p50), "p99": float(p99)}, per_image
 
 
-def validate(data: SplitArrays | None, errors: list[tuple[str, str]], meta: dict[str, Any] | None = None,
-             settings: dict[str, Any] | None = None, source: str | None = None) -> dict[str, Any]:
-    """Run every check; returns the report (JSON-ready) with ``warnings`` and ``violations`` lists."""
-    settings = validation_settings(settings)
-    meta = meta or {}
-    limit = int(settings["max_listed"])
-    report: dict[str, Any] = {"source": source or (data.source if data else None), "settings": settings,
-                              "warnings": [], "violations": []}
-    report["corrupt"] = {"count": len(errors), "files": [{"path": p, "reason": r} for p, r in errors]}
+def _flag(msg: str, allowed: bool, warnings: list[str], violations: list[str]) -> None:
+    (warnings if allowed else violations).append(msg)
+
+
+def check_corrupt(errors: list[tuple[str, str]], settings: dict[str, Any], warnings: list[str],
+                  violations: list[str]) -> dict[str, Any]:
+    """The unreadable/corrupt files; a violation unless ``allow_corrupt``."""
+    corrupt = {"count": len(errors), "files": [{"path": p, "reason": r} for p, r in errors]}
     if errors:
         msg = f"{len(errors)} unreadable/corrupt files, e.g. " + "; ".join(f"{p}: {r}" for p, r in errors[:5])
-        (report["warnings"] if settings["allow_corrupt"] else report["violations"]).append(msg)
-    if data is None:
-        report["violations"].append("no readable data")
-        return report
+        _flag(msg, settings["allow_corrupt"], warnings, violations)
+    return corrupt
 
+
+def check_counts(data: SplitArrays, present: list[str], warnings: list[str]) -> dict[str, Any]:
+    """Counts per split and class, totals and the class-imbalance ratio; warns about classes missing from a split."""
     names = data.class_names
-    present = [s for s in SPLITS if s in data.labels]
     counts = {s: np.bincount(data.labels[s], minlength=len(names)).tolist() for s in present}
-    report["counts"] = {s: {names[c]: int(n) for c, n in enumerate(counts[s])} for s in present}
-    report["totals"] = {s: int(len(data.labels[s])) for s in present}
     imbalance = {}
     for s in present:
         nz = [n for n in counts[s] if n > 0]
         imbalance[s] = round(max(nz) / min(counts[s]), 3) if nz and min(counts[s]) > 0 else None
-    report["imbalance_ratio"] = imbalance
     for s in present:
         missing = [names[c] for c, n in enumerate(counts[s]) if n == 0]
         if missing:
-            report["warnings"].append(f"split {s} has no samples of classes {missing}")
+            warnings.append(f"split {s} has no samples of classes {missing}")
+    return {"counts": {s: {names[c]: int(n) for c, n in enumerate(counts[s])} for s in present},
+            "totals": {s: int(len(data.labels[s])) for s in present},
+            "imbalance_ratio": imbalance}
 
-    # geometry
+
+def _channels(shape: tuple[int, ...]) -> int:
+    return shape[2] if len(shape) > 2 else 1
+
+
+def _original_size_outliers(present: list[str], meta: dict[str, Any],
+                            ids: dict[str, list[str]]) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """The distribution of original sizes (``HxWxC: n``) and the files far from the median size or with an
+    unusual channel count or dtype."""
+    dtypes_meta = meta.get("original_dtypes") or {}
+    all_shapes = [(s, i, tuple(sh)) for s in present for i, sh in enumerate(meta["original_shapes"].get(s, []))]
+    dist = Counter(f"{sh[0]}x{sh[1]}x{_channels(sh)}" for _, _, sh in all_shapes)
+    outliers: list[dict[str, Any]] = []
+    if not all_shapes:
+        return dict(dist.most_common()), outliers
+    med_h = float(np.median([sh[0] for _, _, sh in all_shapes]))
+    med_w = float(np.median([sh[1] for _, _, sh in all_shapes]))
+    mode_c = Counter(_channels(sh) for _, _, sh in all_shapes).most_common(1)[0][0]
+    all_dtypes = [d for s in present for d in dtypes_meta.get(s, [])]
+    mode_d = Counter(all_dtypes).most_common(1)[0][0] if all_dtypes else None
+    for s, i, sh in all_shapes:
+        reasons = []
+        if not (0.5 * med_h <= sh[0] <= 2 * med_h and 0.5 * med_w <= sh[1] <= 2 * med_w):
+            reasons.append(f"size {sh[0]}x{sh[1]} far from the median {med_h:g}x{med_w:g}")
+        if _channels(sh) != mode_c:
+            reasons.append(f"{_channels(sh)} channels, most have {mode_c}")
+        dts = dtypes_meta.get(s, [])
+        if mode_d and i < len(dts) and dts[i] != mode_d:
+            reasons.append(f"dtype {dts[i]}, most are {mode_d}")
+        if reasons:
+            outliers.append({"id": ids[s][i], "split": s, "shape": list(sh), "reason": "; ".join(reasons)})
+    return dict(dist.most_common()), outliers
+
+
+def _array_outliers(data: SplitArrays, present: list[str]) -> list[dict[str, Any]]:
+    """Splits whose loaded array is not uint8 with 1 or 3 channels (no per-file metadata)."""
+    outliers = []
+    for s in present:
+        img = data.images[s]
+        if img.dtype != np.uint8 or img.shape[-1] not in (1, 3):
+            outliers.append({"id": s, "split": s, "shape": list(img.shape[1:]),
+                             "reason": f"dtype {img.dtype}, {img.shape[-1]} channels"})
+    return outliers
+
+
+def check_sizes(data: SplitArrays, present: list[str], meta: dict[str, Any], ids: dict[str, list[str]],
+                limit: int, warnings: list[str]) -> dict[str, Any]:
+    """Image geometry per split, original sizes (folders) and size/channel/dtype outliers."""
     geometry: dict[str, Any] = {s: {"shape": list(data.images[s].shape[1:]), "dtype": str(data.images[s].dtype)}
                                 for s in present}
-    outliers: list[dict[str, Any]] = []
-    shapes_meta = meta.get("original_shapes") or {}
-    dtypes_meta = meta.get("original_dtypes") or {}
-    ids = _ids(data, meta)
-    if shapes_meta:
-        all_shapes = [(s, i, tuple(sh)) for s in present for i, sh in enumerate(shapes_meta.get(s, []))]
-        dist = Counter(f"{sh[0]}x{sh[1]}x{sh[2] if len(sh) > 2 else 1}" for _, _, sh in all_shapes)
-        geometry["original_sizes"] = dict(dist.most_common())
-        if all_shapes:
-            med_h = float(np.median([sh[0] for _, _, sh in all_shapes]))
-            med_w = float(np.median([sh[1] for _, _, sh in all_shapes]))
-            mode_c = Counter(sh[2] if len(sh) > 2 else 1 for _, _, sh in all_shapes).most_common(1)[0][0]
-            all_dtypes = [d for s in present for d in dtypes_meta.get(s, [])]
-            mode_d = Counter(all_dtypes).most_common(1)[0][0] if all_dtypes else None
-            for s, i, sh in all_shapes:
-                reasons = []
-                if not (0.5 * med_h <= sh[0] <= 2 * med_h and 0.5 * med_w <= sh[1] <= 2 * med_w):
-                    reasons.append(f"size {sh[0]}x{sh[1]} far from the median {med_h:g}x{med_w:g}")
-                if (sh[2] if len(sh) > 2 else 1) != mode_c:
-                    reasons.append(f"{sh[2] if len(sh) > 2 else 1} channels, most have {mode_c}")
-                dts = dtypes_meta.get(s, [])
-                if mode_d and i < len(dts) and dts[i] != mode_d:
-                    reasons.append(f"dtype {dts[i]}, most are {mode_d}")
-                if reasons:
-                    outliers.append({"id": ids[s][i], "split": s, "shape": list(sh), "reason": "; ".join(reasons)})
+    if meta.get("original_shapes"):
+        geometry["original_sizes"], outliers = _original_size_outliers(present, meta, ids)
     else:
-        for s in present:
-            img = data.images[s]
-            if img.dtype != np.uint8 or img.shape[-1] not in (1, 3):
-                outliers.append({"id": s, "split": s, "shape": list(img.shape[1:]),
-                                 "reason": f"dtype {img.dtype}, {img.shape[-1]} channels"})
+        outliers = _array_outliers(data, present)
     geometry["outliers"] = {"count": len(outliers), "examples": outliers[:limit]}
-    report["geometry"] = geometry
     if outliers:
-        report["warnings"].append(f"{len(outliers)} images with unexpected size/channels/dtype, e.g. "
-                                  + "; ".join(f"{o['id']}: {o['reason']}" for o in outliers[:3]))
+        warnings.append(f"{len(outliers)} images with unexpected size/channels/dtype, e.g. "
+                        + "; ".join(f"{o['id']}: {o['reason']}" for o in outliers[:3]))
+    return geometry
 
-    # exact duplicates
-    hashes = {s: pixel_hashes(data.images[s]) for s in present}
-    where: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    for s in present:
-        for i, h in enumerate(hashes[s]):
-            where[h].append((s, i))
+
+def _within_split_duplicates(present: list[str], hashes: dict[str, list[str]],
+                             where: dict[str, list[tuple[str, int]]], ids: dict[str, list[str]],
+                             limit: int) -> dict[str, Any]:
+    """Groups of identical images inside each split."""
     within = {}
     for s in present:
         c = Counter(hashes[s])
         groups = [h for h, n in c.items() if n > 1]
         within[s] = {"groups": len(groups), "images": int(sum(c[h] for h in groups)),
                      "examples": [[ids[s][i] for ss, i in where[h] if ss == s] for h in groups[:limit]]}
+    return within
+
+
+def _cross_split_duplicates(data: SplitArrays, where: dict[str, list[tuple[str, int]]], ids: dict[str, list[str]],
+                            limit: int) -> dict[str, Any]:
+    """Groups of identical images found in more than one split (leakage), with conflicting labels."""
+    names = data.class_names
     cross_groups = [h for h, locs in where.items() if len({s for s, _ in locs}) > 1]
     pair_counts: Counter[str] = Counter()
     conflicting = 0
@@ -240,72 +255,99 @@ def validate(data: SplitArrays | None, errors: list[tuple[str, str]], meta: dict
         if len(examples) < limit:
             examples.append({"images": [ids[s][i] for s, i in locs],
                              "labels": [names[int(data.labels[s][i])] for s, i in locs]})
-    report["duplicates"] = {
-        "within_split": within,
-        "cross_split": {"groups": len(cross_groups), "images": int(sum(len(where[h]) for h in cross_groups)),
-                        "by_splits": dict(pair_counts), "conflicting_labels": int(conflicting),
-                        "examples": examples},
-    }
+    return {"groups": len(cross_groups), "images": int(sum(len(where[h]) for h in cross_groups)),
+            "by_splits": dict(pair_counts), "conflicting_labels": int(conflicting), "examples": examples}
+
+
+def check_exact_duplicates(data: SplitArrays, present: list[str], hashes: dict[str, list[str]],
+                           ids: dict[str, list[str]], settings: dict[str, Any], warnings: list[str],
+                           violations: list[str]) -> dict[str, Any]:
+    """Exact (pixel-hash) duplicates within and across splits; cross-split ones are leakage."""
+    limit = int(settings["max_listed"])
+    where: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for s in present:
+        for i, h in enumerate(hashes[s]):
+            where[h].append((s, i))
+    within = _within_split_duplicates(present, hashes, where, ids, limit)
+    cross = _cross_split_duplicates(data, where, ids, limit)
     for s in present:
         if within[s]["groups"]:
-            report["warnings"].append(f"{within[s]['groups']} groups of exact duplicates within {s} "
-                                      f"({within[s]['images']} images)")
-    if cross_groups:
-        n_img = sum(len(where[h]) for h in cross_groups)
-        msg = (f"leakage: {len(cross_groups)} exact-duplicate groups across splits ({n_img} images; "
-               f"{dict(pair_counts)}), e.g. "
-               + "; ".join(" = ".join(e["images"]) for e in examples[:3]))
-        (report["warnings"] if settings["allow_leakage"] else report["violations"]).append(msg)
+            warnings.append(f"{within[s]['groups']} groups of exact duplicates within {s} "
+                            f"({within[s]['images']} images)")
+    if cross["groups"]:
+        msg = (f"leakage: {cross['groups']} exact-duplicate groups across splits ({cross['images']} images; "
+               f"{cross['by_splits']}), e.g. "
+               + "; ".join(" = ".join(e["images"]) for e in cross["examples"][:3]))
+        _flag(msg, settings["allow_leakage"], warnings, violations)
+    return {"within_split": within, "cross_split": cross}
 
-    # near duplicates
-    total = sum(report["totals"].values())
+
+def _near_duplicate_pairs(data: SplitArrays, present: list[str], hashes: dict[str, list[str]],
+                          ids: dict[str, list[str]], thr: int, limit: int) -> tuple[Counter[str], list[dict[str, Any]]]:
+    """Pairs of images in different splits whose dHashes differ in at most ``thr`` bits (exact duplicates left out)."""
+    dh = {s: dhash(data.images[s]) for s in present}
+    n_pairs: Counter[str] = Counter()
+    near_examples = []
+    for a, b in combinations(present, 2):
+        for start in range(0, len(dh[a]), 1024):
+            d = hamming(dh[a][start:start + 1024], dh[b])
+            ia, ib = np.nonzero(d <= thr)
+            for i, j in zip(ia + start, ib, strict=True):
+                if hashes[a][i] == hashes[b][j]:
+                    continue  # exact duplicate, reported above
+                n_pairs[f"{a}/{b}"] += 1
+                if len(near_examples) < limit:
+                    near_examples.append({"a": ids[a][i], "b": ids[b][j], "distance": int(d[i - start, j])})
+    return n_pairs, near_examples
+
+
+def check_near_duplicates(data: SplitArrays, present: list[str], hashes: dict[str, list[str]],
+                          ids: dict[str, list[str]], settings: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
+    """Near-duplicates across splits (dHash Hamming distance), skipped above ``near_duplicate_max_images`` on auto."""
+    total = sum(int(len(data.labels[s])) for s in present)
     mode = settings["near_duplicates"]
     run_near = (mode is True or str(mode).lower() == "true") or (
         str(mode).lower() == "auto" and total <= int(settings["near_duplicate_max_images"]))
     near: dict[str, Any] = {"enabled": bool(run_near), "hash": "dhash64",
                             "hamming": int(settings["near_duplicate_hamming"])}
-    if run_near:
-        dh = {s: dhash(data.images[s]) for s in present}
-        thr = int(settings["near_duplicate_hamming"])
-        n_pairs: Counter[str] = Counter()
-        near_examples = []
-        for a, b in combinations(present, 2):
-            for start in range(0, len(dh[a]), 1024):
-                d = hamming(dh[a][start:start + 1024], dh[b])
-                ia, ib = np.nonzero(d <= thr)
-                for i, j in zip(ia + start, ib, strict=True):
-                    if hashes[a][i] == hashes[b][j]:
-                        continue  # exact duplicate, reported above
-                    n_pairs[f"{a}/{b}"] += 1
-                    if len(near_examples) < limit:
-                        near_examples.append({"a": ids[a][i], "b": ids[b][j], "distance": int(d[i - start, j])})
-        near.update(pairs=int(sum(n_pairs.values())), by_splits=dict(n_pairs), examples=near_examples)
-        if n_pairs:
-            report["warnings"].append(f"{sum(n_pairs.values())} near-duplicate pairs across splits "
-                                      f"(dHash Hamming <= {thr}): {dict(n_pairs)}")
-    else:
+    if not run_near:
         near["skipped"] = f"{total} images > near_duplicate_max_images" if str(mode).lower() == "auto" else "disabled"
-    report["near_duplicates"] = near
+        return near
+    thr = int(settings["near_duplicate_hamming"])
+    n_pairs, near_examples = _near_duplicate_pairs(data, present, hashes, ids, thr, int(settings["max_listed"]))
+    near.update(pairs=int(sum(n_pairs.values())), by_splits=dict(n_pairs), examples=near_examples)
+    if n_pairs:
+        warnings.append(f"{sum(n_pairs.values())} near-duplicate pairs across splits "
+                        f"(dHash Hamming <= {thr}): {dict(n_pairs)}")
+    return near
 
-    # patients in two splits
+
+def check_patients(present: list[str], meta: dict[str, Any], settings: dict[str, Any], warnings: list[str],
+                   violations: list[str]) -> dict[str, Any]:
+    """Patients/studies (CSV ``patient_id``/``study_id``) found in more than one split; leakage."""
     groups = meta.get("groups") or {}
     patient: dict[str, Any] = {"column": meta.get("group_column")}
-    if patient["column"]:
-        split_of: dict[str, set[str]] = defaultdict(set)
-        for s in present:
-            for g in groups.get(s, []):
-                if g is not None:
-                    split_of[g].add(s)
-        shared = sorted(g for g, ss in split_of.items() if len(ss) > 1)
-        patient.update(patients=len(split_of), in_multiple_splits=len(shared),
-                       examples=[{"id": g, "splits": sorted(split_of[g], key=SPLITS.index)} for g in shared[:limit]])
-        if shared:
-            msg = (f"leakage: {len(shared)} {patient['column']} values in more than one split, e.g. "
-                   + ", ".join(f"{g} ({'/'.join(sorted(split_of[g], key=SPLITS.index))})" for g in shared[:5]))
-            (report["warnings"] if settings["allow_leakage"] else report["violations"]).append(msg)
-    report["patients"] = patient
+    if not patient["column"]:
+        return patient
+    split_of: dict[str, set[str]] = defaultdict(set)
+    for s in present:
+        for g in groups.get(s, []):
+            if g is not None:
+                split_of[g].add(s)
+    shared = sorted(g for g, ss in split_of.items() if len(ss) > 1)
+    limit = int(settings["max_listed"])
+    patient.update(patients=len(split_of), in_multiple_splits=len(shared),
+                   examples=[{"id": g, "splits": sorted(split_of[g], key=SPLITS.index)} for g in shared[:limit]])
+    if shared:
+        msg = (f"leakage: {len(shared)} {patient['column']} values in more than one split, e.g. "
+               + ", ".join(f"{g} ({'/'.join(sorted(split_of[g], key=SPLITS.index))})" for g in shared[:5]))
+        _flag(msg, settings["allow_leakage"], warnings, violations)
+    return patient
 
-    # intensity statistics and shift
+
+def check_intensity_shift(data: SplitArrays, present: list[str], settings: dict[str, Any],
+                          warnings: list[str]) -> dict[str, Any]:
+    """Intensity statistics per split and the standardized mean difference of per-image means between splits."""
     rng = np.random.default_rng(0)
     stats, per_image = {}, {}
     for s in present:
@@ -320,9 +362,33 @@ def validate(data: SplitArrays | None, errors: list[tuple[str, str]], meta: dict
         flagged = smd > float(settings["shift_threshold"])
         shifts.append({"splits": f"{a}/{b}", "smd": smd, "warning": flagged})
         if flagged:
-            report["warnings"].append(f"intensity shift {a}/{b}: standardized mean difference {smd} > "
-                                      f"{settings['shift_threshold']}")
-    report["intensity"] = {"per_split": stats, "shift": shifts}
+            warnings.append(f"intensity shift {a}/{b}: standardized mean difference {smd} > "
+                            f"{settings['shift_threshold']}")
+    return {"per_split": stats, "shift": shifts}
+
+
+def validate(data: SplitArrays | None, errors: list[tuple[str, str]], meta: dict[str, Any] | None = None,
+             settings: dict[str, Any] | None = None, source: str | None = None) -> dict[str, Any]:
+    """Run every check; returns the report (JSON-ready) with ``warnings`` and ``violations`` lists."""
+    settings = validation_settings(settings)
+    meta = meta or {}
+    warnings: list[str] = []
+    violations: list[str] = []
+    report: dict[str, Any] = {"source": source or (data.source if data else None), "settings": settings,
+                              "warnings": warnings, "violations": violations}
+    report["corrupt"] = check_corrupt(errors, settings, warnings, violations)
+    if data is None:
+        violations.append("no readable data")
+        return report
+    present = [s for s in SPLITS if s in data.labels]
+    report.update(check_counts(data, present, warnings))
+    ids = _ids(data, meta)
+    report["geometry"] = check_sizes(data, present, meta, ids, int(settings["max_listed"]), warnings)
+    hashes = {s: pixel_hashes(data.images[s]) for s in present}
+    report["duplicates"] = check_exact_duplicates(data, present, hashes, ids, settings, warnings, violations)
+    report["near_duplicates"] = check_near_duplicates(data, present, hashes, ids, settings, warnings)
+    report["patients"] = check_patients(present, meta, settings, warnings, violations)
+    report["intensity"] = check_intensity_shift(data, present, settings, warnings)
     return report
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medops import to_unit_range
 from medops.run_record import SCHEMA, RunRecordError, read_record, record_path
 from medops.run_record import latest_run as latest
 from train.module import ClassificationModule
@@ -200,4 +201,4 @@ def held_out_images(source: ExportSource, split: str = "test", limit: int = 256,
             f"expects {source.input_shape[0]} at {source.input_shape[1]} px"
         )
     images = dm.datasets[split].images[:limit]
-    return images.float().div(255.0).numpy()
+    return to_unit_range(images.numpy())

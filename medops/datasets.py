@@ -21,7 +21,7 @@ from rich.progress import track
 
 from medops.errors import ImageReadError
 from medops.fingerprint import dataset_fingerprint, file_md5
-from medops.io import SUPPORTED_SUFFIXES, read_image, resize, to_channels
+from medops.io import SUPPORTED_SUFFIXES, fit_to_model, read_image
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,14 @@ class SplitArrays:
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "test": "test", "testing": "test"}
+
+
+
+
+def canonical_split(name: str) -> str:
+    """``training``/``valid``/``testing``... -> ``train``/``val``/``test``; other names lower-cased, unchanged."""
+    key = str(name).strip().lower()
+    return SPLIT_ALIASES.get(key, key)
 
 
 GROUP_COLUMNS = ("patient_id", "study_id")  # ``group_column: auto`` uses the first one present
@@ -426,7 +434,7 @@ class FolderDataset:
         if sample.path.is_file() and sample.path.stat().st_size == 0:
             raise ImageReadError(str(sample.path), "empty file (0 bytes)")
         img = read_image(sample.path, window=self.window)  # type: ignore[arg-type]
-        return img, resize(to_channels(img, self.out_channels), self.size)
+        return img, fit_to_model(img, self.size, self.out_channels)
 
     def scan(self) -> ScanResult:
         """Read every file; unreadable or empty ones are collected as ``(path, reason)`` instead of raising.

@@ -15,7 +15,8 @@ from PIL import Image, ImageOps
 from medops.dicom import minmax_to_uint8, read_dicom
 from medops.errors import ImageReadError
 
-__all__ = ["SUPPORTED_SUFFIXES", "load_for_model", "preprocess", "read_image", "resize", "to_channels"]
+__all__ = ["SUPPORTED_SUFFIXES", "fit_to_model", "load_for_model", "preprocess", "read_image", "resize", "to_channels",
+           "to_unit_range"]
 
 SUPPORTED_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".npy"}
@@ -94,10 +95,28 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     return out.reshape(int(size), int(size), c)
 
 
+def fit_to_model(img: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """HxWxC uint8 image -> the model's geometry, still uint8 HxWxC: :func:`to_channels`, then :func:`resize`.
+
+    Training keeps its datasets in this form (uint8 is a quarter of the memory of float32).
+    """
+    return resize(to_channels(img, channels), size)
+
+
+def to_unit_range(images: np.ndarray) -> np.ndarray:
+    """uint8 intensities (any shape) -> float32 in [0, 1]: the model's value range (``/ 255``)."""
+    if images.dtype != np.uint8:
+        raise ValueError(f"the model-input contract scales uint8 images, got {images.dtype}")
+    return images.astype(np.float32) / np.float32(255.0)
+
+
 def preprocess(img: np.ndarray, size: int, channels: int) -> np.ndarray:
-    """HxWxC uint8 -> float32 CxHxW in [0, 1]: to_channels, resize, then / 255."""
-    out = resize(to_channels(img, channels), size)
-    return np.ascontiguousarray(out.transpose(2, 0, 1)).astype(np.float32) / np.float32(255.0)
+    """HxWxC uint8 -> float32 CxHxW in [0, 1]: :func:`fit_to_model`, channels first, :func:`to_unit_range`.
+
+    Every path that feeds a model goes through these functions: the training loaders, evaluation, the export
+    parity gate, ``serve predict``/``batch`` and drift checks (``tests/medops/test_preprocess_paths.py``).
+    """
+    return to_unit_range(np.ascontiguousarray(fit_to_model(img, size, channels).transpose(2, 0, 1)))
 
 
 def load_for_model(

@@ -23,7 +23,7 @@ from rich.table import Table
 
 import medops
 from medops import drift as core
-from medops.model_version import DRIFT_REFERENCE_FILE
+from medops.model_version import DRIFT_REFERENCE_FILE, EMBEDDING_FILE
 from serve.client import LocalBackend, ServeError, model_version_dir, read_version_metadata
 from serve.inputs import InputItem, iter_inputs
 
@@ -125,7 +125,7 @@ def run_drift(source: str | Path, model_repository: str | Path, name: str, *, ve
 
 def embeddings(folder: Path, batch: np.ndarray) -> np.ndarray | None:
     """Penultimate-layer features of ``batch`` from the version's ``embedding.onnx`` (None when absent)."""
-    path = folder / "embedding.onnx"
+    path = folder / EMBEDDING_FILE
     if not path.is_file():
         return None
     import onnxruntime as ort

@@ -17,12 +17,10 @@ from typing import Any
 import numpy as np
 
 import medops
+from medops.datasets import canonical_split
 from serve.client import ModelInfo, ServeError
 
 __all__ = ["InputItem", "iter_inputs", "load_item", "parse_label"]
-
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                 "test": "test", "testing": "test"}
 
 
 @dataclass
@@ -152,7 +150,7 @@ def _csv_items(csv_path: Path, split: str | None, class_names: list[str] | None
     if "path" not in columns:
         raise ServeError(f"{csv_path}: manifest needs a 'path' column, found {columns}")
     has_split = "split" in columns
-    wanted = SPLIT_ALIASES.get(split.lower(), split.lower()) if (has_split and split) else None
+    wanted = canonical_split(split) if (has_split and split) else None
     items: list[InputItem] = []
     seen: set[str] = set()
     for line, raw in enumerate(rows, start=2):
@@ -160,8 +158,7 @@ def _csv_items(csv_path: Path, split: str | None, class_names: list[str] | None
         if not any(row.values()):
             continue  # blank line
         if wanted is not None:
-            row_split = row.get("split", "").lower()
-            if SPLIT_ALIASES.get(row_split, row_split) != wanted:
+            if canonical_split(row.get("split", "")) != wanted:
                 continue
         given = row["path"]
         if not given:
@@ -200,7 +197,7 @@ def _list_items(list_path: Path) -> list[InputItem]:
 
 
 def _npz_items(npz_path: Path, split: str, class_names: list[str] | None) -> tuple[list[InputItem], str]:
-    split = SPLIT_ALIASES.get(split.lower(), split)
+    split = canonical_split(split)
     try:
         with np.load(npz_path, allow_pickle=False) as data:
             keys = set(data.files)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datatools.validate_data import data_arguments, run_validation
 from datatools.validate_data import summary as validation_summary
+from medops import to_unit_range
 from medops.metrics import choose_threshold, operating_point_figures
 from medops.plots import plot_confusion, plot_roc
 from medops.run_record import new_record, write_record
@@ -81,11 +82,13 @@ def instantiate_list(cfg: DictConfig | None) -> list[Any]:
 
 
 def build_module(cfg: DictConfig, dm: ImageClassificationDataModule) -> ClassificationModule:
+    """The LightningModule of ``cfg.model`` (its ``_target_``, instantiated as a partial), completed with what the
+    data says: classes, channels, size and the training split's normalisation statistics."""
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model_cfg, dict)
     compile_net = bool(model_cfg.pop("compile", False))
-    model_cfg.pop("_target_", None)
-    module = ClassificationModule(
+    factory = hydra.utils.instantiate(model_cfg, _partial_=True, _convert_="all")
+    module = factory(
         num_classes=dm.num_classes,
         in_channels=dm.channels,
         image_size=dm.image_size,
@@ -93,7 +96,6 @@ def build_module(cfg: DictConfig, dm: ImageClassificationDataModule) -> Classifi
         std=dm.std,
         class_names=dm.class_names,
         class_counts=dm.class_counts("train"),
-        **model_cfg,
     )
     if compile_net:
         module.net.compile()
@@ -151,7 +153,7 @@ def evaluate(
         if isinstance(lg, WandbLogger):
             lg.log_image("test/plots", [str(p) for p in plots.values()], caption=list(plots))
             log_evaluation(lg.experiment, torch.from_numpy(probs_test), torch.from_numpy(y_test), names,
-                           dm.datasets["test"].images.float() / 255)
+                           torch.from_numpy(to_unit_range(dm.datasets["test"].images.numpy())))
             lg.experiment.summary.update(final)
     return result
 

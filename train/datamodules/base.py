@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from medops import to_unit_range
 from medops.datasets import (
     SPLITS,
     SplitArrays,
@@ -37,14 +38,14 @@ class ArrayDataset(Dataset):
     """Serves (float32 C x H x W in [0, 1], int64 label) pairs from uint8 N x H x W x C arrays."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # uint8 NCHW view
         self.labels = torch.from_numpy(labels.astype(np.int64))
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.images[index].float().div_(255.0), self.labels[index]
+        return torch.from_numpy(to_unit_range(self.images[index].numpy())), self.labels[index]
 
 
 class ImageClassificationDataModule(L.LightningDataModule):
