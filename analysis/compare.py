@@ -507,44 +507,36 @@ def _short_label(run: RunInfo, keys: list[str], width: int = 48) -> str:
     return label if len(label) <= width else label[: width - 1] + "…"
 
 
-def plot(runs: Sequence[RunInfo], metric: str, out_dir: str | Path) -> Path:
-    """``compare.png`` in ``out_dir``: learning curves of ``metric``'s validation counterpart per run, and
-    test AUROC/accuracy/F1 per run (CV groups: mean ± sample std). ``runs`` best first (see :func:`rank`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+def plot_learning_curves(ax: Any, runs: Sequence[RunInfo], keys: list[str], curve_key: str) -> None:
+    """The per-epoch ``curve_key`` of each run on ``ax`` (the best run bold and starred)."""
     from matplotlib.ticker import MaxNLocator
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    keys = differing_keys(runs)
-    curve_key = val_counterpart(metric)
-    fig, (ax_curve, ax_bar) = plt.subplots(1, 2, figsize=(14, 5.2))
 
     drew = False
     for i, run in enumerate(runs):
         values = run.history.get(curve_key) or []
         if values:
-            ax_curve.plot(range(1, len(values) + 1), values, marker="o", markersize=3,
-                          linewidth=2.6 if i == 0 else 1.3, label=("★ " if i == 0 else "") + _short_label(run, keys))
+            ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3,
+                    linewidth=2.6 if i == 0 else 1.3, label=("★ " if i == 0 else "") + _short_label(run, keys))
             drew = True
-    ax_curve.set_title(f"{curve_key} per epoch")
-    ax_curve.set_xlabel("epoch")
-    ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_curve.set_ylabel(curve_key)
-    ax_curve.grid(alpha=0.3)
+    ax.set_title(f"{curve_key} per epoch")
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(curve_key)
+    ax.grid(alpha=0.3)
     if drew:
-        ax_curve.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="best")
     else:
-        ax_curve.text(0.5, 0.5, f"no per-epoch {curve_key} recorded", ha="center", va="center",
-                      transform=ax_curve.transAxes)
+        ax.text(0.5, 0.5, f"no per-epoch {curve_key} recorded", ha="center", va="center", transform=ax.transAxes)
 
-    # One bar group per run, or per cross-validation group (at the place of its best fold).
-    groups = cv_groups(runs)
+
+_BarEntry = tuple[str, dict[str, float | None], dict[str, float | None]]
+
+
+def _bar_entries(runs: Sequence[RunInfo], keys: list[str], groups: list[list[RunInfo]]) -> list[_BarEntry]:
+    """(label, test values, std) per bar group: one per run, or per cross-validation group (at the place of its
+    best fold) with the mean and sample std over its folds."""
     member = {id(r): g for g in groups for r in g}
-    entries: list[tuple[str, dict[str, float | None], dict[str, float | None]]] = []
+    entries: list[_BarEntry] = []
     done: set[int] = set()
     for run in runs:
         group = member.get(id(run))
@@ -558,20 +550,45 @@ def plot(runs: Sequence[RunInfo], metric: str, out_dir: str | Path) -> Path:
             parts = [f"{k.rsplit('.', 1)[-1]}={_config_cell(group[0], k)}" for k in keys if not _is_fold_key(k)]
             label = f"CV {len(group)} folds" + (f"\n{', '.join(parts)}" if parts else "")
             entries.append((label if len(label) <= 48 else label[:47] + "…", means, stds))
+    return entries
+
+
+def plot_test_bars(ax: Any, runs: Sequence[RunInfo], keys: list[str]) -> None:
+    """Test AUROC/accuracy/F1 bars on ``ax`` per run or CV group (mean ± sample std)."""
+    import numpy as np
+
+    groups = cv_groups(runs)
+    entries = _bar_entries(runs, keys, groups)
     x = np.arange(len(entries))
     width = 0.8 / len(BAR_METRICS)
     for j, m in enumerate(BAR_METRICS):
         heights = [e[1].get(m) if e[1].get(m) is not None else 0.0 for e in entries]
         errors = [e[2][m] if e[2].get(m) is not None else float("nan") for e in entries]  # nan: no error bar
-        ax_bar.bar(x + (j - (len(BAR_METRICS) - 1) / 2) * width, heights, width, label=f"test/{m}",
-                   yerr=errors if groups else None, capsize=3)
+        ax.bar(x + (j - (len(BAR_METRICS) - 1) / 2) * width, heights, width, label=f"test/{m}",
+               yerr=errors if groups else None, capsize=3)
     tilt = len(entries) > 3
-    ax_bar.set_xticks(x, [e[0] for e in entries], rotation=20 if tilt else 0, ha="right" if tilt else "center",
-                      fontsize=7)
-    ax_bar.set_ylim(0, 1.05)
-    ax_bar.set_title("test metrics" + (" (CV groups: mean ± std)" if groups else ""))
-    ax_bar.legend(fontsize=8)
-    ax_bar.grid(axis="y", alpha=0.3)
+    ax.set_xticks(x, [e[0] for e in entries], rotation=20 if tilt else 0, ha="right" if tilt else "center",
+                  fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("test metrics" + (" (CV groups: mean ± std)" if groups else ""))
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot(runs: Sequence[RunInfo], metric: str, out_dir: str | Path) -> Path:
+    """``compare.png`` in ``out_dir``: learning curves of ``metric``'s validation counterpart per run, and
+    test AUROC/accuracy/F1 per run (CV groups: mean ± sample std). ``runs`` best first (see :func:`rank`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = differing_keys(runs)
+    fig, (ax_curve, ax_bar) = plt.subplots(1, 2, figsize=(14, 5.2))
+    plot_learning_curves(ax_curve, runs, keys, val_counterpart(metric))
+    plot_test_bars(ax_bar, runs, keys)
     fig.tight_layout()
     path = out_dir / "compare.png"
     fig.savefig(path, dpi=110)

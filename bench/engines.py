@@ -102,7 +102,8 @@ def build_models(cfg: EnginesConfig, work: Path) -> dict[tuple[int, int], Model]
             )
             (repo / name / "config.pbtxt").write_text(render_model_config(config))
             (repo / name / "labels.txt").write_text("\n".join(CLASSES) + "\n")
-            meta = {"schema": METADATA_SCHEMA, "name": name, "class_names": CLASSES, "max_batch_size": cfg.max_batch_size,
+            meta = {"schema": METADATA_SCHEMA, "name": name, "class_names": CLASSES,
+                    "max_batch_size": cfg.max_batch_size,
                     "input": {"name": INPUT_NAME, "channels": channels, "size": size, "window": None}}
             write_json(version / METADATA_FILE, meta)
             models[(channels, size)] = Model(name, channels, size, ProbabilityModel(net).eval(), onnx_path,

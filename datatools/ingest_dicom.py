@@ -45,7 +45,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from medops.deid import deidentify, pseudonym, quiet_pydicom, remap_uid
 from medops.dicom import read_dicom
 from medops.errors import ImageReadError
-from medops.io import resize, to_channels
+from medops.io import fit_to_model
 from medops.nifti import is_nifti, nifti_slices
 
 log = logging.getLogger("medops.ingest")
@@ -146,50 +146,41 @@ def _split_for(pid: str, fractions: tuple[float, float] | None, salt: str) -> st
     return "test" if u < test else "val" if u < test + val else "train"
 
 
-def ingest(args: argparse.Namespace) -> Result:
-    src, dst = Path(args.src), Path(args.dst)
-    files = sorted(p for p in src.rglob("*") if p.is_file())
-    dst.mkdir(parents=True, exist_ok=True)
-    result = Result()
-    rows: list[dict[str, str]] = []
-    arrays: list[tuple[np.ndarray, str, str]] = []
-    image_dir = dst / "images"
+def _file_items(path: Path, src: Path, dst: Path, args: argparse.Namespace, result: Result, number: int,
+                total: int) -> list[Item] | None:
+    """The images of one source file; None when it gives none (recorded in ``result`` as skipped or an error)."""
+    rel = path.relative_to(src)
+    label = _label(rel, args.label_from)
+    try:
+        if is_nifti(path):
+            return _nifti_items(path, rel, label, args)
+        if path.suffix.lower() == ".dcm" or _has_dicom_magic(path):
+            return _dicom_items(path, rel, label, args, dst)
+    except ImageReadError as err:
+        result.errors.append({"path": rel.as_posix(), "reason": err.reason})
+        log.warning("file %d of %d could not be ingested (see ingest_report.json)", number, total)
+        return None
+    result.skipped.append({"path": rel.as_posix(), "reason": "not a DICOM or NIfTI file"})
+    return None
+
+
+def _store_item(item: Item, args: argparse.Namespace, dst: Path, rows: list[dict[str, str]],
+                arrays: list[tuple[np.ndarray, str, str, str]]) -> None:
+    """Write one image as a PNG with its manifest row (``--format png``), or keep it for the .npz."""
+    split = _split_for(item.patient_id, args.patient_split, args.salt)
     if args.format == "png":
-        image_dir.mkdir(exist_ok=True)
-    columns = (TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=True, disable=args.no_progress) as progress:
-        task = progress.add_task("ingest", total=len(files))
-        for number, path in enumerate(files, start=1):
-            rel = path.relative_to(src)
-            label = _label(rel, args.label_from)
-            try:
-                if is_nifti(path):
-                    items = _nifti_items(path, rel, label, args)
-                elif path.suffix.lower() == ".dcm" or _has_dicom_magic(path):
-                    items = _dicom_items(path, rel, label, args, dst)
-                else:
-                    result.skipped.append({"path": rel.as_posix(), "reason": "not a DICOM or NIfTI file"})
-                    items = []
-                    progress.advance(task)
-                    continue
-            except ImageReadError as err:
-                result.errors.append({"path": rel.as_posix(), "reason": err.reason})
-                log.warning("file %d of %d could not be ingested (see ingest_report.json)", number, len(files))
-                progress.advance(task)
-                continue
-            result.files_ok += 1
-            for item in items:
-                split = _split_for(item.patient_id, args.patient_split, args.salt)
-                if args.format == "png":
-                    out = image_dir / f"{item.name}.png"
-                    Image.fromarray(item.image[:, :, 0] if item.image.shape[2] == 1 else item.image).save(out)
-                    rows.append({"path": out.relative_to(dst).as_posix(), "label": item.label, "split": split,
-                                 "patient_id": item.patient_id})
-                else:
-                    arrays.append((resize(to_channels(item.image, 1), args.size), item.label, item.patient_id, split))
-                result.items += 1
-            progress.advance(task)
-    if args.format == "png":
+        out = dst / "images" / f"{item.name}.png"
+        Image.fromarray(item.image[:, :, 0] if item.image.shape[2] == 1 else item.image).save(out)
+        rows.append({"path": out.relative_to(dst).as_posix(), "label": item.label, "split": split,
+                     "patient_id": item.patient_id})
+    else:
+        arrays.append((fit_to_model(item.image, args.size, 1), item.label, item.patient_id, split))
+
+
+def write_dataset(dst: Path, fmt: str, rows: list[dict[str, str]],
+                  arrays: list[tuple[np.ndarray, str, str, str]]) -> None:
+    """``manifest.csv`` for PNGs, or ``images.npz`` (when any image was read) for ``--format npz``."""
+    if fmt == "png":
         with (dst / "manifest.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=["path", "label", "split", "patient_id"])
             writer.writeheader()
@@ -204,15 +195,44 @@ def ingest(args: argparse.Namespace) -> Result:
             patient_ids=np.array([a[2] for a in arrays]),
             splits=np.array([a[3] for a in arrays]),
         )
+
+
+def write_report(dst: Path, files_seen: int, result: Result, fmt: str) -> None:
+    """``ingest_report.json``: counts, and the unreadable and skipped files with their reasons."""
     report = {
-        "files_seen": len(files),
+        "files_seen": files_seen,
         "files_ingested": result.files_ok,
         "images_written": result.items,
-        "format": args.format,
+        "format": fmt,
         "errors": result.errors,
         "skipped": result.skipped,
     }
     (dst / "ingest_report.json").write_text(json.dumps(report, indent=2))
+
+
+def ingest(args: argparse.Namespace) -> Result:
+    """Ingest every file under ``args.src`` into ``args.dst`` (see the module docstring)."""
+    src, dst = Path(args.src), Path(args.dst)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    dst.mkdir(parents=True, exist_ok=True)
+    result = Result()
+    rows: list[dict[str, str]] = []
+    arrays: list[tuple[np.ndarray, str, str, str]] = []
+    if args.format == "png":
+        (dst / "images").mkdir(exist_ok=True)
+    columns = (TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True, disable=args.no_progress) as progress:
+        task = progress.add_task("ingest", total=len(files))
+        for number, path in enumerate(files, start=1):
+            items = _file_items(path, src, dst, args, result, number, len(files))
+            if items is not None:
+                result.files_ok += 1
+                for item in items:
+                    _store_item(item, args, dst, rows, arrays)
+                    result.items += 1
+            progress.advance(task)
+    write_dataset(dst, args.format, rows, arrays)
+    write_report(dst, len(files), result, args.format)
     return result
 
 

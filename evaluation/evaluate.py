@@ -21,6 +21,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from medops import to_unit_range
 from medops.datasets import FolderDataset, label_index, load_medmnist_npz, read_manifest, scan_class_folders
 from medops.model_version import METADATA_FILE, ONNX_FILE, ModelVersionError, list_versions, read_metadata
 from medops.run_record import write_operating_point
@@ -137,7 +138,7 @@ def predict(module: Any, images: np.ndarray, batch_size: int = 256, device: str 
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(images[start : start + batch_size]).to(dev).float().div_(255.0)
+            x = torch.from_numpy(to_unit_range(images[start : start + batch_size])).to(dev)
             out.append(module(x).float().softmax(-1).cpu().numpy())
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0, module.hparams["num_classes"]))
 
@@ -151,19 +152,20 @@ def write_predictions(path: Path, P: np.ndarray, y: np.ndarray, names: list[str]
     return path
 
 
-def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
-    from evaluation.calibration import (
-        apply_temperature,
-        expected_calibration_error,
-        fit_temperature,
-        nll,
-        plot_reliability,
-    )
-    from evaluation.explain import explanation_grid
-    from evaluation.report import write_html_report
+@dataclass
+class _Probabilities:
+    """Class probabilities on validation and on the evaluated data, raw and after temperature scaling."""
+
+    val_raw: np.ndarray
+    raw: np.ndarray
+    val: np.ndarray
+    ev: np.ndarray
+    temperature: float | None = None
+
+
+def load_model_source(cfg: DictConfig) -> tuple[Any, dict[str, Any] | None]:
+    """The training source to evaluate and, for ``model=<exported dir>``, the exported version (else None)."""
     from export.source import load_source
-    from medops.metrics import choose_threshold, evaluate_predictions, subgroup_metrics
-    from medops.plots import plot_confusion, plot_roc
 
     onnx_model = resolve_exported_model(cfg.exported_model) if cfg.get("exported_model") else None
     if onnx_model is not None:  # an exported version: its run (data, classes) from the lineage, outputs from ONNX
@@ -172,16 +174,20 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         source = load_source(run=cfg.get("run"), checkpoint=cfg.get("checkpoint"), log_dir=cfg.paths.log_dir)
     else:
         raise EvaluationError("nothing to evaluate: pass run=<run dir>, checkpoint=<file.ckpt> or model=<exported dir>")
-    run_dir = source.checkpoint.resolve().parent.parent
-    out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "evaluation"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = source.class_names
-    k = len(names)
-    wanted = [str(c).lower() for c in (cfg.subgroup_columns or [])]
+    return source, onnx_model
+
+
+def _positive_index(cfg: DictConfig, k: int) -> int:
+    """``positive_class`` as an index; 0 or 1 for a binary task."""
     pos = int(cfg.positive_class)
     if k == 2 and pos not in (0, 1):
         raise EvaluationError(f"positive_class must be 0 or 1 for a binary task, got {pos}")
+    return pos
 
+
+def load_datasets(cfg: DictConfig, source: Any, wanted: list[str]) -> tuple[EvalData, EvalData]:
+    """The run's validation split and the evaluated data (the run's ``split`` or ``data=``), labels checked."""
+    names = source.class_names
     val = run_data(source, "val", wanted)
     _check_labels(val.labels, names, val.source)
     if cfg.dataset:
@@ -191,13 +197,24 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     _check_labels(ev.labels, names, ev.source)
     if len(ev.labels) == 0:
         raise EvaluationError(f"{ev.source}: no samples to evaluate")
+    return val, ev
+
+
+def predict_both(cfg: DictConfig, source: Any, onnx_model: dict[str, Any] | None, val: EvalData,
+                 ev: EvalData) -> tuple[np.ndarray, np.ndarray]:
+    """Raw probabilities on validation and on the evaluated data (the exported ONNX graph, else the checkpoint)."""
     log.info("predicting %d validation and %d %s images", len(val.labels), len(ev.labels), cfg.split)
     if onnx_model is not None:
-        P_val_raw = predict_onnx(onnx_model["onnx"], val.images)
-        P_raw = predict_onnx(onnx_model["onnx"], ev.images)
-    else:
-        P_val_raw = predict(source.module, val.images, int(cfg.batch_size), str(cfg.device))
-        P_raw = predict(source.module, ev.images, int(cfg.batch_size), str(cfg.device))
+        return predict_onnx(onnx_model["onnx"], val.images), predict_onnx(onnx_model["onnx"], ev.images)
+    P_val_raw = predict(source.module, val.images, int(cfg.batch_size), str(cfg.device))
+    P_raw = predict(source.module, ev.images, int(cfg.batch_size), str(cfg.device))
+    return P_val_raw, P_raw
+
+
+def calibrate(cfg: DictConfig, P_val_raw: np.ndarray, P_raw: np.ndarray, val: EvalData,
+              ev: EvalData) -> tuple[_Probabilities, dict[str, Any]]:
+    """A temperature fitted on validation (``calibrate=true``), the scaled probabilities and the calibration figures."""
+    from evaluation.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
 
     temperature = fit_temperature(P_val_raw, val.labels) if cfg.calibrate else None
     P_val = apply_temperature(P_val_raw, temperature) if temperature else P_val_raw
@@ -207,32 +224,89 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         calibration |= {"temperature": temperature, "ece_calibrated": expected_calibration_error(P, ev.labels),
                         "nll_calibrated": nll(P, ev.labels),
                         "val_nll": nll(P_val_raw, val.labels), "val_nll_calibrated": nll(P_val, val.labels)}
+    return _Probabilities(P_val_raw, P_raw, P_val, P, temperature), calibration
 
-    threshold = None
-    op: dict[str, Any] = {"method": "argmax", "threshold": None}
-    if k == 2:
-        threshold = choose_threshold(P_val, val.labels, cfg.threshold.method, float(cfg.threshold.target), pos)
-        op = {"method": str(cfg.threshold.method), "target": float(cfg.threshold.target), "threshold": threshold,
-              "positive_class": names[pos], "positive_index": pos, "chosen_on": "val",
-              "temperature": temperature}
-        op["val"] = {m: v["value"] for m, v in evaluate_predictions(
-            P_val, val.labels, names, threshold, pos, n_resamples=0)["metrics"].items()}
+
+def choose_operating_point(cfg: DictConfig, probs: _Probabilities, val: EvalData, names: list[str],
+                           pos: int) -> tuple[float | None, dict[str, Any]]:
+    """The decision threshold chosen on validation (binary tasks; else argmax) and its operating-point record."""
+    from medops.metrics import choose_threshold, evaluate_predictions
+
+    if len(names) != 2:
+        return None, {"method": "argmax", "threshold": None}
+    threshold = choose_threshold(probs.val, val.labels, cfg.threshold.method, float(cfg.threshold.target), pos)
+    op = {"method": str(cfg.threshold.method), "target": float(cfg.threshold.target), "threshold": threshold,
+          "positive_class": names[pos], "positive_index": pos, "chosen_on": "val",
+          "temperature": probs.temperature}
+    op["val"] = {m: v["value"] for m, v in evaluate_predictions(
+        probs.val, val.labels, names, threshold, pos, n_resamples=0)["metrics"].items()}
+    return threshold, op
+
+
+def compute_metrics(cfg: DictConfig, P: np.ndarray, ev: EvalData, names: list[str], threshold: float | None,
+                    pos: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metrics with bootstrap intervals on the evaluated data, and per subgroup when it has subgroup columns."""
+    from medops.metrics import evaluate_predictions, subgroup_metrics
+
     n_res, seed = int(cfg.n_resamples), int(cfg.seed)
     evaluation = evaluate_predictions(P, ev.labels, names, threshold, pos, n_res, seed, float(cfg.alpha))
     subgroups = (subgroup_metrics(P, ev.labels, ev.columns, names, threshold, pos, n_res, seed, evaluation,
                                   ev.known_values) if ev.columns else {})
+    return evaluation, subgroups
 
-    plots = {
+
+def draw_figures(cfg: DictConfig, source: Any, ev: EvalData, names: list[str], probs: _Probabilities,
+                 evaluation: dict[str, Any], threshold: float | None, pos: int, out_dir: Path) -> dict[str, Path]:
+    """The report's figures (ROC, reliability, confusion, explanations) written to ``out_dir``, by title."""
+    from evaluation.calibration import plot_reliability
+    from evaluation.explain import explanation_grid
+    from medops.plots import plot_confusion, plot_roc
+
+    P, temperature = probs.ev, probs.temperature
+    return {
         "ROC with operating point": plot_roc(P, ev.labels, names, out_dir / "roc.png", f"ROC, {cfg.split}",
                                              threshold, pos),
         "Reliability diagram": plot_reliability(
-            {"model": (P_raw, ev.labels), **({f"T={temperature:.2f}": (P, ev.labels)} if temperature else {})},
+            {"model": (probs.raw, ev.labels), **({f"T={temperature:.2f}": (P, ev.labels)} if temperature else {})},
             out_dir / "reliability.png"),
         "Confusion matrix": plot_confusion(np.array(evaluation["confusion_matrix"]), names,
                                            out_dir / "confusion.png", f"Confusion, {cfg.split}"),
         "Explanations (Grad-CAM and occlusion) of correct and wrong predictions": explanation_grid(
             source.module.net, ev.images, ev.labels, P, names, out_dir / "explanations.png", method="both"),
     }
+
+
+def write_outputs(result: dict[str, Any], plots: dict[str, Path], P: np.ndarray, ev: EvalData, source: Any,
+                  run_dir: Path, out_dir: Path, onnx_model: dict[str, Any] | None) -> None:
+    """``predictions_<split>.csv``, ``evaluation.json``, ``report.html`` and (checkpoints only) the run's
+    ``operating_point.json``."""
+    from evaluation.report import write_html_report
+
+    names = result["class_names"]
+    write_predictions(out_dir / f"predictions_{result['split']}.csv", P, ev.labels, names)
+    (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2, default=str))
+    write_html_report(result, plots, out_dir / "report.html")
+    op_record = {**result["operating_point"], "class_names": names, "checkpoint": source.checkpoint.name,
+                 "evaluation": str(out_dir / "evaluation.json")}
+    if onnx_model is None:  # an operating point belongs to the checkpoint it was chosen for
+        write_operating_point(run_dir, op_record)
+
+
+def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate a run's checkpoint or an exported model (see the module docstring); returns ``evaluation.json``."""
+    source, onnx_model = load_model_source(cfg)
+    run_dir = source.checkpoint.resolve().parent.parent
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else run_dir / "evaluation"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = source.class_names
+    wanted = [str(c).lower() for c in (cfg.subgroup_columns or [])]
+    pos = _positive_index(cfg, len(names))
+    val, ev = load_datasets(cfg, source, wanted)
+    P_val_raw, P_raw = predict_both(cfg, source, onnx_model, val, ev)
+    probs, calibration = calibrate(cfg, P_val_raw, P_raw, val, ev)
+    threshold, op = choose_operating_point(cfg, probs, val, names, pos)
+    evaluation, subgroups = compute_metrics(cfg, probs.ev, ev, names, threshold, pos)
+    plots = draw_figures(cfg, source, ev, names, probs, evaluation, threshold, pos, out_dir)
     result = {
         "run": str(run_dir), "checkpoint": str(source.checkpoint), "split": str(cfg.split),
         "model": onnx_model and {k: str(v) for k, v in onnx_model.items()},
@@ -242,13 +316,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         "subgroups": subgroups, "plots": {name: p.name for name, p in plots.items()},
         "config": OmegaConf.to_container(cfg, resolve=False),
     }
-    write_predictions(out_dir / f"predictions_{cfg.split}.csv", P, ev.labels, names)
-    (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2, default=str))
-    write_html_report(result, plots, out_dir / "report.html")
-    op_record = {**op, "class_names": names, "checkpoint": source.checkpoint.name,
-                 "evaluation": str(out_dir / "evaluation.json")}
-    if onnx_model is None:  # an operating point belongs to the checkpoint it was chosen for
-        write_operating_point(run_dir, op_record)
+    write_outputs(result, plots, probs.ev, ev, source, run_dir, out_dir, onnx_model)
     if cfg.wandb == "on" or (cfg.wandb == "auto" and source.record.get("wandb")):
         result["wandb"] = log_to_wandb(result, source.record, out_dir)
         (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2, default=str))
@@ -278,7 +346,7 @@ def predict_onnx(onnx_path: Path, images: np.ndarray, batch_size: int = 64) -> n
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    out = [session.run(None, {name: images[i : i + batch_size].astype(np.float32) / 255.0})[0]
+    out = [session.run(None, {name: to_unit_range(images[i : i + batch_size])})[0]
            for i in range(0, len(images), batch_size)]
     return np.concatenate(out).astype(np.float64)
 

@@ -19,7 +19,7 @@ from export.onnx_export import INPUT_NAME, OUTPUT_NAME, TemperatureScaled, expor
 from export.parity import ParityError, check_parity, onnxruntime_runner, parity_batch_sizes, torch_probabilities
 from export.repository import next_version, staged_version, validate_model_name
 from export.source import ExportError, ExportSource, held_out_images, load_source, sha256_file
-from export.tensorrt import FP16_TOLERANCE, build_engine, tensorrt_runner, tensorrt_unavailable_reason
+from export.tensorrt import build_engine, tensorrt_runner, tensorrt_unavailable_reason
 from medops.model_version import METADATA_FILE, METADATA_SCHEMA, MODEL_FILES, under_rollout, write_json
 from medops.run_record import OPERATING_POINT_FILE, git_info, package_versions, read_operating_point
 from medops.triton_config import build_model_config, render_model_config
@@ -142,9 +142,10 @@ def drift_profile(cfg: DictConfig, source: ExportSource, version_stage: Path, co
     return summary
 
 
-def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
-    """Run one export as configured; returns the version's metadata. Raises before anything is published."""
-    console = console or Console()
+def check_destination(cfg: DictConfig) -> tuple[str, str, Path, int, str | None]:
+    """The model name, target, repository and new version, and why TensorRT is unavailable (None when it is).
+
+    Raises ExportError for an unknown target, and for ``target=tensorrt`` without TensorRT."""
     name = validate_model_name(str(cfg.name))
     target = str(cfg.target)
     if target not in MODEL_FILES:
@@ -154,19 +155,31 @@ def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, A
     trt_reason = tensorrt_unavailable_reason()
     if target == "tensorrt" and trt_reason:
         raise ExportError(f"target=tensorrt needs TensorRT, which is not available here: {trt_reason}")
+    return name, target, repository, version, trt_reason
 
+
+def resolve_source(cfg: DictConfig, console: Console) -> ExportSource:
+    """The training run or checkpoint to export (``run=latest``: the newest finished run under the log dir)."""
     log_dir = cfg.paths.log_dir if cfg.get("run") == "latest" else "logs"  # resolved only when needed
     source = load_source(cfg.get("run"), cfg.get("checkpoint"), log_dir)
     console.print(f"exporting run {source.record.get('run_id')} ({source.record.get('output_dir')})")
-    images = held_out_images(source, split=cfg.parity.split, limit=cfg.parity.max_images, data_path=cfg.parity.data)
-    operating_point, evaluation = clinical_evaluation(source)
+    return source
+
+
+def graph_network(source: ExportSource, operating_point: dict[str, Any], console: Console) -> torch.nn.Module:
+    """The network to export: temperature-scaled when the operating point carries a fitted temperature."""
     net = source.module.net
     if operating_point.get("temperature"):  # calibrated probabilities: the temperature goes into the graph
         net = TemperatureScaled(net, operating_point["temperature"])
         console.print(f"temperature scaling T={operating_point['temperature']:.3f} (fitted on validation)")
-    reference = torch_probabilities(net, images)
+    return net
+
+
+def build_metadata(cfg: DictConfig, source: ExportSource, name: str, version: int, target: str,
+                   operating_point: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The version's metadata before export: input contract, metrics, lineage, package versions, operating point."""
     record = source.record
-    meta: dict[str, Any] = {
+    return {
         "schema": METADATA_SCHEMA, "name": name, "version": version, "target": target,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "class_names": source.class_names, "input": input_contract(source),
@@ -181,35 +194,71 @@ def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, A
         "evaluation": evaluation or None,
     }
 
+
+def _checked_parity(reference: Any, runner: Any, images: Any, sizes: list[int], atol: float, label: str,
+                    console: Console) -> dict[str, Any]:
+    """The parity report of ``runner`` against the PyTorch reference; ParityError when it fails."""
+    report = check_parity(reference, runner, images, sizes, atol, label)
+    console.print(report.summary())
+    if not report.passed:
+        raise ParityError(report.summary())
+    return report.as_dict()
+
+
+def write_onnx(cfg: DictConfig, net: torch.nn.Module, source: ExportSource, version_stage: Path, reference: Any,
+               images: Any, meta: dict[str, Any], console: Console) -> tuple[Path, list[int]]:
+    """``model.onnx`` exported and parity-checked with onnxruntime (opset and parity go into ``meta``); returns its
+    path and the parity batch sizes."""
+    onnx_path = version_stage / "model.onnx"
+    console.print(f"exporting {source.checkpoint} to ONNX (opset {cfg.opset}, batch 1..{cfg.max_batch_size})")
+    export_onnx(net, onnx_path, source.input_shape, cfg.max_batch_size, cfg.opset, cfg.optimize)
+    import onnx
+
+    meta["opset"] = opset_of(onnx.load(str(onnx_path)))
+    sizes = parity_batch_sizes(cfg.max_batch_size, list(cfg.parity.batch_sizes))
+    meta["parity"] = [_checked_parity(reference, onnxruntime_runner(str(onnx_path)), images, sizes, cfg.parity.atol,
+                                      "onnxruntime (CPU, FP32)", console)]
+    return onnx_path, sizes
+
+
+def write_tensorrt(cfg: DictConfig, onnx_path: Path, version_stage: Path, source: ExportSource, reference: Any,
+                   images: Any, sizes: list[int], console: Console) -> dict[str, Any]:
+    """``model.plan`` built from the ONNX graph and parity-checked (FP16 tolerance with fp16); returns the report."""
+    plan = build_engine(onnx_path, version_stage / "model.plan", source.input_shape, cfg.max_batch_size,
+                        fp16=cfg.tensorrt.fp16, workspace_gb=cfg.tensorrt.workspace_gb)
+    tol = cfg.tensorrt.atol if cfg.tensorrt.fp16 else cfg.parity.atol
+    return _checked_parity(reference, tensorrt_runner(plan), images, sizes, tol,
+                           "TensorRT FP16" if cfg.tensorrt.fp16 else "TensorRT FP32", console)
+
+
+def _announce(console: Console, repository: Path, name: str, version: int, target: str, meta: dict[str, Any]) -> None:
+    """Print where the version went and, under rollout control, that it waits for promotion."""
+    console.print(f"[bold green]wrote {repository / name / str(version)}[/] ({target}; "
+                  f"test AUROC {((meta['metrics'].get('test') or {}).get('auroc') or float('nan')):.4f})")
+    if under_rollout(repository, name):
+        console.print(f"{name} is under rollout control: v{version} is not served until promoted "
+                      f"(python -m serve promote {name} {version} --eval-data <labelled set>)")
+
+
+def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
+    """Run one export as configured; returns the version's metadata. Raises before anything is published."""
+    console = console or Console()
+    name, target, repository, version, trt_reason = check_destination(cfg)
+    source = resolve_source(cfg, console)
+    images = held_out_images(source, split=cfg.parity.split, limit=cfg.parity.max_images, data_path=cfg.parity.data)
+    operating_point, evaluation = clinical_evaluation(source)
+    net = graph_network(source, operating_point, console)
+    reference = torch_probabilities(net, images)
+    meta = build_metadata(cfg, source, name, version, target, operating_point, evaluation)
+
     with staged_version(repository, name, version) as (model_stage, version_stage):
-        onnx_path = version_stage / "model.onnx"
-        console.print(f"exporting {source.checkpoint} to ONNX (opset {cfg.opset}, batch 1..{cfg.max_batch_size})")
-        export_onnx(net, onnx_path, source.input_shape, cfg.max_batch_size, cfg.opset, cfg.optimize)
-        import onnx
-
-        meta["opset"] = opset_of(onnx.load(str(onnx_path)))
-        sizes = parity_batch_sizes(cfg.max_batch_size, list(cfg.parity.batch_sizes))
-        report = check_parity(reference, onnxruntime_runner(str(onnx_path)), images, sizes, cfg.parity.atol,
-                              "onnxruntime (CPU, FP32)")
-        console.print(report.summary())
-        if not report.passed:
-            raise ParityError(report.summary())
-        meta["parity"] = [report.as_dict()]
-
+        onnx_path, sizes = write_onnx(cfg, net, source, version_stage, reference, images, meta, console)
         if target == "tensorrt" or (cfg.tensorrt.enabled in ("auto", True) and trt_reason is None):
-            plan = build_engine(onnx_path, version_stage / "model.plan", source.input_shape, cfg.max_batch_size,
-                                fp16=cfg.tensorrt.fp16, workspace_gb=cfg.tensorrt.workspace_gb)
-            tol = cfg.tensorrt.atol if cfg.tensorrt.fp16 else cfg.parity.atol
-            trt_report = check_parity(reference, tensorrt_runner(plan), images, sizes, tol,
-                                      "TensorRT FP16" if cfg.tensorrt.fp16 else "TensorRT FP32")
-            console.print(trt_report.summary())
-            if not trt_report.passed:
-                raise ParityError(trt_report.summary())
-            meta["parity"].append(trt_report.as_dict())
+            meta["parity"].append(write_tensorrt(cfg, onnx_path, version_stage, source, reference, images, sizes,
+                                                 console))
         else:
             meta["tensorrt"] = f"skipped: {trt_reason or 'tensorrt.enabled=false'}"
             console.print(f"TensorRT skipped: {trt_reason or 'tensorrt.enabled=false'}")
-
         if cfg.drift.enabled:
             meta["drift"] = drift_profile(cfg, source, version_stage, console)
         if target == "python":
@@ -217,12 +266,8 @@ def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, A
         elif target == "onnxruntime":
             pass  # Triton's onnxruntime backend reads model.onnx directly
         write_version(model_stage, version_stage, meta, cfg, source.class_names)
-    console.print(f"[bold green]wrote {repository / name / str(version)}[/] ({target}; "
-                  f"test AUROC {((meta['metrics'].get('test') or {}).get('auroc') or float('nan')):.4f})")
-    if under_rollout(repository, name):
-        console.print(f"{name} is under rollout control: v{version} is not served until promoted "
-                      f"(python -m serve promote {name} {version} --eval-data <labelled set>)")
+    _announce(console, repository, name, version, target, meta)
     return meta
 
 
-__all__ = ["ExportError", "ParityError", "export_model", "FP16_TOLERANCE"]
+__all__ = ["ExportError", "ParityError", "export_model"]

@@ -127,7 +127,8 @@ def render_markdown(card: dict[str, Any]) -> str:
 def render_evaluation(evaluation: dict[str, Any] | None, op: dict[str, Any] | None) -> list[str]:
     """The ``evaluation.evaluate`` figures: metrics with 95% bootstrap CIs, calibration, subgroup gaps."""
     if not evaluation:
-        return ["", "## Clinical evaluation", "", "Not run (`python -m evaluation.evaluate run=<run dir>` before export)."]
+        return ["", "## Clinical evaluation", "",
+                "Not run (`python -m evaluation.evaluate run=<run dir>` before export)."]
     lines = ["", "## Clinical evaluation", "",
              f"{evaluation['split']} split of `{evaluation['source']}`, n = {evaluation['n']}; "
              "95% stratified bootstrap intervals.", "", "| metric | value | 95% CI |", "|---|---|---|"]

@@ -84,8 +84,3 @@ def publish(repository: Path, name: str, version: int, model_stage: Path) -> Pat
     return target
 
 
-def snapshot(repository: Path) -> dict[str, int]:
-    """Relative path -> size of every file under ``repository`` (to prove it was left unchanged)."""
-    if not repository.exists():
-        return {}
-    return {str(p.relative_to(repository)): p.stat().st_size for p in sorted(repository.rglob("*")) if p.is_file()}

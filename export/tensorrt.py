@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 
 log = logging.getLogger(__name__)
-FP16_TOLERANCE = 1e-2  # max |prob diff| accepted for an FP16 engine (vs. 1e-4 for FP32 ONNX)
 
 
 def tensorrt_unavailable_reason() -> str | None:

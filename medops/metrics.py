@@ -97,10 +97,6 @@ def average_precision(P: np.ndarray, y: np.ndarray, positive_class: int = 1) -> 
     return _macro([binary_average_precision(P[:, k], y == k) for k in range(P.shape[1]) if (y == k).any()])
 
 
-def _safe_div(a: float, b: float) -> float:
-    return float(a / b) if b else float("nan")
-
-
 def class_figures(cm: np.ndarray) -> dict[str, np.ndarray]:
     """Per-class precision, recall (sensitivity), specificity, F1 and support from a confusion matrix."""
     cm = np.asarray(cm, dtype=np.float64)

@@ -114,7 +114,7 @@ def read_record(run: str | Path) -> RunRecord:
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise RunRecordError(f"{path}: cannot read the run record ({type(exc).__name__}: {exc})") from None
+        raise RunRecordError(f"{path}: not a readable run record ({type(exc).__name__}: {exc})") from None
     return parse_record(raw, path)
 
 

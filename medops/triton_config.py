@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from medops.model_version import INPUT_NAME, OUTPUT_NAME
+
 __all__ = [
     "INSTANCE_KINDS",
     "TARGETS",
@@ -39,6 +41,86 @@ def _positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_model(name: str, target: str, instance_kind: str) -> None:
+    """Raise ValueError for an unknown target or instance kind, or an invalid model name."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown Triton target {target!r}; expected one of {', '.join(TARGETS)}")
+    if instance_kind not in INSTANCE_KINDS:
+        raise ValueError(f"unknown instance_kind {instance_kind!r}; expected one of {', '.join(INSTANCE_KINDS)}")
+    if not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"invalid Triton model name {name!r}")
+
+
+def _check_positive(**values: int) -> None:
+    """Raise ValueError naming the first of ``values`` that is not a positive integer."""
+    for field, value in values.items():
+        _positive(field, value)
+
+
+def _check_batching(max_batch_size: int, max_queue_delay_us: int, preferred_batch_sizes: Sequence[int]) -> list[int]:
+    """The preferred batch sizes up to ``max_batch_size``, sorted; ValueError for unusable batching settings."""
+    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(
+            f"max_batch_size must be >= 1, got {max_batch_size!r}: these configs always batch, with the batch "
+            "dimension implicit (not part of dims)"
+        )
+    if max_queue_delay_us < 0:
+        raise ValueError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
+    for size in preferred_batch_sizes:
+        _positive("each preferred batch size", size)
+    preferred = sorted({int(s) for s in preferred_batch_sizes if s <= max_batch_size})
+    if preferred_batch_sizes and not preferred:
+        raise ValueError(
+            f"all preferred batch sizes {list(preferred_batch_sizes)} exceed max_batch_size={max_batch_size}"
+        )
+    return preferred
+
+
+def _set_target(config: model_config_pb2.ModelConfig, target: str) -> None:
+    """Backend or platform and default model file of ``target``."""
+    backend, platform, model_filename = _TARGET_FIELDS[target]
+    if backend:
+        config.backend = backend
+    if platform:
+        config.platform = platform
+    if model_filename:
+        config.default_model_filename = model_filename
+
+
+def _add_tensors(config: model_config_pb2.ModelConfig, input_name: str, input_dims: list[int], output_name: str,
+                 num_classes: int, label_filename: str) -> None:
+    """The FP32 image input and probabilities output, per-sample dims (the batch dimension is implicit)."""
+    config.input.add(name=input_name, data_type=model_config_pb2.TYPE_FP32, dims=input_dims)
+    output = config.output.add(name=output_name, data_type=model_config_pb2.TYPE_FP32, dims=[num_classes])
+    if label_filename:
+        output.label_filename = label_filename
+
+
+def _add_instance_group(config: model_config_pb2.ModelConfig, target: str, instance_kind: str, count: int) -> None:
+    """``count`` instances on GPU or CPU (``auto``: GPU for TensorRT, CPU otherwise)."""
+    kind = instance_kind if instance_kind != "auto" else ("gpu" if target == "tensorrt" else "cpu")
+    group = model_config_pb2.ModelInstanceGroup
+    config.instance_group.add(kind=group.KIND_GPU if kind == "gpu" else group.KIND_CPU, count=count)
+
+
+def _set_parameters(config: model_config_pb2.ModelConfig, parameters: Mapping[str, str] | None) -> None:
+    """Free-form string parameters; ValueError for an empty or non-string name or a non-string value."""
+    for key, value in (parameters or {}).items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"parameter names must be non-empty strings, got {key!r}")
+        if not isinstance(value, str):
+            raise ValueError(f"parameter {key!r} must be a string (json.dumps structured values), got {type(value)}")
+        config.parameters[key].string_value = value
+
+
+def _add_warmup(config: model_config_pb2.ModelConfig, input_name: str, input_dims: list[int]) -> None:
+    """A one-sample all-zeros warm-up request."""
+    sample = config.model_warmup.add(name="zeros", batch_size=1)
+    sample.inputs[input_name].data_type = model_config_pb2.TYPE_FP32
+    sample.inputs[input_name].dims.extend(input_dims)
+    sample.inputs[input_name].zero_data = True
+
+
 def build_model_config(
     name: str,
     target: str,
@@ -53,8 +135,8 @@ def build_model_config(
     instance_count: int = 1,
     versions_to_serve: int = 1,
     parameters: Mapping[str, str] | None = None,
-    input_name: str = "image",
-    output_name: str = "probabilities",
+    input_name: str = INPUT_NAME,
+    output_name: str = OUTPUT_NAME,
     label_filename: str = "labels.txt",
     warmup: bool = True,
 ) -> model_config_pb2.ModelConfig:
@@ -79,73 +161,24 @@ def build_model_config(
         ValueError: unknown target or instance kind, non-positive sizes, an empty name, or preferred batch
             sizes that are all larger than ``max_batch_size``.
     """
-    if target not in TARGETS:
-        raise ValueError(f"unknown Triton target {target!r}; expected one of {', '.join(TARGETS)}")
-    if instance_kind not in INSTANCE_KINDS:
-        raise ValueError(f"unknown instance_kind {instance_kind!r}; expected one of {', '.join(INSTANCE_KINDS)}")
-    if not name or "/" in name or name in (".", ".."):
-        raise ValueError(f"invalid Triton model name {name!r}")
-    for field, value in (
-        ("channels", channels),
-        ("image_size", image_size),
-        ("num_classes", num_classes),
-        ("instance_count", instance_count),
-        ("versions_to_serve", versions_to_serve),
-    ):
-        _positive(field, value)
-    if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-        raise ValueError(
-            f"max_batch_size must be >= 1, got {max_batch_size!r}: these configs always batch, with the batch "
-            "dimension implicit (not part of dims)"
-        )
-    if max_queue_delay_us < 0:
-        raise ValueError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
-    for size in preferred_batch_sizes:
-        _positive("each preferred batch size", size)
-    preferred = sorted({int(s) for s in preferred_batch_sizes if s <= max_batch_size})
-    if preferred_batch_sizes and not preferred:
-        raise ValueError(
-            f"all preferred batch sizes {list(preferred_batch_sizes)} exceed max_batch_size={max_batch_size}"
-        )
+    _check_model(name, target, instance_kind)
+    _check_positive(channels=channels, image_size=image_size, num_classes=num_classes, instance_count=instance_count,
+                    versions_to_serve=versions_to_serve)
+    preferred = _check_batching(max_batch_size, max_queue_delay_us, preferred_batch_sizes)
     if not input_name or not output_name:
         raise ValueError("input_name and output_name must be non-empty")
 
-    backend, platform, model_filename = _TARGET_FIELDS[target]
     config = model_config_pb2.ModelConfig(name=name, max_batch_size=max_batch_size)
-    if backend:
-        config.backend = backend
-    if platform:
-        config.platform = platform
-    if model_filename:
-        config.default_model_filename = model_filename
-
+    _set_target(config, target)
     input_dims = [channels, image_size, image_size]
-    config.input.add(name=input_name, data_type=model_config_pb2.TYPE_FP32, dims=input_dims)
-    output = config.output.add(name=output_name, data_type=model_config_pb2.TYPE_FP32, dims=[num_classes])
-    if label_filename:
-        output.label_filename = label_filename
-
+    _add_tensors(config, input_name, input_dims, output_name, num_classes, label_filename)
     config.dynamic_batching.preferred_batch_size.extend(preferred)
     config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
-
-    kind = instance_kind if instance_kind != "auto" else ("gpu" if target == "tensorrt" else "cpu")
-    group = model_config_pb2.ModelInstanceGroup
-    config.instance_group.add(kind=group.KIND_GPU if kind == "gpu" else group.KIND_CPU, count=instance_count)
-
+    _add_instance_group(config, target, instance_kind, instance_count)
     config.version_policy.latest.num_versions = versions_to_serve
-
-    for key, value in (parameters or {}).items():
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"parameter names must be non-empty strings, got {key!r}")
-        if not isinstance(value, str):
-            raise ValueError(f"parameter {key!r} must be a string (json.dumps structured values), got {type(value)}")
-        config.parameters[key].string_value = value
-
+    _set_parameters(config, parameters)
     if warmup:
-        sample = config.model_warmup.add(name="zeros", batch_size=1)
-        sample.inputs[input_name].data_type = model_config_pb2.TYPE_FP32
-        sample.inputs[input_name].dims.extend(input_dims)
-        sample.inputs[input_name].zero_data = True
+        _add_warmup(config, input_name, input_dims)
     return config
 
 

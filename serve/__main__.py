@@ -520,11 +520,11 @@ def _backend_options() -> argparse.ArgumentParser:
     return common
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m serve", description="Serve medical image classifiers with "
-                                     "NVIDIA Triton: start the server, control models, predict, batch inference.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+_Subparsers = argparse._SubParsersAction  # what add_subparsers returns
 
+
+def _add_start_parser(sub: _Subparsers) -> None:
+    """``start``: run Triton until Ctrl-C/SIGTERM."""
     start = sub.add_parser("start", help="start Triton and wait until Ctrl-C/SIGTERM")
     start.add_argument("--model-repository", required=True, help="Triton model repository folder")
     start.add_argument("--http-port", type=int, default=8000)
@@ -541,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--log-file", default=None, help="server log file (default: a temporary file)")
     start.set_defaults(func=cmd_start)
 
+
+def _add_model_control_parsers(sub: _Subparsers) -> None:
+    """``load`` and ``unload``: explicit model control on a running Triton."""
     for name, text in (("load", "load a model (explicit model control)"),
                        ("unload", "unload a model (explicit model control)")):
         cmd = sub.add_parser(name, help=text)
@@ -551,13 +554,24 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seconds to wait for the request and the model state (default: 60)")
         cmd.set_defaults(func=cmd_model_control)
 
-    common = _backend_options()
+
+def _add_no_rollout(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--no-rollout", action="store_true",
+                     help="ignore a canary/shadow trial announced by the served model; use --version or latest")
+
+
+def _add_predict_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
+    """``predict``: image files through a backend (``common``: the backend options)."""
     predict = sub.add_parser("predict", parents=[common], help="predict image files (PNG/JPEG/DICOM/.npy)")
     predict.add_argument("files", nargs="+", metavar="FILE", help="image files")
     predict.add_argument("--top-k", type=_positive_int, default=3, help="classes to show per file (default: 3)")
     predict.add_argument("--json", action="store_true", help="print a JSON array, one object per file")
     predict.set_defaults(func=cmd_predict)
+    _add_no_rollout(predict)
 
+
+def _add_batch_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
+    """``batch``: a dataset or folder into a predictions CSV (``common``: the backend options)."""
     batch = sub.add_parser("batch", parents=[common], help="batch inference over a dataset or folder into a CSV")
     batch.add_argument("input", metavar="INPUT", help="a MedMNIST .npz, an image folder, a CSV or a file list")
     batch.add_argument("--out", default="predictions.csv", help="predictions CSV (default: predictions.csv)")
@@ -570,10 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compare accuracy/AUROC with a training run's test metrics")
     batch.add_argument("--log-dir", default="logs", help="where --compare-run latest looks (default: logs)")
     batch.set_defaults(func=cmd_batch)
-    for cmd in (predict, batch):
-        cmd.add_argument("--no-rollout", action="store_true",
-                         help="ignore a canary/shadow trial announced by the served model; use --version or latest")
+    _add_no_rollout(batch)
 
+
+def _add_drift_parser(sub: _Subparsers) -> None:
+    """``drift``: new images against the model's reference profile."""
     drift = sub.add_parser("drift", help="compare new images with the model's reference profile (drift check)")
     drift.add_argument("input", metavar="INPUT", help="image folder, CSV manifest, file list or MedMNIST .npz")
     drift.add_argument("--name", "--model", dest="name", required=True, help="model name")
@@ -588,29 +603,48 @@ def build_parser() -> argparse.ArgumentParser:
     drift.add_argument("--min-window", type=int, default=None, help="fewer images: insufficient data")
     drift.set_defaults(func=cmd_drift)
 
-    def rollout_parser(name: str, text: str, version: bool) -> argparse.ArgumentParser:
-        cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("name", metavar="NAME", help="model name")
-        if version:
-            cmd.add_argument("version", metavar="VERSION", type=_positive_int, help="model version")
-        cmd.add_argument("--model-repository", default="model_repository", help="(default: model_repository)")
-        cmd.add_argument("--url", default=None, help="running Triton HTTP HOST:PORT to reload (explicit control)")
-        cmd.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the reload")
-        cmd.set_defaults(func=cmd_rollout)
-        return cmd
 
-    promote = rollout_parser("promote", "make a version production, if it passes the promotion gate", True)
+def _add_rollout_parser(sub: _Subparsers, name: str, text: str, version: bool) -> argparse.ArgumentParser:
+    """One rollout command (NAME [VERSION], repository, reload URL and timeout)."""
+    cmd = sub.add_parser(name, help=text)
+    cmd.add_argument("name", metavar="NAME", help="model name")
+    if version:
+        cmd.add_argument("version", metavar="VERSION", type=_positive_int, help="model version")
+    cmd.add_argument("--model-repository", default="model_repository", help="(default: model_repository)")
+    cmd.add_argument("--url", default=None, help="running Triton HTTP HOST:PORT to reload (explicit control)")
+    cmd.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the reload")
+    cmd.set_defaults(func=cmd_rollout)
+    return cmd
+
+
+def _add_rollout_parsers(sub: _Subparsers) -> None:
+    """``promote``, ``rollback``, ``canary``, ``shadow``, ``end-trial`` and ``status``."""
+    promote = _add_rollout_parser(sub, "promote", "make a version production, if it passes the promotion gate", True)
     promote.add_argument("--eval-data", default=None, help="fixed labelled evaluation set (.npz, folder or CSV)")
     promote.add_argument("--split", default="test", help="split of --eval-data (default: test)")
     promote.add_argument("--tolerance", type=float, default=0.01,
                          help="candidate AUROC may be this much below production's (default: 0.01)")
     promote.add_argument("--force", action="store_true", help="promote even if the gate refuses (recorded)")
-    rollout_parser("rollback", "return to the previous production version", False)
-    canary = rollout_parser("canary", "serve a candidate version to a share of requests", True)
+    _add_rollout_parser(sub, "rollback", "return to the previous production version", False)
+    canary = _add_rollout_parser(sub, "canary", "serve a candidate version to a share of requests", True)
     canary.add_argument("--share", type=float, default=0.1, help="share of requests to the candidate (default 0.1)")
-    rollout_parser("shadow", "send every request to a candidate too; answer with production", True)
-    rollout_parser("end-trial", "stop a canary or shadow trial", False)
-    rollout_parser("status", "show the rollout state and recent decisions", False)
+    _add_rollout_parser(sub, "shadow", "send every request to a candidate too; answer with production", True)
+    _add_rollout_parser(sub, "end-trial", "stop a canary or shadow trial", False)
+    _add_rollout_parser(sub, "status", "show the rollout state and recent decisions", False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m serve`` parser: one sub-command per action, each with its handler as ``func``."""
+    parser = argparse.ArgumentParser(prog="python -m serve", description="Serve medical image classifiers with "
+                                     "NVIDIA Triton: start the server, control models, predict, batch inference.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_start_parser(sub)
+    _add_model_control_parsers(sub)
+    common = _backend_options()
+    _add_predict_parser(sub, common)
+    _add_batch_parser(sub, common)
+    _add_drift_parser(sub)
+    _add_rollout_parsers(sub)
     return parser
 
 

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -255,6 +255,146 @@ def _prepare_csv(path: Path, columns: list[str], class_names: Sequence[str], res
     return {row["key"] for row in kept}
 
 
+def _check_arguments(items: Sequence[InputItem], workers: int, in_flight: int, batch_size: int) -> None:
+    """Raise ServeError for a pool size below 1 or duplicate input keys."""
+    for name, value in (("workers", workers), ("in_flight", in_flight), ("batch_size", batch_size)):
+        if value < 1:
+            raise ServeError(f"{name} must be >= 1, got {value}")
+    keys = [item.key for item in items]
+    if len(set(keys)) != len(keys):
+        raise ServeError("input keys are not unique; each input needs its own row key")
+
+
+def _progress_bar(progress: bool) -> Progress:
+    """The stderr progress bar (count, rate, errors, times); disabled without ``progress``."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+                    TextColumn("{task.fields[errors]} errors"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not progress)
+
+
+def _latency_ms(latencies: list[float]) -> dict[str, float | None]:
+    """p50/p95/p99 in milliseconds of per-request seconds (None without a request)."""
+    if not latencies:
+        return {"p50": None, "p95": None, "p99": None}
+    p50, p95, p99 = (float(v) for v in np.percentile(np.array(latencies) * 1000.0, [50, 95, 99]))
+    return {"p50": p50, "p95": p95, "p99": p99}
+
+
+class _BatchRun:
+    """One pass over the items still to predict: a read pool feeding up to ``in_flight`` requests, the CSV writer
+    and the progress bar; ``done``, ``errors`` and ``latencies`` count what it did."""
+
+    def __init__(self, backend: Backend, info: ModelInfo, out: Path, columns: list[str], total: int, *,
+                 workers: int, in_flight: int, batch_size: int, progress: bool) -> None:
+        self.info = info
+        self.workers, self.in_flight, self.batch_size = workers, in_flight, batch_size
+        self.writer = _Writer(out, columns, self.info)
+        self.senders = _Senders(backend)
+        self.loader = ThreadPoolExecutor(workers, thread_name_prefix="medops-read")
+        self.sender = ThreadPoolExecutor(in_flight, thread_name_prefix="medops-infer")
+        self.bar = _progress_bar(progress)
+        self.task = self.bar.add_task(f"{self.info.name} v{self.info.version}", total=total, errors=0)
+        self.latencies: list[float] = []
+        self.done = 0
+        self.errors = 0
+        self.inflight: dict[Future, list[InputItem]] = {}
+
+    def run(self, todo: list[InputItem]) -> None:
+        """Read, send and write every item, then shut the pools and close the CSV."""
+        try:
+            with self.bar:
+                self._read_and_send(todo)
+                while self.inflight:
+                    self._collect(block=True)
+        finally:
+            self.loader.shutdown(wait=True, cancel_futures=True)
+            self.sender.shutdown(wait=True, cancel_futures=True)
+            self.senders.close()
+            self.writer.close()
+
+    def _prefetched(self, todo: list[InputItem]) -> Iterator[tuple[InputItem, Future]]:
+        """The items in order with their read futures, keeping a lookahead of reads submitted to the pool."""
+        lookahead = max(self.batch_size * (self.in_flight + 1), 2 * self.workers)
+        pending = iter(todo)
+        loads: deque[tuple[InputItem, Future]] = deque()
+
+        def top_up() -> None:
+            while len(loads) < lookahead:
+                item = next(pending, None)
+                if item is None:
+                    return
+                loads.append((item, self.loader.submit(load_item, item, self.info)))
+
+        top_up()
+        while loads:
+            item, fut = loads.popleft()
+            top_up()
+            yield item, fut
+
+    def _read_and_send(self, todo: list[InputItem]) -> None:
+        """Group the read images into requests of ``batch_size``; an unreadable image becomes an error row."""
+        group: list[InputItem] = []
+        arrays: list[np.ndarray] = []
+        for item, fut in self._prefetched(todo):
+            try:
+                array = fut.result()
+            except medops.ImageReadError as exc:
+                self._failed(item, str(exc))
+                self._flush()
+            else:
+                group.append(item)
+                arrays.append(array)
+                if len(group) == self.batch_size:
+                    self._send(group, arrays)
+                    group, arrays = [], []
+            self._collect(block=False)
+        if group:
+            self._send(group, arrays)
+
+    def _send(self, group: list[InputItem], arrays: list[np.ndarray]) -> None:
+        """Submit one request, first waiting while ``in_flight`` requests are running."""
+        while len(self.inflight) >= self.in_flight:
+            self._collect(block=True)
+        self.inflight[self.sender.submit(self.senders.infer, arrays)] = group
+
+    def _collect(self, block: bool) -> None:
+        """Write the rows of finished requests (waiting for one with ``block``)."""
+        if not self.inflight:
+            return
+        finished = (wait(self.inflight, return_when=FIRST_COMPLETED)[0] if block
+                    else [f for f in self.inflight if f.done()])
+        for fut in finished:
+            self._write(self.inflight.pop(fut), fut)
+            self._flush()
+
+    def _write(self, group: list[InputItem], fut: Future) -> None:
+        """The rows of one finished request: predictions, or an error row per image."""
+        try:
+            probs, seconds = fut.result()
+        except ServeError as exc:
+            for item in group:
+                self._failed(item, str(exc))
+            return
+        probs = np.asarray(probs)
+        if probs.shape != (len(group), len(self.info.class_names)):
+            for item in group:
+                self._failed(item, f"backend returned shape {list(probs.shape)} for {len(group)} images")
+            return
+        self.latencies.append(seconds)
+        for item, row in zip(group, probs, strict=True):
+            self.writer.prediction(item, row)
+        self.done += len(group)
+
+    def _failed(self, item: InputItem, message: str) -> None:
+        self.writer.error(item, message)
+        self.done += 1
+        self.errors += 1
+
+    def _flush(self) -> None:
+        self.writer.flush()
+        self.bar.update(self.task, completed=self.done, errors=self.errors)
+
+
 def run_batch(items: Sequence[InputItem], backend: Backend, out_csv: str | Path, *, workers: int = 2,
               in_flight: int = 4, batch_size: int = 16, resume: bool = True, progress: bool = True) -> BatchSummary:
     """Predict every item with ``backend`` into ``out_csv``, one row per input; see the module docstring.
@@ -263,121 +403,30 @@ def run_batch(items: Sequence[InputItem], backend: Backend, out_csv: str | Path,
     With ``resume`` and an existing ``out_csv``, items whose key already has a prediction there are skipped and
     rows of previously failed items are redone; without it the CSV is started afresh.
     """
-    for name, value in (("workers", workers), ("in_flight", in_flight), ("batch_size", batch_size)):
-        if value < 1:
-            raise ServeError(f"{name} must be >= 1, got {value}")
-    keys = [item.key for item in items]
-    if len(set(keys)) != len(keys):
-        raise ServeError("input keys are not unique; each input needs its own row key")
+    _check_arguments(items, workers, in_flight, batch_size)
     info = backend.info
     out = Path(out_csv)
     columns = csv_columns(info.class_names)
     done_keys = _prepare_csv(out, columns, info.class_names, resume)
     todo = [item for item in items if item.key not in done_keys]
-    skipped = len(items) - len(todo)
-
-    writer = _Writer(out, columns, info)
-    senders = _Senders(backend)
-    loader = ThreadPoolExecutor(workers, thread_name_prefix="medops-read")
-    sender = ThreadPoolExecutor(in_flight, thread_name_prefix="medops-infer")
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-                   TextColumn("{task.fields[errors]} errors"), TimeElapsedColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True), disable=not progress)
-    task = bar.add_task(f"{info.name} v{info.version}", total=len(todo), errors=0)
-    latencies: list[float] = []
-    counts = {"done": 0, "errors": 0}
-    inflight: dict[Future, list[InputItem]] = {}
-
-    def failed(item: InputItem, message: str) -> None:
-        writer.error(item, message)
-        counts["done"] += 1
-        counts["errors"] += 1
-
-    def collect(block: bool) -> None:
-        if not inflight:
-            return
-        finished = wait(inflight, return_when=FIRST_COMPLETED)[0] if block else [f for f in inflight if f.done()]
-        for fut in finished:
-            group = inflight.pop(fut)
-            try:
-                probs, seconds = fut.result()
-            except ServeError as exc:
-                for item in group:
-                    failed(item, str(exc))
-            else:
-                probs = np.asarray(probs)
-                if probs.shape != (len(group), len(info.class_names)):
-                    for item in group:
-                        failed(item, f"backend returned shape {list(probs.shape)} for {len(group)} images")
-                else:
-                    latencies.append(seconds)
-                    for item, row in zip(group, probs, strict=True):
-                        writer.prediction(item, row)
-                    counts["done"] += len(group)
-            writer.flush()
-            bar.update(task, completed=counts["done"], errors=counts["errors"])
-
-    def send(group: list[InputItem], arrays: list[np.ndarray]) -> None:
-        while len(inflight) >= in_flight:
-            collect(block=True)
-        inflight[sender.submit(senders.infer, arrays)] = group
-
+    run = _BatchRun(backend, info, out, columns, len(todo), workers=workers, in_flight=in_flight,
+                    batch_size=batch_size, progress=progress)
     started = time.perf_counter()
-    try:
-        with bar:
-            lookahead = max(batch_size * (in_flight + 1), 2 * workers)
-            pending = iter(todo)
-            loads: deque[tuple[InputItem, Future]] = deque()
-
-            def top_up() -> None:
-                while len(loads) < lookahead:
-                    item = next(pending, None)
-                    if item is None:
-                        return
-                    loads.append((item, loader.submit(load_item, item, info)))
-
-            group: list[InputItem] = []
-            arrays: list[np.ndarray] = []
-            top_up()
-            while loads:
-                item, fut = loads.popleft()
-                top_up()
-                try:
-                    array = fut.result()
-                except medops.ImageReadError as exc:
-                    failed(item, str(exc))
-                    writer.flush()
-                    bar.update(task, completed=counts["done"], errors=counts["errors"])
-                else:
-                    group.append(item)
-                    arrays.append(array)
-                    if len(group) == batch_size:
-                        send(group, arrays)
-                        group, arrays = [], []
-                collect(block=False)
-            if group:
-                send(group, arrays)
-            while inflight:
-                collect(block=True)
-    finally:
-        loader.shutdown(wait=True, cancel_futures=True)
-        sender.shutdown(wait=True, cancel_futures=True)
-        senders.close()
-        writer.close()
+    run.run(todo)
     seconds = time.perf_counter() - started
+    return _summarise(run, out, total=len(items), skipped=len(items) - len(todo), seconds=seconds)
 
+
+def _summarise(run: _BatchRun, out: Path, *, total: int, skipped: int, seconds: float) -> BatchSummary:
+    """The summary of a finished run, with metrics over every row now in the CSV."""
+    info = run.info
     rows = read_predictions(out, info.class_names)
     labelled, accuracy, auc = _metrics(rows, info.class_names)
-    if latencies:
-        p50, p95, p99 = (float(v) for v in np.percentile(np.array(latencies) * 1000.0, [50, 95, 99]))
-        latency: dict[str, float | None] = {"p50": p50, "p95": p95, "p99": p99}
-    else:
-        latency = {"p50": None, "p95": None, "p99": None}
     return BatchSummary(
-        total=len(items), done_now=counts["done"], skipped=skipped, errors=counts["errors"], seconds=seconds,
-        images_per_s=counts["done"] / seconds if seconds > 0 else 0.0, latency_ms=latency, accuracy=accuracy,
-        auroc=auc, labelled=labelled, rows=len(rows), requests=len(latencies), out_csv=str(out),
-        model=info.name, version=info.version,
+        total=total, done_now=run.done, skipped=skipped, errors=run.errors, seconds=seconds,
+        images_per_s=run.done / seconds if seconds > 0 else 0.0, latency_ms=_latency_ms(run.latencies),
+        accuracy=accuracy, auroc=auc, labelled=labelled, rows=len(rows), requests=len(run.latencies),
+        out_csv=str(out), model=info.name, version=info.version,
     )
 
 

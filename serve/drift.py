@@ -184,14 +184,3 @@ def write_outputs(report: DriftReport, out_dir: str | Path | None, log_dir: str 
     return folder
 
 
-def false_alarm_rate(windows: list[np.ndarray], model_repository: str | Path, name: str, **kwargs: Any) -> float:
-    """Share of same-distribution windows (each an N x H x W[x C] uint8 array) flagged as drift."""
-    import tempfile
-
-    alarms = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for i, window in enumerate(windows):
-            path = Path(tmp) / f"w{i}.npz"
-            np.savez(path, test_images=window, test_labels=np.zeros((len(window), 1), np.int64))
-            alarms += run_drift(path, model_repository, name, seed=i, **kwargs).result.drifted
-    return alarms / max(1, len(windows))

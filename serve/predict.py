@@ -101,7 +101,7 @@ def predict_files(paths: Iterable[str | os.PathLike[str]], backend: Backend, top
 
 
 def operating_point_decision(probs: np.ndarray, info: ModelInfo) -> dict[str, Any] | None:
-    """The binary decision at the operating point chosen on validation (``evaluation.evaluate``), when the model has one."""
+    """The binary decision at the operating point chosen on validation (``evaluation.evaluate``), if there is one."""
     threshold = info.extra.get("threshold")
     if threshold is None or len(info.class_names) != 2:
         return None

@@ -81,19 +81,21 @@ OWNED = {  # a file name or tensor name -> the core module that owns the format
 }
 
 
+def _package_files() -> list[Path]:
+    """The project's modules outside bench/ (benchmarks may spell things out) and tests/."""
+    return [path for package in PACKAGES if package != "bench" for path in sorted((REPO / package).rglob("*.py"))]
+
+
 def test_every_shared_format_has_one_owner() -> None:
     """No stage spells a shared file or tensor name itself: it imports the owner's constant."""
     offenders = []
-    for package in PACKAGES:
-        if package == "bench":
-            continue
-        for path in sorted((REPO / package).rglob("*.py")):
-            rel = path.relative_to(REPO).as_posix()
-            if rel.startswith("export/templates/"):
-                continue  # the Triton model runs inside Triton, without the medops package
-            for literal in _string_constants(path) & set(OWNED):
-                if OWNED[literal] != rel:
-                    offenders.append(f"{rel}: {literal!r} (owner: {OWNED[literal]})")
+    for path in _package_files():
+        rel = path.relative_to(REPO).as_posix()
+        if rel.startswith("export/templates/"):
+            continue  # the Triton model runs inside Triton, without the medops package
+        for literal in _string_constants(path) & set(OWNED):
+            if OWNED[literal] != rel:
+                offenders.append(f"{rel}: {literal!r} (owner: {OWNED[literal]})")
     assert offenders == []
 
 
@@ -103,14 +105,11 @@ MAX_LINES = 60
 def test_functions_are_short_or_say_why() -> None:
     """No function over 60 lines outside bench/ and tests/ unless its docstring says why it is long."""
     long = []
-    for package in PACKAGES:
-        if package == "bench":
-            continue
-        for path in sorted((REPO / package).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
-                    doc = ast.get_docstring(node) or ""
-                    if lines > MAX_LINES and "long because" not in doc.lower():
-                        long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    for path in _package_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                doc = ast.get_docstring(node) or ""
+                if lines > MAX_LINES and "long because" not in doc.lower():
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
     assert long == []

@@ -35,8 +35,9 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 
 def test_top_level_layout() -> None:
-    for name in ("train", "export", "serve", "model_repository", "conf", "tests", "Dockerfile.gpu",
-                 "pyproject.toml", "README.md", "data/breastmnist.npz", "data/README.md"):
+    for name in ("medops", "datatools", "analysis", "train", "export", "evaluation", "serve", "bench",
+                 "model_repository", "conf", "tests", "Dockerfile.gpu", "pyproject.toml", "README.md",
+                 "mkdocs.yml", "docs/index.md", "docs/architecture.md", "data/breastmnist.npz", "data/README.md"):
         assert (REPO / name).exists(), name
     groups = {p.name for p in (REPO / "conf").iterdir() if p.is_dir()}
     assert {"data", "model", "trainer", "logger", "callbacks", "experiment", "hparams_search", "debug"} <= groups

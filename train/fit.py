@@ -234,22 +234,18 @@ def check_one_run_dir(trainer: L.Trainer) -> None:
             "(torchrun)")
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training job as configured; returns the run record (empty on non-zero DDP ranks)."""
-    started = time.perf_counter()
-    out_dir = Path(cfg.paths.output_dir)
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
-
+def prepare_data(cfg: DictConfig, out_dir: Path) -> tuple[ImageClassificationDataModule, dict[str, Any]]:
+    """The DataModule, loaded and checked (raises DataError naming the file and the problem before any training),
+    and the data-validation summary for the run record."""
     data_args, validation = data_arguments(cfg.data)  # the DataModule's arguments, the `validation` block
     dm: ImageClassificationDataModule = hydra.utils.instantiate(data_args)
-    dm.prepare()  # raises DataError naming the file and the problem, before anything is trained
-    data_validation = check_data(dm, validation, out_dir)  # raises DataError on a violation not allowed
-    module = build_module(cfg, dm)
+    dm.prepare()
+    return dm, check_data(dm, validation, out_dir)  # raises DataError on a violation not allowed
 
+
+def build_trainer(cfg: DictConfig, loggers: list[Logger]) -> tuple[L.Trainer, dict[str, Any]]:
+    """The Lightning Trainer of ``cfg.trainer`` (precision resolved, callbacks attached) and its resolved config."""
     callbacks: list[Callback] = instantiate_list(cfg.get("callbacks"))
-    name_wandb_run(cfg, dm, module)
-    loggers: list[Logger] = instantiate_list(cfg.get("logger"))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_cfg, dict)
     trainer_cfg["precision"] = choose_precision(trainer_cfg.get("precision", "auto"),
@@ -258,7 +254,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer_cfg, callbacks=callbacks, logger=loggers or False, deterministic=cfg.get("deterministic", False)
     )
     check_one_run_dir(trainer)
+    return trainer, trainer_cfg
 
+
+def start_record(cfg: DictConfig, out_dir: Path, dm: ImageClassificationDataModule, data_validation: dict[str, Any],
+                 module: ClassificationModule, trainer_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The run record of a run about to fit: config, data summary and validation, model and trainer settings."""
     record = new_record(out_dir, run_id=out_dir.name, environment=environment())
     record["config"] = OmegaConf.to_container(cfg, resolve=True)
     record["config"]["data"].pop("validation", None)  # keeps the data config instantiable (export, serve)
@@ -267,6 +268,59 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     record["model"] = {"arch": module.hparams.net.get("arch"), "parameters": count_parameters(module.net)}
     record["trainer"] = {"precision": str(trainer_cfg["precision"]), "accelerator": trainer_cfg.get("accelerator"),
                          "devices": trainer_cfg.get("devices"), "strategy": str(trainer_cfg.get("strategy", "auto"))}
+    return record
+
+
+def fitted(trainer: L.Trainer) -> tuple[str | None, dict[str, Any]]:
+    """The best checkpoint's path and the record's fit results: checkpoints, epochs, steps, validation metrics."""
+    best_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
+    best_path = best_cb.best_model_path if best_cb and best_cb.best_model_path else None
+    last_path = next((c.last_model_path for c in trainer.callbacks
+                      if isinstance(c, ModelCheckpoint) and c.last_model_path), None)
+    return best_path, {
+        "checkpoints": {
+            "best": best_path and str(Path(best_path).resolve()),
+            "last": last_path and str(Path(last_path).resolve()),
+            "monitor": best_cb.monitor if best_cb else None,
+            "best_score": float(best_cb.best_model_score) if best_cb and best_cb.best_model_score is not None
+            else None,
+        },
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "val": {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")},
+        "status": "fitted",
+    }
+
+
+def finish_loggers(record: dict[str, Any], loggers: list[Logger], best_path: str | None) -> None:
+    """W&B: the run's identity and the best checkpoint as a model artifact, into the record."""
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            record["wandb"] = wandb_run_info(lg)
+            if best_path and record.get("test"):
+                record["wandb"]["model_artifact"] = log_checkpoint_artifact(lg.experiment, best_path, record)
+
+
+def close_loggers(loggers: list[Logger]) -> None:
+    """Flush and close every logger."""
+    for lg in loggers:
+        lg.finalize("success")
+        if isinstance(lg, WandbLogger):
+            lg.experiment.finish()  # flush the run (config, summary, files) now, not at interpreter exit
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job as configured; returns the run record (empty on non-zero DDP ranks)."""
+    started = time.perf_counter()
+    out_dir = Path(cfg.paths.output_dir)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    dm, data_validation = prepare_data(cfg, out_dir)
+    module = build_module(cfg, dm)
+    name_wandb_run(cfg, dm, module)
+    loggers: list[Logger] = instantiate_list(cfg.get("logger"))
+    trainer, trainer_cfg = build_trainer(cfg, loggers)
+    record = start_record(cfg, out_dir, dm, data_validation, module, trainer_cfg)
     for lg in loggers:
         lg.log_hyperparams({**record["config"], "data_summary": record["data"], "git": record["git"]})
     if trainer.is_global_zero:
@@ -281,37 +335,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.distributed.destroy_process_group()  # evaluation below runs on rank 0 alone
     if not trainer.is_global_zero:
         return {}
-
-    best_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor), None)
-    best_path = best_cb.best_model_path if best_cb and best_cb.best_model_path else None
-    last_path = next((c.last_model_path for c in trainer.callbacks
-                      if isinstance(c, ModelCheckpoint) and c.last_model_path), None)
-    record["checkpoints"] = {
-        "best": best_path and str(Path(best_path).resolve()),
-        "last": last_path and str(Path(last_path).resolve()),
-        "monitor": best_cb.monitor if best_cb else None,
-        "best_score": float(best_cb.best_model_score) if best_cb and best_cb.best_model_score is not None else None,
-    }
-    record["resumed_from"] = ckpt_path
-    record["epochs"] = trainer.current_epoch
-    record["global_step"] = trainer.global_step
-    record["val"] = {k.removeprefix("val/"): float(v) for k, v in trainer.callback_metrics.items()
-                     if k.startswith("val/")}
-    record["status"] = "fitted"
+    best_path, results = fitted(trainer)
+    record.update(results, resumed_from=ckpt_path)
     write_record(record, out_dir)
 
     if cfg.get("test", True) and best_path and not trainer.interrupted:
         record.update(evaluate(cfg, best_path, dm, loggers, out_dir, step=trainer.global_step))
-    for lg in loggers:
-        if isinstance(lg, WandbLogger):
-            record["wandb"] = wandb_run_info(lg)
-            if best_path and record.get("test"):
-                record["wandb"]["model_artifact"] = log_checkpoint_artifact(lg.experiment, best_path, record)
+    finish_loggers(record, loggers, best_path)
     record["timing"] = {"fit_seconds": round(fit_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1)}
     record["status"] = "interrupted" if trainer.interrupted else "completed"
     write_record(record, out_dir)
-    for lg in loggers:
-        lg.finalize("success")
-        if isinstance(lg, WandbLogger):
-            lg.experiment.finish()  # flush the run (config, summary, files) now, not at interpreter exit
+    close_loggers(loggers)
     return record

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision import models as tv_models
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 RESNETS: dict[str, tuple[type[nn.Module], list[int]]] = {
@@ -154,8 +153,3 @@ def build_network(
     return nn.Sequential(Normalize(mean, std), backbone)
 
 
-def torchvision_weights_hint(arch: str) -> str:
-    """Where users with internet can fetch ImageNet weights to pass as a local ``weights`` path."""
-    enum = {"resnet18": tv_models.ResNet18_Weights, "resnet34": tv_models.ResNet34_Weights,
-            "resnet50": tv_models.ResNet50_Weights}.get(arch)
-    return enum.DEFAULT.url if enum is not None else ""

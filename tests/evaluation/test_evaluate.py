@@ -228,7 +228,8 @@ def test_evaluate_exported_onnx_model_and_log_to_wandb(tmp_path: Path, trained_r
 
     def evaluate(*args: str) -> dict:
         out = tmp_path / f"eval{len(list(tmp_path.glob('eval*')))}"
-        proc = _subprocess.run([_sys.executable, "-m", "evaluation.evaluate", *args, f"output_dir={out}", "n_resamples=100",
+        proc = _subprocess.run([_sys.executable, "-m", "evaluation.evaluate", *args, f"output_dir={out}",
+                                "n_resamples=100",
                                 f"hydra.run.dir={out}/log"], cwd=REPO, capture_output=True, text=True, timeout=600,
                                env={**__import__("os").environ, "WANDB_MODE": "offline"})
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -261,7 +262,8 @@ def test_evaluate_external_class_folder(tmp_path: Path, trained_run: Path) -> No
         (tmp_path / "ext" / names[label]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(src["test_images"][i]).save(tmp_path / "ext" / names[label] / f"{i}.png")
     out = tmp_path / "out"
-    proc = _subprocess.run([_sys.executable, "-m", "evaluation.evaluate", f"run={trained_run}", f"data={tmp_path / 'ext'}",
+    proc = _subprocess.run([_sys.executable, "-m", "evaluation.evaluate", f"run={trained_run}",
+                            f"data={tmp_path / 'ext'}",
                             f"output_dir={out}", "n_resamples=50", "wandb=off", f"hydra.run.dir={out}/log"],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

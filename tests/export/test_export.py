@@ -19,7 +19,7 @@ from tritonclient.grpc import model_config_pb2
 
 import export.build as pipeline
 from export.parity import ParityError
-from export.repository import RepositoryError, snapshot
+from export.repository import RepositoryError
 from export.source import ExportError
 from tests.conftest import REPO
 from train.datamodules import MedMNISTDataModule
@@ -310,7 +310,8 @@ def test_evaluated_run_exports_its_operating_point_and_calibration(tmp_path: Pat
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    proc = subprocess.run([sys.executable, "-m", "evaluation.evaluate", f"run={run}", "calibrate=true", "n_resamples=200",
+    proc = subprocess.run([sys.executable, "-m", "evaluation.evaluate", f"run={run}", "calibrate=true",
+                           "n_resamples=200",
                            f"hydra.run.dir={tmp_path / 'eval_log'}"], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -342,3 +343,10 @@ def test_evaluated_run_exports_its_operating_point_and_calibration(tmp_path: Pat
     expected = pos if result["probabilities"][backend.info.class_names.index(pos)] >= op["threshold"] else \
         next(c for c in backend.info.class_names if c != pos)
     assert result["decision"]["class"] == expected and result["decision"]["threshold"] == pytest.approx(op["threshold"])
+
+
+def snapshot(repository: Path) -> dict[str, int]:
+    """Relative path -> size of every file under ``repository`` (to prove it was left unchanged)."""
+    if not repository.exists():
+        return {}
+    return {str(p.relative_to(repository)): p.stat().st_size for p in sorted(repository.rglob("*")) if p.is_file()}

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from serve.batch import BatchSummary, auroc, compare_with_run, csv_columns, latest_run, run_batch
+from medops.run_record import RunRecordError, latest_run
+from serve.batch import BatchSummary, auroc, compare_with_run, csv_columns, run_batch
 from serve.client import LocalBackend, ModelInfo, ServeError, TritonBackend
 from serve.inputs import InputItem, iter_inputs
 from tests.conftest import REPO
@@ -177,7 +178,8 @@ def test_resume_off_starts_afresh_and_other_model_is_refused(tmp_path: Path) -> 
 
 def write_run(folder: Path, status: str, acc: float, auc: float, mtime: float) -> Path:
     folder.mkdir(parents=True)
-    record = {"run_id": folder.name, "status": status, "test": {"acc": acc, "auroc": auc, "loss": 0.5},
+    record = {"schema": "medops.run/1", "run_id": folder.name, "status": status,
+              "test": {"acc": acc, "auroc": auc, "loss": 0.5},
               "data": {"counts": {"test": [10, 30]}}}
     path = folder / "run.json"
     path.write_text(json.dumps(record))
@@ -193,7 +195,7 @@ def test_latest_run_and_compare(tmp_path: Path) -> None:
     (logs / "broken").mkdir()
     (logs / "broken" / "run.json").write_text("{not json")
     assert latest_run(logs) == logs / "exp" / "runs" / "new"
-    with pytest.raises(ServeError, match="no completed training run"):
+    with pytest.raises(RunRecordError, match="no completed training run"):
         latest_run(logs / "exp" / "runs" / "newest_failed")
     summary = BatchSummary(total=40, done_now=40, skipped=0, errors=0, seconds=1.0, images_per_s=40.0,
                            latency_ms={"p50": 1.0, "p95": 2.0, "p99": 3.0}, accuracy=0.875, auroc=0.9, labelled=40)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 import medops
 from serve.client import TritonBackend
-from serve.drift import false_alarm_rate, run_drift
+from serve.drift import run_drift
 from serve.triton_server import TritonServer, free_port
 from tests.conftest import BREASTMNIST, REPO
 
@@ -189,3 +190,14 @@ def test_alert_rules_and_dashboard_use_metrics_the_server_exports(exported_repo:
         server.stop()
     exported = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
     assert names <= exported, sorted(names - exported)
+
+
+def false_alarm_rate(windows: list[np.ndarray], model_repository: str | Path, name: str, **kwargs: object) -> float:
+    """Share of same-distribution windows (each an N x H x W[x C] uint8 array) flagged as drift."""
+    alarms = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, window in enumerate(windows):
+            path = Path(tmp) / f"w{i}.npz"
+            np.savez(path, test_images=window, test_labels=np.zeros((len(window), 1), np.int64))
+            alarms += run_drift(path, model_repository, name, seed=i, **kwargs).result.drifted
+    return alarms / max(1, len(windows))
