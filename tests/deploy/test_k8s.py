@@ -177,6 +177,6 @@ def test_hpa_scales_the_deployment_on_the_adapters_queue_time_metric() -> None:
     assert re.search(rule["name"]["matches"], "nv_inference_queue_duration_us")
 
 
-def test_readme_applies_the_kustomization() -> None:
-    assert "kubectl apply -k deploy/k8s" in (REPO / "README.md").read_text()
+def test_docs_apply_the_kustomization() -> None:
+    assert "kubectl apply -k deploy/k8s" in (REPO / "docs" / "scale-out.md").read_text()
     assert Path(K8S / "kustomization.yaml").is_file()

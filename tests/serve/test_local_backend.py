@@ -49,7 +49,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     version = tmp_path_factory.mktemp("repo") / "tiny" / "1"
     version.mkdir(parents=True)
     (version / "model.onnx").write_bytes(model.SerializeToString())
-    meta = {"class_names": ["a", "b"], "max_batch_size": 4,
+    meta = {"schema": "medops.model/1", "class_names": ["a", "b"], "max_batch_size": 4,
             "input": {"name": "image", "channels": 1, "size": 8, "window": None}}
     (version / "metadata.json").write_text(json.dumps(meta))
     return version.parent.parent
