@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rich.console import Console
 
     from bench import common, report
-    from serve.client import physical_cores
+    from serve.local_backend import physical_cores
 
     threads = args.threads or physical_cores()
     out_dir = Path(args.out) if args.out else common.default_out_dir()

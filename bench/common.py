@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from serve.client import physical_cores
+from serve.local_backend import physical_cores
 
 SCHEMA = "medops.bench/1"
 PACKAGES = ("torch", "torchvision", "onnxruntime", "onnxruntime-gpu", "lightning", "tritonclient", "nvidia-pytriton",

@@ -269,7 +269,7 @@ def run(cfg: EnginesConfig, out_dir: Path, info: dict[str, Any], log: Callable[[
     import onnxruntime as ort
     import torch
 
-    from serve.client import ort_session_options
+    from serve.local_backend import ort_session_options
 
     started = time.perf_counter()
     torch.set_num_threads(cfg.threads)

@@ -122,8 +122,9 @@ def run(cfg: PipelineConfig, out_dir: Path, info: dict[str, Any],
     import torch
 
     from serve.batch import run_batch
-    from serve.client import LocalBackend, TritonBackend
+    from serve.client import TritonBackend
     from serve.inputs import iter_inputs, load_item
+    from serve.local_backend import LocalBackend
 
     started = time.perf_counter()
     torch.set_num_threads(cfg.threads)

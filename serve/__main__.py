@@ -217,7 +217,7 @@ def server_context(args: argparse.Namespace) -> Iterator[str]:
         ServeError: ``--start-server`` with the local backend, or the server did not start (message ends with
             the server log tail).
     """
-    from serve.client import ServeError
+    from serve.contract import ServeError
 
     if not getattr(args, "start_server", False):
         yield normalize_url(args.url or _default_url(args.backend))
@@ -244,7 +244,8 @@ def server_context(args: argparse.Namespace) -> Iterator[str]:
 
 def open_model(args: argparse.Namespace, url: str) -> Any:
     """The backend for ``--backend``; ServeError with the URL/repository and model in the message."""
-    from serve.client import ServeError, open_backend
+    from serve.client import open_backend
+    from serve.contract import ServeError
     from serve.rollout import RolloutBackend, trial_of
 
     def open_version(version: str | int | None) -> Any:
@@ -278,7 +279,7 @@ def _backend_label(args: argparse.Namespace, url: str) -> str:
 
 # -- predict -----------------------------------------------------------------------------------------------
 def cmd_predict(args: argparse.Namespace) -> int:
-    from serve.client import ServeError
+    from serve.contract import ServeError
     from serve.predict import failed, predict_files, render_errors, render_json, render_table
 
     try:
@@ -311,7 +312,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from medops import ImageReadError
     from medops.run_record import RunRecordError, latest_run
     from serve.batch import compare_with_run, run_batch
-    from serve.client import ServeError
+    from serve.contract import ServeError
     from serve.inputs import iter_inputs
 
     try:
@@ -384,7 +385,7 @@ def _rollout_report(backend: Any, path: Path | None) -> None:
 # -- drift -------------------------------------------------------------------------------------------------
 def cmd_drift(args: argparse.Namespace) -> int:
     from medops.drift import DriftThresholds
-    from serve.client import ServeError
+    from serve.contract import ServeError
     from serve.drift import run_drift, write_outputs
 
     overrides = {k: v for k, v in (("alpha", args.alpha), ("psi_threshold", args.psi_threshold),
@@ -423,7 +424,7 @@ def _exported_thresholds(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_rollout(args: argparse.Namespace) -> int:
     from medops.model_version import HISTORY_FILE
     from serve import rollout
-    from serve.client import ServeError
+    from serve.contract import ServeError
 
     repo, name = args.model_repository, args.name
     url = normalize_url(args.url) if args.url else None

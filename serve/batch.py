@@ -43,7 +43,8 @@ from rich.text import Text
 import medops
 from medops.metrics import auroc_or_none as auroc
 from medops.run_record import RunRecordError, read_record
-from serve.client import Backend, ModelInfo, ServeError, TritonBackend
+from serve.client import TritonBackend
+from serve.contract import Backend, ModelInfo, ServeError
 from serve.inputs import InputItem, load_item, parse_label
 
 __all__ = [

@@ -24,8 +24,9 @@ from rich.table import Table
 import medops
 from medops import drift as core
 from medops.model_version import DRIFT_REFERENCE_FILE, EMBEDDING_FILE
-from serve.client import LocalBackend, ServeError, model_version_dir, read_version_metadata
+from serve.contract import ServeError, model_version_dir, read_version_metadata
 from serve.inputs import InputItem, iter_inputs
+from serve.local_backend import LocalBackend
 
 log = logging.getLogger(__name__)
 

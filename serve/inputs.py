@@ -18,7 +18,7 @@ import numpy as np
 
 import medops
 from medops.datasets import canonical_split
-from serve.client import ModelInfo, ServeError
+from serve.contract import ModelInfo, ServeError
 
 __all__ = ["InputItem", "iter_inputs", "load_item", "parse_label"]
 

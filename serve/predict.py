@@ -1,6 +1,6 @@
 """Online prediction of image files: read with the model's own input contract, infer, rank the classes.
 
-Used by ``python -m serve predict``. Works with any :class:`serve.client.Backend` (Triton over HTTP/gRPC, or
+Used by ``python -m serve predict``. Works with any :class:`serve.contract.Backend` (Triton over HTTP/gRPC, or
 onnxruntime in-process), so the same files give the same probabilities whichever backend serves them.
 
 PRIVACY: a file that cannot be read is reported with its path and a technical reason only
@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from medops import ImageReadError, load_for_model
-from serve.client import Backend, ModelInfo
+from serve.contract import Backend, ModelInfo
 
 __all__ = [
     "failed",

@@ -45,7 +45,8 @@ from medops.model_version import (
     write_rollout_state,
 )
 from medops.triton_config import parse_model_config, render_model_config
-from serve.client import Backend, LocalBackend, ModelInfo, ServeError
+from serve.contract import Backend, ModelInfo, ServeError
+from serve.local_backend import LocalBackend
 
 MODES = ("canary", "shadow")
 

@@ -305,7 +305,7 @@ def test_export_from_a_wandb_run_path(tmp_path: Path, trained_run: Path, monkeyp
 
 def test_evaluated_run_exports_its_operating_point_and_calibration(tmp_path: Path, trained_run: Path) -> None:
     """evaluation.evaluate (calibrate=true) -> export: CIs in the card, temperature in the graph, threshold served."""
-    from serve.client import LocalBackend
+    from serve.local_backend import LocalBackend
     from serve.predict import predict_files
 
     run = tmp_path / "run"

@@ -16,7 +16,7 @@ from PIL import Image
 import medops
 from evaluation.evaluate import external_data, predict
 from export.source import held_out_images
-from serve.client import ModelInfo
+from serve.contract import ModelInfo
 from serve.drift import read_images
 from serve.inputs import iter_inputs, load_item
 from tests.conftest import write_medmnist

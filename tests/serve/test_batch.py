@@ -18,8 +18,10 @@ from rich.console import Console
 
 from medops.run_record import RunRecordError, latest_run
 from serve.batch import BatchSummary, auroc, compare_with_run, csv_columns, run_batch
-from serve.client import LocalBackend, ModelInfo, ServeError, TritonBackend
+from serve.client import TritonBackend
+from serve.contract import ModelInfo, ServeError
 from serve.inputs import InputItem, iter_inputs
+from serve.local_backend import LocalBackend
 from tests.conftest import REPO
 
 DATA = REPO / "tests" / "data"

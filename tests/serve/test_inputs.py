@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import medops
-from serve.client import ModelInfo, ServeError
+from serve.contract import ModelInfo, ServeError
 from serve.inputs import InputItem, iter_inputs, load_item, parse_label
 from tests.conftest import REPO, write_csv
 from tests.test_repo import BLOCK_TORCH

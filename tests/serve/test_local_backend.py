@@ -1,4 +1,4 @@
-"""serve.client's in-process onnxruntime backend: session options and serialised runs."""
+"""serve.local_backend: the in-process onnxruntime backend, its session options and serialised runs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from serve.client import LocalBackend, ort_session_options, physical_cores
+from serve.local_backend import LocalBackend, ort_session_options, physical_cores
 
 
 def test_physical_cores_is_within_the_cpus() -> None:

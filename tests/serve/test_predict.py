@@ -177,7 +177,7 @@ def test_cli_output_has_no_patient_data(served, images: dict[str, Path], tmp_pat
 
 
 def test_cli_imports_no_torch() -> None:
-    code = ("import sys, serve.__main__, serve.predict, serve.client; "
+    code = ("import sys, serve.__main__, serve.predict, serve.client, serve.contract, serve.local_backend; "
             "from serve.__main__ import build_parser; build_parser().parse_args(['predict', 'x.png', '--model', 'm']); "
             "bad = [m for m in ('torch', 'lightning', 'torchvision') if m in sys.modules]; "
             "assert not bad, bad")

@@ -204,8 +204,8 @@ def test_shadow_answers_with_production_and_logs_disagreement(repo: Path, server
     first = json.loads(log_lines[0])
     assert first["production"] != first["candidate"]
     # the answers are production's (v1), not the candidate's
-    from serve.client import LocalBackend
     from serve.inputs import iter_inputs, load_item
+    from serve.local_backend import LocalBackend
 
     local = LocalBackend(repo, MODEL, 1)
     items, _ = iter_inputs(breastmnist_small, class_names=local.info.class_names)
