@@ -255,28 +255,66 @@ def manifest_group_column(csv_path: Path, group_column: str | None = "auto") -> 
     return group_column.lower()
 
 
-def read_manifest(csv_path: Path, group_column: str | None = None) -> list[Sample]:
-    """Rows of a ``path,label[,split][,patient_id]`` CSV (paths relative to the CSV's folder); errors name the row."""
+def manifest_rows(csv_path: Path, required: tuple[str, ...] = ("path",)) -> list[tuple[int, dict[str, str]]]:
+    """``(line number, row)`` of every non-blank row of a CSV manifest: column names stripped and lower-cased, cells
+    stripped, a byte-order mark ignored. Raises :class:`DataError` for an unreadable file or a missing column."""
     if not csv_path.is_file():
         raise DataError(f"{csv_path}: manifest not found")
-    with csv_path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip().lower() for c in reader.fieldnames or []]
-        if "path" not in columns or "label" not in columns:
-            raise DataError(f"{csv_path}: manifest needs 'path' and 'label' columns, found {columns}")
-        samples = []
-        for line, row in enumerate(reader, start=2):
-            row = {k.strip().lower(): (v or "").strip() for k, v in row.items() if k}
-            if not row["path"] or not row["label"]:
-                raise DataError(f"{csv_path}:{line}: empty path or label")
-            split = row.get("split") or None
-            if split is not None:
-                if split.lower() not in SPLIT_ALIASES:
-                    raise DataError(f"{csv_path}:{line}: unknown split {split!r}; use train, val or test")
-                split = SPLIT_ALIASES[split.lower()]
-            path = Path(row["path"])
-            group = (row.get(group_column) or None) if group_column else None
-            samples.append(Sample(path if path.is_absolute() else csv_path.parent / path, row["label"], split, group))
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip().lower() for c in reader.fieldnames or []]
+            raw = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"{csv_path}: cannot read the CSV manifest ({type(exc).__name__}: {exc})") from None
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise DataError(f"{csv_path}: manifest needs {' and '.join(repr(c) for c in required)} column"
+                        f"{'s' if len(required) > 1 else ''}, found {columns}")
+    rows = []
+    for line, row in enumerate(raw, start=2):
+        clean = {k.strip().lower(): v.strip() if isinstance(v, str) else "" for k, v in row.items() if k}
+        if any(clean.values()):
+            rows.append((line, clean))
+    return rows
+
+
+def npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """``<split>_images`` of a MedMNIST-style ``.npz`` as N x H x W x C and its ``<split>_labels`` as stored (or
+    ``None``). Raises :class:`DataError` for an unreadable file or a missing split, naming the splits it has."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+            if f"{split}_images" not in keys:
+                found = sorted(k.removesuffix("_images") for k in keys if k.endswith("_images"))
+                raise DataError(f"{path}: no '{split}_images' array; splits in the file: {found}")
+            images = npz[f"{split}_images"]
+            labels = npz[f"{split}_labels"] if f"{split}_labels" in keys else None
+    except DataError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError...
+        raise DataError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise DataError(f"{path}: {split}_images has shape {images.shape}; expected N x H x W [x C] (2D MedMNIST)")
+    return images, labels
+
+
+def read_manifest(csv_path: Path, group_column: str | None = None) -> list[Sample]:
+    """Rows of a ``path,label[,split][,patient_id]`` CSV (paths relative to the CSV's folder); errors name the row."""
+    samples = []
+    for line, row in manifest_rows(csv_path, ("path", "label")):
+        if not row["path"] or not row["label"]:
+            raise DataError(f"{csv_path}:{line}: empty path or label")
+        split = row.get("split") or None
+        if split is not None:
+            if split.lower() not in SPLIT_ALIASES:
+                raise DataError(f"{csv_path}:{line}: unknown split {split!r}; use train, val or test")
+            split = SPLIT_ALIASES[split.lower()]
+        path = Path(row["path"])
+        group = (row.get(group_column) or None) if group_column else None
+        samples.append(Sample(path if path.is_absolute() else csv_path.parent / path, row["label"], split, group))
     if not samples:
         raise DataError(f"{csv_path}: manifest has no rows")
     return samples
@@ -357,8 +395,8 @@ def load_medmnist_npz(path: str | Path, class_names: list[str] | None = None) ->
     if not path.is_file():
         raise DataError(f"{path}: dataset file not found")
     try:
-        npz = np.load(path, allow_pickle=False)
-        keys = set(npz.files)
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
     except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError...
         raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
     needed = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
@@ -368,14 +406,8 @@ def load_medmnist_npz(path: str | Path, class_names: list[str] | None = None) ->
     images: dict[str, np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
     for split in SPLITS:
-        try:
-            imgs, labs = npz[f"{split}_images"], npz[f"{split}_labels"]
-        except Exception as exc:
-            raise DataError(f"{path}: cannot read split {split!r} ({exc})") from exc
-        if imgs.ndim == 3:
-            imgs = imgs[..., None]
-        if imgs.ndim != 4:
-            raise DataError(f"{path}: {split}_images has shape {imgs.shape}; expected N x H x W [x C] (2D MedMNIST)")
+        imgs, labs = npz_split(path, split)
+        assert labs is not None  # the keys were checked above
         if labs.ndim == 2 and labs.shape[1] > 1:
             raise DataError(
                 f"{path}: {split}_labels has shape {labs.shape}: multi-label datasets (e.g. ChestMNIST) are not "

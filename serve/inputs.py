@@ -8,7 +8,6 @@ Torch-free: numpy and :mod:`medops` only.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 
 import medops
-from medops.datasets import canonical_split
+from medops.datasets import DataError, canonical_split, manifest_rows, npz_split
 from serve.contract import ModelInfo, ServeError
 
 __all__ = ["InputItem", "iter_inputs", "load_item", "parse_label"]
@@ -141,22 +140,14 @@ def _folder_items(root: Path, class_names: list[str] | None) -> list[InputItem]:
 def _csv_items(csv_path: Path, split: str | None, class_names: list[str] | None
                ) -> tuple[list[InputItem], str | None]:
     try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ServeError(f"{csv_path}: cannot read the CSV manifest ({type(exc).__name__}: {exc})") from None
-    if "path" not in columns:
-        raise ServeError(f"{csv_path}: manifest needs a 'path' column, found {columns}")
-    has_split = "split" in columns
+        rows = manifest_rows(csv_path)
+    except DataError as exc:
+        raise ServeError(str(exc)) from None
+    has_split = any("split" in row for _, row in rows)
     wanted = canonical_split(split) if (has_split and split) else None
     items: list[InputItem] = []
     seen: set[str] = set()
-    for line, raw in enumerate(rows, start=2):
-        row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in raw.items()}
-        if not any(row.values()):
-            continue  # blank line
+    for line, row in rows:
         if wanted is not None:
             if canonical_split(row.get("split", "")) != wanted:
                 continue
@@ -199,18 +190,10 @@ def _list_items(list_path: Path) -> list[InputItem]:
 def _npz_items(npz_path: Path, split: str, class_names: list[str] | None) -> tuple[list[InputItem], str]:
     split = canonical_split(split)
     try:
-        with np.load(npz_path, allow_pickle=False) as data:
-            keys = set(data.files)
-            if f"{split}_images" not in keys:
-                found = sorted(k.removesuffix("_images") for k in keys if k.endswith("_images"))
-                raise ServeError(f"{npz_path}: no '{split}_images' array; splits in the file: {found}")
-            images = data[f"{split}_images"]
-            labels = data[f"{split}_labels"] if f"{split}_labels" in keys else None
-    except ServeError:
-        raise
-    except Exception as exc:  # zipfile/pickle/format errors: not a readable npz
-        raise ServeError(f"{npz_path}: cannot read the .npz file ({type(exc).__name__}: {exc})") from None
-    if images.ndim not in (3, 4) or len(images) == 0:
+        images, labels = npz_split(npz_path, split)
+    except DataError as exc:
+        raise ServeError(str(exc)) from None
+    if len(images) == 0:
         raise ServeError(f"{npz_path}: '{split}_images' has shape {images.shape}; expected N x H x W[ x C], N > 0")
     flat: np.ndarray | None = None
     if labels is not None:

@@ -160,7 +160,7 @@ def test_npz_splits(breastmnist_small: Path) -> None:
     assert info == {"kind": "npz", "source": str(breastmnist_small), "split": "test", "count": 64, "labelled": 64}
     assert [i.key for i in items[:2]] == ["npz:test:0", "npz:test:1"] and items[0].path is None
     assert [i.label for i in items] == data["test_labels"].reshape(-1).tolist()
-    np.testing.assert_array_equal(items[5].array, data["test_images"][5])
+    np.testing.assert_array_equal(items[5].array[..., 0], data["test_images"][5])  # H x W x C, C added
     val, info = iter_inputs(breastmnist_small, split="validation")
     assert info["count"] == 78 and val[0].key == "npz:val:0"
     with pytest.raises(ServeError, match=r"no 'extra_images'.*\['test', 'train', 'val'\]"):
