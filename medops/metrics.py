@@ -351,3 +351,23 @@ def operating_point_figures(P: Any, y: Any, threshold: float, positive_class: in
     fns = metric_functions(2, threshold, positive_class)
     return {"acc": fns["accuracy"](P, y), "sensitivity": fns["sensitivity"](P, y),
             "specificity": fns["specificity"](P, y)}
+
+
+def summary_metrics(P: Any, y: Any) -> dict[str, float]:
+    """The run record's headline figures at the arg-max decision: accuracy, AUROC (binary: of class 1; more classes:
+    macro one-vs-rest) and macro precision, recall and F1.
+
+    The macro averages follow torchmetrics' ``average="macro"`` (which logs the per-epoch figures during training):
+    a class with neither true nor predicted samples is left out, an undefined ratio counts as 0.
+    """
+    P, y = _as_arrays(P, y)
+    cm = confusion_matrix(y, P.argmax(1), P.shape[1])
+    f = class_figures(cm)
+    tp = np.diag(cm)
+    seen = (cm.sum(0) + cm.sum(1) - tp) > 0  # tp + fp + fn > 0
+
+    def macro(values: np.ndarray) -> float:
+        return float(np.nan_to_num(values[seen], nan=0.0).mean()) if seen.any() else float("nan")
+
+    return {"acc": float(tp.sum() / max(cm.sum(), 1)), "auroc": auroc(P, y), "precision": macro(f["precision"]),
+            "recall": macro(f["recall"]), "f1": macro(f["f1"])}

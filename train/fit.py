@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from datatools.validate_data import data_arguments, run_validation
 from datatools.validate_data import summary as validation_summary
 from medops import to_unit_range
-from medops.metrics import choose_threshold, operating_point_figures
+from medops.metrics import choose_threshold, confusion_matrix, operating_point_figures, summary_metrics
 from medops.plots import plot_confusion, plot_roc
 from medops.run_record import new_record, write_record
 from train.datamodules import DataError, ImageClassificationDataModule
@@ -113,29 +113,29 @@ def evaluate(
     cfg: DictConfig, best_path: str, dm: ImageClassificationDataModule, loggers: list[Logger], out_dir: Path,
     step: int,
 ) -> dict[str, Any]:
-    """Test the best checkpoint on one device in float32, then write the plots; returns the record part.
+    """Test the best checkpoint on one device in float32; returns the record part.
 
-    The metrics go to the run's loggers at the fit's last ``step`` (as ``test/*`` and ``best_val/*``).
+    The figures, the operating point and the plots come from the same code as the clinical evaluation report
+    (:mod:`medops.metrics`, :mod:`medops.plots`); the loss from the module. The metrics go to the run's loggers at
+    the fit's last ``step`` (as ``test/*`` and ``best_val/*``).
     """
     module = ClassificationModule.load_from_checkpoint(best_path, map_location="cpu", weights_only=False)
-    accelerator = cfg.trainer.get("accelerator", "auto")
     trainer = L.Trainer(
-        accelerator=accelerator, devices=1, logger=False, precision="32-true",
+        accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, logger=False, precision="32-true",
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
-    (val_metrics,) = trainer.validate(module, datamodule=dm, verbose=False)
-    (test_metrics,) = trainer.test(module, datamodule=dm, verbose=False)
+    loss = {"val": trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"],
+            "test": trainer.test(module, datamodule=dm, verbose=False)[0]["test/loss"]}
     names = dm.class_names
-    probs_val, y_val = predict_split(trainer, module, dm, "val")
-    probs_test, y_test = predict_split(trainer, module, dm, "test")
-    confusion = module.test_confusion.compute().cpu().numpy().astype(int)
+    (probs_val, y_val), (probs_test, y_test) = (predict_split(trainer, module, dm, s) for s in ("val", "test"))
+    confusion = confusion_matrix(y_test, probs_test.argmax(1), len(names))
     plots = {
         "roc": plot_roc(probs_test, y_test, names, out_dir / "roc_test.png", "ROC, test split"),
         "confusion_matrix": plot_confusion(confusion, names, out_dir / "confusion_test.png", "Confusion, test"),
     }
     result: dict[str, Any] = {
-        "val": {k.removeprefix("val/"): float(v) for k, v in val_metrics.items()},
-        "test": {k.removeprefix("test/"): float(v) for k, v in test_metrics.items()},
+        "val": {**summary_metrics(probs_val, y_val), "loss": float(loss["val"])},
+        "test": {**summary_metrics(probs_test, y_test), "loss": float(loss["test"])},
         "confusion_matrix": confusion.tolist(),
         "plots": {k: p.name for k, p in plots.items()},
     }
@@ -146,16 +146,22 @@ def evaluate(
             "val": operating_point_figures(probs_val, y_val, thr),
             "test": operating_point_figures(probs_test, y_test, thr),
         }
+    log_final(loggers, result, plots, (probs_test, y_test), dm, step)
+    return result
+
+
+def log_final(loggers: list[Logger], result: dict[str, Any], plots: dict[str, Path],
+              test: tuple[np.ndarray, np.ndarray], dm: ImageClassificationDataModule, step: int) -> None:
+    """The best checkpoint's figures to every logger; W&B also gets the plots, charts and sample predictions."""
     final = {f"test/{k}": v for k, v in result["test"].items()}
     final |= {f"best_val/{k}": v for k, v in result["val"].items()}
     for lg in loggers:
         lg.log_metrics(final, step=step)
         if isinstance(lg, WandbLogger):
             lg.log_image("test/plots", [str(p) for p in plots.values()], caption=list(plots))
-            log_evaluation(lg.experiment, torch.from_numpy(probs_test), torch.from_numpy(y_test), names,
+            log_evaluation(lg.experiment, torch.from_numpy(test[0]), torch.from_numpy(test[1]), dm.class_names,
                            torch.from_numpy(to_unit_range(dm.datasets["test"].images.numpy())))
             lg.experiment.summary.update(final)
-    return result
 
 
 def name_wandb_run(cfg: DictConfig, dm: ImageClassificationDataModule, module: ClassificationModule) -> None:

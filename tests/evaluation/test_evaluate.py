@@ -12,15 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
-from medops.metrics import (
-    auroc,
-    bootstrap_ci,
-    choose_threshold,
-    evaluate_predictions,
-    metric_functions,
-    subgroup_metrics,
-)
 from tests.conftest import REPO, write_csv
 
 
@@ -32,103 +23,6 @@ def trained_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     copy = tmp_path_factory.mktemp("evaluated") / "run"
     _shutil.copytree(trained_run, copy)
     return copy
-
-
-def binary_scores(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 2, n)
-    s = 1 / (1 + np.exp(-(rng.normal(0, 1, n) + 1.5 * (2 * y - 1))))
-    return np.c_[1 - s, s], y
-
-
-def sample_labels(P: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return (rng.random(len(P))[:, None] > np.cumsum(P, axis=1)).sum(axis=1)
-
-
-def random_probs(n: int, k: int, rng: np.random.Generator, scale: float = 1.5) -> np.ndarray:
-    z = rng.normal(0, scale, (n, k))
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
-def test_bootstrap_interval_contains_estimate_and_narrows_with_more_data():
-    widths = []
-    for n in (80, 2000):
-        P, y = binary_scores(n, seed=n)
-        value = auroc(P, y)
-        low, high = bootstrap_ci(P, y, auroc, n_resamples=400, seed=0)
-        assert low <= value <= high
-        widths.append(high - low)
-    assert widths[1] < widths[0] / 2
-    fn = metric_functions(2, threshold=0.5)["sensitivity"]
-    P, y = binary_scores(300)
-    low, high = bootstrap_ci(P, y, fn, n_resamples=300)
-    assert low <= fn(P, y) <= high
-
-
-def test_too_few_positives_gives_a_note_instead_of_an_interval():
-    P, y = binary_scores(200)
-    y = np.zeros_like(y)
-    y[:3] = 1
-    assert bootstrap_ci(P, y, auroc, n_resamples=100) is None
-    ci, reason = bootstrap_ci(P, y, auroc, n_resamples=100, return_reason=True)
-    assert ci is None and "too few positives" in reason
-    result = evaluate_predictions(P, y, ["neg", "pos"], threshold=0.5, n_resamples=100)
-    for entry in result["metrics"].values():
-        assert entry["ci_low"] is None and entry["ci_high"] is None
-        assert "too few positives" in entry["note"]
-    assert result["metrics"]["auroc"]["value"] is not None  # the point estimate is still reported
-
-
-def test_ece_near_zero_for_calibrated_and_large_for_overconfident():
-    rng = np.random.default_rng(0)
-    P = random_probs(40000, 3, rng)
-    y = sample_labels(P, rng)  # labels drawn from the probabilities: calibrated by construction
-    assert expected_calibration_error(P, y) < 0.02
-    sharp = apply_temperature(P, 0.3)  # same labels, far more confident
-    assert expected_calibration_error(sharp, y) > 0.15
-
-
-def test_temperature_scaling_fixes_overconfidence():
-    rng = np.random.default_rng(1)
-    P = random_probs(5000, 2, rng)
-    y = sample_labels(P, rng)
-    over = apply_temperature(P, 0.4)
-    T = fit_temperature(over, y)
-    assert T > 1
-    assert abs(T - 1 / 0.4) < 0.4  # recovers the sharpening it has to undo
-    assert nll(apply_temperature(over, T), y) < nll(over, y)
-    assert expected_calibration_error(apply_temperature(over, T), y) < expected_calibration_error(over, y)
-
-
-def test_choose_threshold_methods():
-    P, y = binary_scores(500)
-    t = choose_threshold(P, y, "sensitivity", target=0.95)
-    pred = P[:, 1] >= t
-    assert pred[y == 1].mean() >= 0.95
-    assert (P[:, 1] >= np.nextafter(t, 1))[y == 1].mean() < 0.95  # the highest such threshold
-    ty = choose_threshold(P, y, "youden")
-    j = lambda t: (P[:, 1] >= t)[y == 1].mean() - (P[:, 1] >= t)[y == 0].mean()  # noqa: E731
-    assert j(ty) >= max(j(v) for v in np.unique(P[:, 1])) - 1e-12
-    with pytest.raises(ValueError):
-        choose_threshold(P, y, "nonsense")
-
-
-def test_subgroups_empty_and_single_class_are_notes():
-    P, y = binary_scores(120)
-    site = np.array(["A"] * 60 + ["B"] * 40 + [""] * 20, dtype=object)
-    y[60:100] = 1  # site B has positives only
-    result = subgroup_metrics(P, y, {"site": list(site)}, ["neg", "pos"], threshold=0.5, n_resamples=100,
-                              known_values={"site": ["A", "B", "C", ""]})
-    groups = result["site"]
-    assert set(groups) == {"A", "B", "C", "(blank)"}
-    assert groups["C"]["n"] == 0 and "empty" in groups["C"]["note"]
-    assert "single class" in groups["B"]["note"] and groups["B"]["metrics"]["auroc"]["value"] is None
-    assert groups["B"]["metrics"]["sensitivity"]["value"] is not None
-    assert "blank" in groups["(blank)"]["note"] and groups["(blank)"]["n"] == 20
-    overall = evaluate_predictions(P, y, ["neg", "pos"], threshold=0.5, n_resamples=0)
-    a = groups["A"]["metrics"]["accuracy"]
-    assert a["gap"] == pytest.approx(a["value"] - overall["metrics"]["accuracy"]["value"])
 
 
 def run_evaluate(*overrides: str, log_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
