@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+import medops.input_check as input_check
 from bench import common
-from medops.model_version import INPUT_NAME, METADATA_FILE, METADATA_SCHEMA, OUTPUT_NAME, write_json
+from medops.model_version import INPUT_CHECK_FILE, INPUT_NAME, METADATA_FILE, METADATA_SCHEMA, OUTPUT_NAME, write_json
 
 IN_PROCESS = ("eager", "onnxruntime")
 TRITON = ("triton-http", "triton-grpc", "triton-grpc-shm")
@@ -94,6 +95,7 @@ def build_models(cfg: EnginesConfig, work: Path) -> dict[tuple[int, int], Model]
             version.mkdir(parents=True, exist_ok=True)
             onnx_path = export_onnx(net, version / "model.onnx", (channels, size, size), cfg.max_batch_size)
             shutil.copyfile(TEMPLATE, version / "model.py")
+            shutil.copyfile(input_check.__file__, version / INPUT_CHECK_FILE)
             config = build_model_config(
                 name, "python", channels=channels, image_size=size, num_classes=len(CLASSES),
                 max_batch_size=cfg.max_batch_size, preferred_batch_sizes=cfg.preferred_batch_sizes,

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
+import medops.input_check as input_check
 from export.drift_reference import write_drift_reference
 from export.model_card import build_card, render_markdown
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME, TemperatureScaled, export_onnx, opset_of
@@ -20,7 +21,14 @@ from export.parity import ParityError, check_parity, onnxruntime_runner, parity_
 from export.repository import next_version, staged_version, validate_model_name
 from export.source import ExportError, ExportSource, held_out_images, load_source, sha256_file
 from export.tensorrt import build_engine, tensorrt_runner, tensorrt_unavailable_reason
-from medops.model_version import METADATA_FILE, METADATA_SCHEMA, MODEL_FILES, under_rollout, write_json
+from medops.model_version import (
+    INPUT_CHECK_FILE,
+    METADATA_FILE,
+    METADATA_SCHEMA,
+    MODEL_FILES,
+    under_rollout,
+    write_json,
+)
 from medops.run_record import OPERATING_POINT_FILE, git_info, package_versions, read_operating_point
 from medops.triton_config import build_model_config, render_model_config
 
@@ -263,6 +271,7 @@ def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, A
             meta["drift"] = drift_profile(cfg, source, version_stage, console)
         if target == "python":
             shutil.copyfile(TEMPLATE, version_stage / "model.py")
+            shutil.copyfile(input_check.__file__, version_stage / INPUT_CHECK_FILE)  # the value checks it runs
         elif target == "onnxruntime":
             pass  # Triton's onnxruntime backend reads model.onnx directly
         write_version(model_stage, version_stage, meta, cfg, source.class_names)

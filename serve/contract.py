@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from medops.input_check import value_problem
 from medops.model_version import ModelVersionError, VersionMetadata, read_metadata, version_dir
 
 
@@ -59,6 +60,9 @@ def check_batch(info: ModelInfo, batch: np.ndarray) -> np.ndarray:
         )
     if batch.dtype != np.float32:
         raise ServeError(f"input dtype is {batch.dtype}, model {info.name} expects float32")
+    problem = value_problem(batch)
+    if problem:
+        raise ServeError(f"model {info.name}: {problem}")
     return np.ascontiguousarray(batch)
 
 

@@ -15,7 +15,7 @@ import hydra
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_only
@@ -249,9 +249,19 @@ def prepare_data(cfg: DictConfig, out_dir: Path) -> tuple[ImageClassificationDat
     return dm, check_data(dm, validation, out_dir)  # raises DataError on a violation not allowed
 
 
+def without_logger_callbacks(callbacks: list[Callback]) -> list[Callback]:
+    """The callbacks that work without a logger (``logger=none``): a learning-rate monitor has nothing to log to."""
+    kept = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if len(kept) < len(callbacks):
+        log.info("logger=none: the learning-rate monitor is left out (it needs a logger)")
+    return kept
+
+
 def build_trainer(cfg: DictConfig, loggers: list[Logger]) -> tuple[L.Trainer, dict[str, Any]]:
     """The Lightning Trainer of ``cfg.trainer`` (precision resolved, callbacks attached) and its resolved config."""
     callbacks: list[Callback] = instantiate_list(cfg.get("callbacks"))
+    if not loggers:
+        callbacks = without_logger_callbacks(callbacks)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_cfg, dict)
     trainer_cfg["precision"] = choose_precision(trainer_cfg.get("precision", "auto"),

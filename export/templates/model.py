@@ -22,6 +22,15 @@ DRIFT_DEFAULTS = {"window": 256, "min_window": 64, "every": 32, "hysteresis_on":
                   "alpha": 0.01, "psi_threshold": 0.2}
 
 
+def load_module(name, path):
+    """Import a numpy-only helper that export copied next to this file (this stub has no medops package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
 def choose_providers(available):
     """The preferred providers this onnxruntime offers, best first (never empty: CPU is the fallback)."""
     chosen = [p for p in PREFERRED_PROVIDERS if p in available]
@@ -45,9 +54,14 @@ class TritonPythonModel:
         self.output_name = outputs[0]["name"]
         self.input_dims = tuple(int(d) for d in inputs[0]["dims"])
 
-        onnx_path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        onnx_path = os.path.join(version_dir, "model.onnx")
         if not os.path.isfile(onnx_path):
             raise pb_utils.TritonModelException(f"{self.model_name}: ONNX file not found: {onnx_path}")
+        check_path = os.path.join(version_dir, "input_check.py")  # medops/input_check.py: NaN, Inf, [0, 1]
+        if not os.path.isfile(check_path):
+            raise pb_utils.TritonModelException(f"{self.model_name}: {check_path} not found (re-export the model)")
+        self.input_check = load_module(f"input_check_{self.model_name}_{args['model_version']}", check_path)
 
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -92,10 +106,7 @@ class TritonPythonModel:
         if not hasattr(pb_utils, "MetricFamily"):
             pb_utils.Logger.log_warn(f"{self.model_name}: this Triton has no custom metrics; drift monitoring off")
             return
-        spec = importlib.util.spec_from_file_location(f"drift_core_{self.model_name}_{version}", core_path)
-        core = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = core  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(core)
+        core = load_module(f"drift_core_{self.model_name}_{version}", core_path)
         profile = core.load_profile(profile_path)
         settings = {k: self._parameter(f"drift_{k}", v) for k, v in DRIFT_DEFAULTS.items()}
         self.monitor = {
@@ -181,6 +192,9 @@ class TritonPythonModel:
             )
         if tuple(array.shape[1:]) != self.input_dims:
             return None, f"input {self.input_name!r} has shape {list(array.shape)}, expected {expected}"
+        problem = self.input_check.value_problem(array)
+        if problem:
+            return None, f"input {self.input_name!r}: {problem}"
         return array, None
 
     def execute(self, requests):

@@ -40,6 +40,12 @@ BAD_REQUESTS = {
     "wrong_rank": (np.zeros((2, 28, 28), np.float32), "FP32", ("shape",)),
     "fp64": (np.zeros((2, 1, 28, 28), np.float64), "FP64", ("FP64", "FP32")),
     "batch_too_large": (np.zeros((65, 1, 28, 28), np.float32), "FP32", ("batch", "64")),
+    # the value contract (medops/input_check.py, run by the served model): finite values in [0, 1]
+    "nan": (np.where(np.eye(28, dtype=bool), np.float32(np.nan), good_batch(2)).astype(np.float32), "FP32",
+            ("56 NaN", "finite", "[0, 1]")),
+    "inf": (np.full((1, 1, 28, 28), np.inf, np.float32), "FP32", ("784 infinite",)),
+    "out_of_range": (good_batch(2) * np.float32(1e9), "FP32", ("range from", "[0, 1]")),
+    "uint8_scale": (good_batch(2) * np.float32(255), "FP32", ("range from", "uint8 intensity / 255")),
 }
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from serve.contract import ServeError
 from serve.local_backend import LocalBackend, ort_session_options, physical_cores
 
 
@@ -82,4 +83,20 @@ def test_concurrent_infer_calls_run_one_at_a_time_with_the_same_results(reposito
     assert state["max"] == 1
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g, e)
+    backend.close()
+
+
+@pytest.mark.parametrize(("value", "reason"), [(np.nan, "NaN"), (np.inf, "infinite"), (7.5, "range from")])
+def test_values_outside_the_contract_are_refused_with_the_reason(repository: Path, value: float, reason: str) -> None:
+    """The local backend refuses what the served model refuses (medops/input_check.py), before running anything."""
+    backend = LocalBackend(repository, "tiny")
+    batch = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    batch[1, 0, 2, 3] = value
+    calls = []
+    real_run = backend.session.run
+    backend.session.run = lambda *a, **k: calls.append(1) or real_run(*a, **k)
+    with pytest.raises(ServeError, match=reason) as err:
+        backend.infer(batch)
+    assert "[0, 1]" in str(err.value) and calls == []
+    assert backend.infer(np.where(np.isfinite(batch), batch, 0).clip(0, 1)).shape == (3, 2)  # the fixed batch runs
     backend.close()

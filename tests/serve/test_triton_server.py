@@ -26,6 +26,7 @@ from google.protobuf import json_format
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
+import medops.input_check as input_check
 from medops.triton_config import build_model_config, render_model_config
 from serve.triton_server import (
     TritonNotFound,
@@ -38,7 +39,7 @@ from serve.triton_server import (
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "export" / "templates" / "model.py"
 LABELS = ["benign", "malignant", "normal"]
-BATCH = np.random.default_rng(1).normal(size=(5, 1, 4, 4)).astype(np.float32)
+BATCH = np.random.default_rng(1).random(size=(5, 1, 4, 4)).astype(np.float32)  # the [0, 1] contract
 
 
 def tiny_onnx(path: Path) -> Path:
@@ -73,6 +74,7 @@ def write_model(repo: Path, name: str = "tiny", model_py: str | None = None) -> 
     tiny_onnx(folder / "1" / "model.onnx")
     if model_py is None:
         shutil.copy(TEMPLATE, folder / "1" / "model.py")
+        shutil.copy(input_check.__file__, folder / "1" / "input_check.py")  # as export writes it
     else:
         (folder / "1" / "model.py").write_text(model_py)
     return folder
@@ -245,6 +247,9 @@ def test_template_batches_valid_requests_and_rejects_bad_ones(tmp_path: Path, mo
         {},
         {"image": _FakeTensor("image", BATCH[0])},
         {"image": _FakeTensor("image", BATCH[2:])},
+        {"image": _FakeTensor("image", np.where(np.eye(4, dtype=bool), np.nan, BATCH[:1]).astype(np.float32))},
+        {"image": _FakeTensor("image", BATCH[:1] * 1e9)},
+        {"image": _FakeTensor("image", np.full((1, 1, 4, 4), np.inf, np.float32))},
     ]
     responses = model.execute(requests)
     assert len(responses) == len(requests)
@@ -256,12 +261,15 @@ def test_template_batches_valid_requests_and_rejects_bad_ones(tmp_path: Path, mo
     np.testing.assert_allclose(ok5.output_tensors[0].as_numpy(), expected[2:], atol=1e-6)
     assert ok0.output_tensors[0].name() == "probabilities"
     assert ok0.output_tensors[0].as_numpy().dtype == np.float32
-    errors = {i: responses[i].error.message for i in (1, 2, 3, 4)}
+    errors = {i: responses[i].error.message for i in (1, 2, 3, 4, 6, 7, 8)}
     assert all(responses[i].output_tensors == [] for i in errors)
     assert "[2, 1, 5, 5]" in errors[1] and "[N, 1, 4, 4]" in errors[1]
     assert "FP32" in errors[2] and "float64" in errors[2]
     assert "missing input 'image'" in errors[3]
     assert "4 dims" in errors[4] and "[1, 4, 4]" in errors[4]
+    assert "4 NaN" in errors[6] and "[0, 1]" in errors[6]  # refused with the reason, nothing computed
+    assert "range from" in errors[7] and "[0, 1]" in errors[7]
+    assert "16 infinite" in errors[8]
     model.finalize()
     assert model.session is None
 
