@@ -214,7 +214,7 @@ def predict_both(cfg: DictConfig, source: Any, onnx_model: dict[str, Any] | None
 def calibrate(cfg: DictConfig, P_val_raw: np.ndarray, P_raw: np.ndarray, val: EvalData,
               ev: EvalData) -> tuple[_Probabilities, dict[str, Any]]:
     """A temperature fitted on validation (``calibrate=true``), the scaled probabilities and the calibration figures."""
-    from evaluation.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
+    from medops.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
 
     temperature = fit_temperature(P_val_raw, val.labels) if cfg.calibrate else None
     P_val = apply_temperature(P_val_raw, temperature) if temperature else P_val_raw
@@ -258,9 +258,8 @@ def compute_metrics(cfg: DictConfig, P: np.ndarray, ev: EvalData, names: list[st
 def draw_figures(cfg: DictConfig, source: Any, ev: EvalData, names: list[str], probs: _Probabilities,
                  evaluation: dict[str, Any], threshold: float | None, pos: int, out_dir: Path) -> dict[str, Path]:
     """The report's figures (ROC, reliability, confusion, explanations) written to ``out_dir``, by title."""
-    from evaluation.calibration import plot_reliability
     from evaluation.explain import explanation_grid
-    from medops.plots import plot_confusion, plot_roc
+    from medops.plots import plot_confusion, plot_reliability, plot_roc
 
     P, temperature = probs.ev, probs.temperature
     return {

@@ -1,4 +1,5 @@
-"""The result figures every stage draws the same way: ROC curves (with the operating point) and confusion matrices.
+"""The result figures every stage draws the same way: ROC curves (with the operating point), confusion matrices
+and reliability diagrams.
 
 Training (its end-of-run test evaluation) and the clinical evaluation report both call these, so a figure in
 ``roc_test.png`` and one in ``report.html`` always mean the same thing. Inputs are numpy arrays; torch-free.
@@ -8,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from medops.calibration import expected_calibration_error, reliability_bins
 from medops.metrics import binary_auroc, roc_curve
 
 
@@ -70,5 +73,25 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path, t
     ax.set(xlabel="Predicted", ylabel="True", title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_reliability(curves: dict[str, tuple[Any, Any]], path: str | Path, n_bins: int = 15,
+                     title: str = "Reliability diagram") -> Path:
+    """Accuracy against confidence per bin for each ``label -> (P, y)``, with the diagonal; saves a PNG."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for label, (P, y) in curves.items():
+        b = reliability_bins(P, y, n_bins)
+        filled = b["count"] > 0
+        ece = expected_calibration_error(P, y, n_bins)
+        ax.plot(b["confidence"][filled], b["accuracy"][filled], "o-", label=f"{label} (ECE {ece:.3f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", ylabel="accuracy", title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -1,10 +1,10 @@
-"""evaluation.calibration: expected calibration error and temperature scaling."""
+"""medops.calibration: expected calibration error and temperature scaling."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from evaluation.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
+from medops.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
 
 
 def sample_labels(P: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -1,8 +1,11 @@
-"""Calibration: expected calibration error, reliability diagrams and temperature scaling."""
+"""Calibration: expected calibration error, reliability bins and temperature scaling (numpy; scipy for the fit).
+
+Training fits the temperature on the validation split at the end of every run; evaluation reports calibration
+before and after; export puts the temperature into the graph. The reliability diagram is in :mod:`medops.plots`.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,25 +81,3 @@ def fit_temperature(P_val: Any, y_val: Any, logits: Any = None) -> float:
     return float(np.exp(res.x))
 
 
-def plot_reliability(curves: dict[str, tuple[Any, Any]], path: str | Path, n_bins: int = 15,
-                     title: str = "Reliability diagram") -> Path:
-    """Accuracy against confidence per bin for each ``label -> (P, y)``, with the diagonal; saves a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    for label, (P, y) in curves.items():
-        b = reliability_bins(P, y, n_bins)
-        filled = b["count"] > 0
-        ece = expected_calibration_error(P, y, n_bins)
-        ax.plot(b["confidence"][filled], b["accuracy"][filled], "o-", label=f"{label} (ECE {ece:.3f})")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", ylabel="accuracy", title=title)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
