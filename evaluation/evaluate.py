@@ -22,7 +22,15 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from medops import to_unit_range
-from medops.datasets import FolderDataset, label_index, load_medmnist_npz, read_manifest, scan_class_folders
+from medops.datasets import (
+    DataError,
+    FolderDataset,
+    label_index,
+    load_medmnist_npz,
+    positive_index,
+    read_manifest,
+    scan_class_folders,
+)
 from medops.model_version import METADATA_FILE, ONNX_FILE, ModelVersionError, list_versions, read_metadata
 from medops.run_record import write_operating_point
 
@@ -177,12 +185,16 @@ def load_model_source(cfg: DictConfig) -> tuple[Any, dict[str, Any] | None]:
     return source, onnx_model
 
 
-def _positive_index(cfg: DictConfig, k: int) -> int:
-    """``positive_class`` as an index; 0 or 1 for a binary task."""
-    pos = int(cfg.positive_class)
-    if k == 2 and pos not in (0, 1):
-        raise EvaluationError(f"positive_class must be 0 or 1 for a binary task, got {pos}")
-    return pos
+def _positive_index(cfg: DictConfig, source: Any, names: list[str]) -> int:
+    """The clinically positive class as an index: ``positive_class`` (name or index), else the one the run's data
+    declared (``data.positive_class``), else class 1 (runs recorded before it could be declared)."""
+    declared = cfg.positive_class
+    if declared is None:
+        declared = ((source.record.get("config") or {}).get("data") or {}).get("positive_class")
+    try:
+        return positive_index(names, declared)
+    except DataError as exc:
+        raise EvaluationError(str(exc)) from None
 
 
 def load_datasets(cfg: DictConfig, source: Any, wanted: list[str]) -> tuple[EvalData, EvalData]:
@@ -270,8 +282,9 @@ def draw_figures(cfg: DictConfig, source: Any, ev: EvalData, names: list[str], p
             out_dir / "reliability.png"),
         "Confusion matrix": plot_confusion(np.array(evaluation["confusion_matrix"]), names,
                                            out_dir / "confusion.png", f"Confusion, {cfg.split}"),
-        "Explanations (Grad-CAM and occlusion) of correct and wrong predictions": explanation_grid(
-            source.module.net, ev.images, ev.labels, P, names, out_dir / "explanations.png", method="both"),
+        "Explanations (Grad-CAM and occlusion of the class logit) of correct and wrong predictions": explanation_grid(
+            source.module.net, to_unit_range(ev.images), ev.labels, P, names, out_dir / "explanations.png",
+            method="both"),  # also writes explanations.npz (maps, images, randomisation sanity check)
     }
 
 
@@ -299,13 +312,14 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = source.class_names
     wanted = [str(c).lower() for c in (cfg.subgroup_columns or [])]
-    pos = _positive_index(cfg, len(names))
+    pos = _positive_index(cfg, source, names)
     val, ev = load_datasets(cfg, source, wanted)
     P_val_raw, P_raw = predict_both(cfg, source, onnx_model, val, ev)
     probs, calibration = calibrate(cfg, P_val_raw, P_raw, val, ev)
     threshold, op = choose_operating_point(cfg, probs, val, names, pos)
     evaluation, subgroups = compute_metrics(cfg, probs.ev, ev, names, threshold, pos)
     plots = draw_figures(cfg, source, ev, names, probs, evaluation, threshold, pos, out_dir)
+    from evaluation.explain import explanation_summary
     result = {
         "run": str(run_dir), "checkpoint": str(source.checkpoint), "split": str(cfg.split),
         "model": onnx_model and {k: str(v) for k, v in onnx_model.items()},
@@ -313,6 +327,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
                  "val_source": val.source, "n_val": int(len(val.labels))},
         "class_names": names, "operating_point": op, "evaluation": evaluation, "calibration": calibration,
         "subgroups": subgroups, "plots": {name: p.name for name, p in plots.items()},
+        "explanations": explanation_summary(out_dir / "explanations.npz"),
         "config": OmegaConf.to_container(cfg, resolve=False),
     }
     write_outputs(result, plots, probs.ev, ev, source, run_dir, out_dir, onnx_model)
@@ -392,6 +407,10 @@ def print_result(result: dict[str, Any]) -> None:
     print(f"  ECE {result['calibration']['ece']:.4f}" + (
         f" -> {result['calibration']['ece_calibrated']:.4f} (T={result['calibration']['temperature']:.3f})"
         if "temperature" in result["calibration"] else ""))
+    for method in ("gradcam", "occlusion"):
+        check = (result.get("explanations") or {}).get(method) or {}
+        if check:
+            print(f"  explanations: {method} randomisation sanity check {check['verdict']}")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")

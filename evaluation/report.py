@@ -34,8 +34,38 @@ def _img(path: Path, alt: str) -> str:
     return f'<figure><img alt="{alt}" src="data:image/png;base64,{data}"><figcaption>{alt}</figcaption></figure>'
 
 
+def _explanations_section(expl: dict[str, Any] | None) -> str:
+    """The model-randomisation sanity check of the explanation maps (Adebayo et al., NeurIPS 2018)."""
+    if not expl:
+        return ""
+    rows = []
+    for method, label in (("gradcam", "Grad-CAM (logit)"), ("occlusion", "Occlusion (logit drop)")):
+        check = expl.get(method)
+        if not check:
+            continue
+        verdict = html.escape(str(check.get("verdict", "")))
+        colour = "#1a7f37" if check.get("passed") else "#cf222e"
+        rows.append(f"<tr><td>{label}</td><td>{_fmt(check.get('randomisation_spearman'))}</td>"
+                    f"<td style='color:{colour}'><b>{verdict}</b></td><td>{_fmt(check.get('flat_maps'))}</td></tr>")
+    return (
+        "<h2>Explanations: sanity check</h2>"
+        f"<p>Maps of the predicted class's logit for {_fmt(expl.get('samples'))} images (the most confident correct "
+        "and wrong predictions, figure below; arrays in "
+        f"<code>{html.escape(str(expl.get('file', 'explanations.npz')))}</code>). Occlusion patch "
+        f"{_fmt(expl.get('patch'))} px, stride {_fmt(expl.get('stride'))} px, baseline "
+        f"{_fmt(expl.get('baseline'))}.</p>"
+        "<p>Model randomisation: the same maps for a copy of the network with every trainable layer re-initialised. "
+        "Maps that explain the model must change, so the Spearman rank correlation between trained and randomised "
+        f"maps (mean over the images) should be low: |rho| &lt; {html.escape(str(expl.get('sanity_threshold')))} "
+        "passes. A failure means the map shows the image (edges, brightness), not what the network learnt.</p>"
+        "<table><tr><th>method</th><th>Spearman rho (trained vs randomised)</th><th>verdict</th>"
+        f"<th>flat maps</th></tr>{''.join(rows)}</table>"
+    )
+
+
 def write_html_report(result: dict[str, Any], plots: dict[str, Path], path: Path) -> Path:
-    """One self-contained HTML page: the operating point, metrics with CIs, calibration, subgroups, plots."""
+    """One self-contained HTML page: the operating point, metrics with CIs, calibration, the explanation sanity
+    check, plots and subgroups."""
     ev = result["evaluation"]
     op = result.get("operating_point") or {}
     cal = result.get("calibration") or {}
@@ -70,6 +100,7 @@ def write_html_report(result: dict[str, Any], plots: dict[str, Path], path: Path
     if cal:
         rows = "".join(f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>" for k, v in cal.items())
         parts.append(f"<h2>Calibration</h2><table>{rows}</table>")
+    parts.append(_explanations_section(result.get("explanations")))
     parts.append("<h2>Plots</h2>" + "".join(_img(p, name) for name, p in plots.items()))
     for column, groups in (result.get("subgroups") or {}).items():
         parts.append(f"<h2>Subgroups by {html.escape(column)}</h2>")

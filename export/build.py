@@ -21,6 +21,7 @@ from export.parity import ParityError, check_parity, onnxruntime_runner, parity_
 from export.repository import next_version, staged_version, validate_model_name
 from export.source import ExportError, ExportSource, held_out_images, load_source, sha256_file
 from export.tensorrt import build_engine, tensorrt_runner, tensorrt_unavailable_reason
+from medops.datasets import positive_index
 from medops.model_version import (
     INPUT_CHECK_FILE,
     METADATA_FILE,
@@ -55,12 +56,12 @@ def clinical_evaluation(source: ExportSource) -> tuple[dict[str, Any], dict[str,
     run, when they belong to the checkpoint being exported."""
     run_dir = source.checkpoint.resolve().parent.parent
     op = read_operating_point(run_dir)
-    if not op:
-        return {}, {}
-    if op.get("checkpoint") not in (None, source.checkpoint.name):
+    if op and op.get("checkpoint") not in (None, source.checkpoint.name):
         log.warning("%s/%s is for checkpoint %s, not %s: ignored", run_dir, OPERATING_POINT_FILE, op.get("checkpoint"),
                     source.checkpoint.name)
-        return {}, {}
+        op = {}
+    if not op:
+        return training_operating_point(source.record), {}
     evaluation: dict[str, Any] = {}
     eval_path = Path(op.get("evaluation") or "")
     if eval_path.is_file():
@@ -69,6 +70,23 @@ def clinical_evaluation(source: ExportSource) -> tuple[dict[str, Any], dict[str,
                       "metrics": result["evaluation"]["metrics"], "calibration": result.get("calibration"),
                       "subgroups": result.get("subgroups") or {}}
     return op, evaluation
+
+
+def training_operating_point(record: dict[str, Any]) -> dict[str, Any]:
+    """The operating point training chose (Youden's J on the calibrated validation split, for the positive class)
+    and its temperature, as an operating point record; ``{}`` for runs that recorded neither."""
+    threshold = record.get("threshold") or {}
+    temperature = (record.get("calibration") or {}).get("temperature")
+    if threshold.get("value") is None and not temperature:
+        return {}
+    op: dict[str, Any] = {"method": "argmax", "threshold": None, "temperature": temperature, "chosen_on": "val",
+                          "source": "training run record"}
+    if threshold.get("value") is not None:
+        names = list((record.get("data") or {}).get("class_names") or [])
+        positive = threshold.get("positive_index", positive_index(names, threshold.get("positive_class")))
+        op |= {"method": "youden", "threshold": float(threshold["value"]), "positive_index": positive,
+               "positive_class": threshold.get("positive_class") or names[positive], "val": threshold.get("val")}
+    return op
 
 
 def lineage(source: ExportSource, cfg: DictConfig) -> dict[str, Any]:
@@ -194,7 +212,7 @@ def build_metadata(cfg: DictConfig, source: ExportSource, name: str, version: in
         "model": {"arch": source.hparams.get("net", {}).get("arch"),
                   "parameters": sum(p.numel() for p in source.module.net.parameters())},
         "data": record.get("data") or {},
-        "metrics": {k: record.get(k) for k in ("val", "test", "confusion_matrix", "threshold")},
+        "metrics": {k: record.get(k) for k in ("val", "test", "confusion_matrix", "threshold", "calibration")},
         "lineage": lineage(source, cfg),
         "versions": package_versions(EXPORT_PACKAGES),
         "max_batch_size": cfg.max_batch_size,

@@ -54,7 +54,9 @@ def build_card(meta: dict[str, Any]) -> dict[str, Any]:
                             "source": data.get("source")},
         "metrics": {"val": meta["metrics"].get("val"), "test": meta["metrics"].get("test"),
                     "per_class_test": per_class_figures(meta["metrics"].get("confusion_matrix"), meta["class_names"]),
-                    "operating_point": meta["metrics"].get("threshold")},
+                    "operating_point": meta["metrics"].get("threshold"),
+                    "positive_class": data.get("positive_class"),
+                    "calibration": meta["metrics"].get("calibration")},
         "clinical_evaluation": meta.get("evaluation"),
         "calibrated_operating_point": meta.get("operating_point"),
         "parity": meta["parity"],
@@ -98,6 +100,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         lines += ["", "| class (test) | support | sensitivity | precision |", "|---|---|---|---|"]
         lines += [f"| {r['class']} | {r['support']} | {_fmt(r['sensitivity'])} | {_fmt(r['precision'])} |"
                   for r in per_class]
+    lines += _positive_and_calibration(card["metrics"])
     op = card["metrics"]["operating_point"]
     if op:
         lines += ["", f"Operating point ({op['method']}, P({op['positive_class']}) >= {op['value']:.4f}): test "
@@ -122,6 +125,23 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines += ["", "## Limitations", ""] + [f"- {item}" for item in card["limitations"]]
     lines += ["", "## Lineage", ""] + [f"- {k}: `{_fmt(v)}`" for k, v in card["lineage"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _positive_and_calibration(metrics: dict[str, Any]) -> list[str]:
+    """The positive class the binary figures are for, and the calibration the exported graph carries."""
+    lines = []
+    if metrics.get("positive_class"):
+        lines += ["", f"Positive class (the finding): **{metrics['positive_class']}**; sensitivity, specificity "
+                      "and the operating point are for it."]
+    cal = metrics.get("calibration") or {}
+    test = cal.get("test") or {}
+    if cal.get("temperature"):
+        lines += ["", f"Calibration: temperature scaling fitted on validation (T = {cal['temperature']:.3f}, inside "
+                      f"the exported graph); test ECE {_fmt(test.get('ece_before'))} before, "
+                      f"{_fmt(test.get('ece_after'))} after (15 bins)."]
+    elif test:
+        lines += ["", f"Calibration: not calibrated (`calibrate=false`); test ECE {_fmt(test.get('ece_before'))}."]
+    return lines
 
 
 def render_evaluation(evaluation: dict[str, Any] | None, op: dict[str, Any] | None) -> list[str]:

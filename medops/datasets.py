@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +131,25 @@ def validate_splits(data: SplitArrays) -> None:
 def fingerprint_of(data: SplitArrays) -> str:
     """The dataset fingerprint (``sha256:``) of every split's pixels and labels, as the run record stores it."""
     return dataset_fingerprint({s: (data.images[s], data.labels[s]) for s in SPLITS})
+
+
+def positive_index(class_names: Sequence[str], positive_class: str | int | None = None) -> int:
+    """The index of the clinically positive class (the finding: malignant, pneumonia) of a binary task.
+
+    Declared by name (``data.positive_class=malignant``) or index; undeclared (``None``, and every run recorded
+    before it could be declared): class 1, the documented default. Multi-class tasks are one-vs-rest per class and
+    have no single positive class: this returns 1 for them too, which callers use only for binary tasks.
+    """
+    names = [str(n) for n in class_names]
+    if positive_class is None or positive_class == "":
+        return 1
+    if isinstance(positive_class, int) and not isinstance(positive_class, bool):
+        if not 0 <= positive_class < len(names):
+            raise DataError(f"positive_class {positive_class} is not a class index of {names}")
+        return positive_class
+    if str(positive_class) not in names:
+        raise DataError(f"positive_class {positive_class!r} is not one of the classes {names}")
+    return names.index(str(positive_class))
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:

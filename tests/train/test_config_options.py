@@ -21,8 +21,8 @@ from tests.conftest import REPO
 
 CONF = REPO / "conf"
 # tiny settings every job gets (they come after the group's own settings, so they win)
-TINY = ("model.net.width=4", "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1",
-        "+trainer.limit_test_batches=1", "data.batch_size=16", "callbacks.model_summary=null")
+TINY = ("model.net.width=4", "trainer.max_epochs=1", "++trainer.limit_train_batches=2", "++trainer.limit_val_batches=1",
+        "++trainer.limit_test_batches=1", "data.batch_size=16", "++callbacks.model_summary=null")
 # options that cannot run in a multirun on this machine, and where they are tested instead
 ELSEWHERE = {
     ("trainer", "gpu"): "needs a CUDA GPU: tests/train/test_gpu.py (pytest -m gpu)",

@@ -27,6 +27,7 @@ from medops.datasets import (
     channel_stats,
     check_fold,
     fingerprint_of,
+    positive_index,
     split_fold,
     validate_splits,
 )
@@ -58,6 +59,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
             (test untouched).
         num_folds: number of folds (>= 2) when ``fold`` is set.
         fold_seed: seed of the stratified fold assignment (the same for every fold of a sweep).
+        positive_class: binary tasks: the clinically positive class (the finding, e.g. ``malignant``), by name or
+            index; ``None``: class 1, the default for data that does not declare it (see
+            :func:`medops.datasets.positive_index`).
     """
 
     def __init__(
@@ -68,8 +72,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
         fold: int | None = None,
         num_folds: int = 5,
         fold_seed: int = 0,
+        positive_class: str | int | None = None,
     ) -> None:
         super().__init__()
+        self.declared_positive = positive_class
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -99,6 +105,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 validate_splits(data)
                 self.split_fingerprint = fingerprint_of(data)
             self.mean, self.std = channel_stats(data.images["train"])
+            positive_index(data.class_names, self.declared_positive)  # a class the data lacks fails here
+            if len(data.class_names) == 2 and self.declared_positive is None:
+                log.warning("data.positive_class is not declared: class 1 (%s) is taken as the positive class (the "
+                            "finding); set data.positive_class=<name> if that is wrong", data.class_names[1])
             self.datasets = {s: ArrayDataset(data.images[s], data.labels[s]) for s in SPLITS}
             self.data = data
         return self.data
@@ -121,6 +131,12 @@ class ImageClassificationDataModule(L.LightningDataModule):
     @property
     def image_size(self) -> int:
         return self.prepare().image_size
+
+    @property
+    def positive_class(self) -> str | None:
+        """The clinically positive class of a binary task by name (``None`` for more classes)."""
+        names = self.class_names
+        return names[positive_index(names, self.declared_positive)] if len(names) == 2 else None
 
     def class_counts(self, split: str = "train") -> list[int]:
         data = self.prepare()
@@ -147,6 +163,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
             "fold": None if self.fold is None else int(self.fold),
             "num_folds": int(self.num_folds),
             "fold_seed": int(self.fold_seed),
+            "positive_class": self.positive_class,
+            "positive_class_declared": self.declared_positive is not None,
             **data.info,
         }
 

@@ -31,7 +31,7 @@ class FolderDataModule(ImageClassificationDataModule):
             present. Rows without a split are then split by group (stratified by each group's majority
             label, seeded), so no patient is in two splits. ``null``: sample-level splitting.
         skip_unreadable: drop unreadable files with a warning instead of raising (``allow_corrupt``).
-        fold, num_folds, fold_seed: k-fold cross-validation over train+val (see
+        settings: loaders, folds and the positive class (see
             :class:`~train.datamodules.base.ImageClassificationDataModule`); ``fold=None`` keeps the splits.
     """
 
@@ -45,17 +45,11 @@ class FolderDataModule(ImageClassificationDataModule):
         test_fraction: float = 0.2,
         split_seed: int = 0,
         window: list[float] | None = None,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        fold: int | None = None,
-        num_folds: int = 5,
-        fold_seed: int = 0,
         group_column: str | None = "auto",
         skip_unreadable: bool = False,
+        **settings: Any,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, fold=fold,
-                         num_folds=num_folds, fold_seed=fold_seed)
+        super().__init__(**settings)
         self.source = FolderDataset(path, image_size, channels, class_names, val_fraction, test_fraction, split_seed,
                                     window, group_column, skip_unreadable)
 

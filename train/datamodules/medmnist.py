@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from medops.datasets import MedMNISTFile, SplitArrays
 from train.datamodules.base import ImageClassificationDataModule
@@ -22,7 +23,7 @@ class MedMNISTDataModule(ImageClassificationDataModule):
         download: fetch ``name`` from the official Zenodo record when the file is missing.
         name: the MedMNIST file stem (e.g. ``breastmnist``, ``pathmnist_64``), for download and checksum lookup.
         class_names: human-readable names in label order (optional).
-        fold, num_folds, fold_seed: k-fold cross-validation over train+val (see
+        settings: loaders, folds and the positive class (see
             :class:`~train.datamodules.base.ImageClassificationDataModule`); ``fold=None`` keeps the file's splits.
     """
 
@@ -33,15 +34,9 @@ class MedMNISTDataModule(ImageClassificationDataModule):
         download: bool = False,
         name: str | None = None,
         class_names: list[str] | None = None,
-        batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        fold: int | None = None,
-        num_folds: int = 5,
-        fold_seed: int = 0,
+        **settings: Any,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, fold=fold,
-                         num_folds=num_folds, fold_seed=fold_seed)
+        super().__init__(**settings)
         self.source = MedMNISTFile(path, md5, download, name, class_names)
 
     @property
