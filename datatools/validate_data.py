@@ -7,8 +7,9 @@ leakage (exact duplicates across splits, a patient in two splits) or corrupt fil
 
 Checks: counts per split and class and the class-imbalance ratio; unreadable or empty files (path and
 reason); image geometry and, for folders, the distribution of original sizes with outliers; exact
-duplicates (pixel hash) within and across splits; near-duplicates across splits (64-bit dHash, Hamming
-distance <= ``near_duplicate_hamming``); patients/studies in more than one split (CSV ``patient_id`` or
+duplicates (pixel hash) within and across splits; near-duplicates across splits (dHash candidates found by
+multi-index hashing, confirmed by pixel correlation: :func:`check_near_duplicates`, shown side by side in the
+HTML report); patients/studies in more than one split (CSV ``patient_id`` or
 ``study_id``); intensity statistics per split and a shift warning when the standardized mean difference
 of per-image means exceeds ``shift_threshold``. Training runs the same checks after loading the data
 (:func:`run_validation`).
@@ -36,13 +37,15 @@ DEFAULTS: dict[str, Any] = {
     "enabled": True,
     "allow_leakage": False,
     "allow_corrupt": False,
-    "near_duplicate_hamming": 4,
-    "near_duplicates": "auto",  # auto: only up to near_duplicate_max_images images; true/false: always/never
-    "near_duplicate_max_images": 50_000,
+    "near_duplicates": "auto",  # auto/true: always (any size); false: never
+    "near_duplicate_hamming": 4,  # hash candidates: dHash Hamming distance (horizontal or vertical hash)
+    "near_duplicate_max_shift": 1,  # px: shifted copies hashed and correlated at up to this shift
+    "near_duplicate_min_correlation": 0.95,  # confirmed: pixel correlation at stored resolution of at least this
+    "near_duplicate_max_candidates": 2_000_000,  # candidate pairs checked at most (closest hashes first)
+    "near_duplicate_leakage": False,  # true: confirmed near-duplicates are leakage (fail unless allow_leakage)
     "shift_threshold": 0.5,
     "max_listed": 50,  # examples listed per finding in the reports
 }
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
 def validation_settings(cfg: Any | None) -> dict[str, Any]:
@@ -86,30 +89,275 @@ def pixel_hashes(images: np.ndarray) -> list[str]:
     return out
 
 
-def _bin_means(a: np.ndarray, axis: int, bins: int) -> np.ndarray:
-    n = a.shape[axis]
+# Near-duplicate hashing: 64-bit difference hashes from box means of an integral image, so that the hashes of
+# shifted copies (the probes) cost a few gathers, not a pass over the pixels.
+NEAR_SMOOTH = 0.6  # hash bins widened by this fraction of their width on each side (a box blur against noise)
+NEAR_MARGIN = 4.0  # grey levels: a bit is set only when the right (lower) bin is brighter by more than this
+_M1, _M2, _M4 = np.uint64(0x5555555555555555), np.uint64(0x3333333333333333), np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+
+
+def _integral(images: np.ndarray) -> np.ndarray:
+    """Summed-area tables (N x (H+1) x (W+1), int64) of the channel sums of N x H x W [x C] images."""
+    grey = images.sum(axis=-1, dtype=np.int64) if images.ndim == 4 else images.astype(np.int64)
+    out = np.zeros((len(grey), grey.shape[1] + 1, grey.shape[2] + 1), dtype=np.int64)
+    np.cumsum(grey, axis=1, out=out[:, 1:, 1:])
+    np.cumsum(out[:, 1:, 1:], axis=2, out=out[:, 1:, 1:])
+    return out
+
+
+def _edges(n: int, bins: int, smooth: float, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start/end pixel of ``bins`` equal bins over ``n`` pixels, widened by ``smooth`` bin widths on each side and
+    moved by ``offset`` pixels (clipped to the image; every bin keeps at least one pixel)."""
     edges = np.linspace(0, n, bins + 1)
-    starts = np.minimum(np.floor(edges[:-1]).astype(int), n - 1)
-    ends = np.maximum(np.ceil(edges[1:]).astype(int), starts + 1)
-    parts = [a.take(np.arange(s, e), axis=axis).mean(axis=axis, keepdims=True)
-             for s, e in zip(starts, ends, strict=True)]
-    return np.concatenate(parts, axis=axis)
+    pad = smooth * n / bins
+    starts = np.clip(np.floor(edges[:-1] - pad).astype(int) + offset, 0, n - 1)
+    ends = np.clip(np.ceil(edges[1:] + pad).astype(int) + offset, starts + 1, n)
+    return starts, ends
 
 
-def dhash(images: np.ndarray) -> np.ndarray:
-    """64-bit difference hashes (uint64) of N x H x W [x C] images: grey 8 x 9 area downscale, left < right."""
-    grey = images.astype(np.float32)
-    if grey.ndim == 4:
-        grey = grey.mean(axis=-1)
-    small = _bin_means(_bin_means(grey, 1, 8), 2, 9)  # N x 8 x 9
-    bits = (small[:, :, 1:] > small[:, :, :-1]).reshape(len(images), 64)
-    return np.packbits(bits, axis=1).view(">u8").reshape(-1).astype(np.uint64)
+Edges = tuple[np.ndarray, np.ndarray]
+
+
+def _box_means(table: np.ndarray, rows: Edges, cols: Edges) -> np.ndarray:
+    """Means over the boxes ``rows`` x ``cols`` (start/end arrays) from summed-area tables: N x R x C."""
+    (r0, r1), (c0, c1) = rows, cols
+    sums = (table[:, r1[:, None], c1[None, :]] - table[:, r0[:, None], c1[None, :]]
+            - table[:, r1[:, None], c0[None, :]] + table[:, r0[:, None], c0[None, :]])
+    return np.ascontiguousarray(sums / ((r1 - r0)[:, None] * (c1 - c0)[None, :]))
+
+
+def _pack(bits: np.ndarray) -> np.ndarray:
+    packed = np.ascontiguousarray(np.packbits(bits.reshape(len(bits), 64), axis=1))
+    return packed.view(">u8").reshape(-1).astype(np.uint64)
+
+
+def _dhash_table(table: np.ndarray, channels: int, smooth: float, margin: float, vertical: bool,
+                 offset: tuple[int, int]) -> np.ndarray:
+    h, w = table.shape[1] - 1, table.shape[2] - 1
+    rows = _edges(h, 9 if vertical else 8, smooth, -offset[0])
+    cols = _edges(w, 8 if vertical else 9, smooth, -offset[1])
+    small = _box_means(table, rows, cols)
+    if vertical:  # relative to the row's mean change: images of one kind share their top-to-bottom gradient
+        diff = small[:, 1:, :] - small[:, :-1, :]
+        diff -= diff.mean(axis=2, keepdims=True)
+    else:
+        diff = small[:, :, 1:] - small[:, :, :-1]
+    return _pack(diff > margin * channels)
+
+
+def dhash(images: np.ndarray, *, smooth: float = 0.0, margin: float = 0.0, vertical: bool = False,
+          offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """64-bit difference hashes (uint64) of N x H x W [x C] images: grey 8 x 9 box means, bit = right > left.
+
+    ``smooth`` widens the boxes by that fraction of their width on each side (a blur), ``margin`` (grey levels)
+    sets a bit only when the right box is brighter by more than that, so flat regions hash to 0 instead of to
+    their noise; ``vertical``: 9 x 8 boxes, lower > upper; ``offset`` (dy, dx): the hash of the image shifted by
+    that many pixels (edge pixels repeated). The defaults are the classic dHash.
+    """
+    channels = images.shape[-1] if images.ndim == 4 else 1
+    step = max(1, 2**23 // max(1, images[0].size))  # bounded memory for large images
+    return np.concatenate([_dhash_table(_integral(images[s:s + step]), channels, smooth, margin, vertical, offset)
+                           for s in range(0, len(images), step)] or [np.zeros(0, np.uint64)])
+
+
+def popcount64(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64 (SWAR bit counting, vectorised), as uint8."""
+    x = np.asarray(x, dtype=np.uint64)
+    x = x - ((x >> np.uint64(1)) & _M1)
+    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
+    x = (x + (x >> np.uint64(4))) & _M4
+    return ((x * _H01) >> np.uint64(56)).astype(np.uint8)
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise Hamming distances (len(a) x len(b), uint8) between uint64 hashes."""
-    x = np.bitwise_xor(a[:, None], b[None, :])
-    return _POPCOUNT[x.view(np.uint8).reshape(*x.shape, 8)].sum(axis=-1, dtype=np.uint8)
+    return popcount64(np.bitwise_xor(np.asarray(a, np.uint64)[:, None], np.asarray(b, np.uint64)[None, :]))
+
+
+# Near-duplicate search: exact Hamming search by multi-index hashing, then a pixel-correlation confirmation.
+_ALL_BITS = (1 << 64) - 1
+BUCKET_CAP = 1 << 16  # a bucket with more pairs than this is split further (recursive multi-index hashing)
+MAX_DEPTH = 2  # levels of that splitting (each multiplies the tables by thr + 1); deeper buckets are compared pairwise
+_BLOCK = 1 << 22  # pairs expanded at a time
+
+
+def near_hashes(images: np.ndarray, offsets: list[tuple[int, int]]) -> np.ndarray:
+    """The near-duplicate hashes: ``(len(offsets), 2, N)`` uint64, the horizontal and the vertical dHash (boxes
+    widened by ``NEAR_SMOOTH``, margin ``NEAR_MARGIN``) of each image shifted by each offset (dy, dx)."""
+    channels = images.shape[-1] if images.ndim == 4 else 1
+    step = max(1, 2**23 // max(1, images[0].size)) if len(images) else 1
+    out = np.zeros((len(offsets), 2, len(images)), dtype=np.uint64)
+    for s in range(0, len(images), step):
+        table = _integral(images[s:s + step])
+        for p, off in enumerate(offsets):
+            for o in (0, 1):
+                out[p, o, s:s + step] = _dhash_table(table, channels, NEAR_SMOOTH, NEAR_MARGIN, bool(o), off)
+    return out
+
+
+def _bit_chunks(mask: int, parts: int) -> list[int]:
+    """The set bits of ``mask`` dealt round-robin into ``parts`` masks (interleaved, so each spans the image)."""
+    bits = [b for b in range(64) if mask >> b & 1]
+    return [sum(1 << b for b in bits[k::parts]) for k in range(min(parts, len(bits)))]
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + n) for s, n in zip(starts, counts)])``, vectorised."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    before = np.cumsum(counts) - counts
+    return np.repeat(np.asarray(starts, dtype=np.int64) - before, counts) + np.arange(total)
+
+
+def _groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``keys`` grouped: the sorting order, the distinct keys, where each group starts in that order, its size."""
+    order = np.argsort(keys, kind="stable")
+    uniq, first, counts = np.unique(keys[order], return_index=True, return_counts=True)
+    return order, uniq, first, counts
+
+
+def _expand(order_a: np.ndarray, first_a: np.ndarray, n_a: np.ndarray, order_b: np.ndarray, first_b: np.ndarray,
+            n_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (member of group a, member of group b) for each matched group pair k, as index arrays."""
+    prod = n_a.astype(np.int64) * n_b
+    k = np.repeat(np.arange(len(prod)), prod)
+    r = _ranges(np.zeros(len(prod), dtype=np.int64), prod)
+    return order_a[first_a[k] + r // n_b[k]], order_b[first_b[k] + r % n_b[k]]
+
+
+def _equal_key_join(ka: np.ndarray, kb: np.ndarray, cap: float):
+    """Pairs (i, j) with ``ka[i] == kb[j]``, yielded in blocks, from the buckets with at most ``cap`` pairs; the
+    members of the larger buckets are yielded last as ``(None, (members_a, members_b))``."""
+    oa, ua, fa, na = _groups(ka)
+    ob, ub, fb, nb = _groups(kb)
+    _, xa, xb = np.intersect1d(ua, ub, assume_unique=True, return_indices=True)
+    fa, na, fb, nb = fa[xa], na[xa], fb[xb], nb[xb]
+    prod = na.astype(np.int64) * nb
+    big = prod > cap
+    small = np.nonzero(~big)[0]
+    block_of = (np.cumsum(prod[small]) - prod[small]) // _BLOCK
+    for blk in np.unique(block_of):
+        sel = small[block_of == blk]
+        yield _expand(oa, fa[sel], na[sel], ob, fb[sel], nb[sel])
+    if big.any():
+        yield None, (oa[_ranges(fa[big], na[big])], ob[_ranges(fb[big], nb[big])])
+
+
+def _hamming_join(ha: np.ndarray, hb: np.ndarray, thr: int, base: int = 0, owned: tuple[int, ...] = (),
+                  cap: float | None = None, depth: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """All index pairs (i, j) with ``Hamming(ha[i], hb[j]) <= thr``, exactly, by multi-index hashing.
+
+    The bits not in ``base`` are split into ``thr + 1`` interleaved chunks; two hashes within ``thr`` bits agree
+    exactly on at least one chunk (pigeonhole), so only hashes in the same (chunk, value) bucket are compared. A
+    pair is kept once: by its first agreeing chunk, and only if it agrees on none of the ``owned`` masks (chunks
+    that another branch searches). A bucket of more than ``cap`` pairs is searched again the same way on its
+    remaining bits (all its pairs agree on ``base`` and its chunk), so a crowded bucket, as real images give, is
+    split finer; below ``MAX_DEPTH`` levels of that, its pairs are compared one by one (in blocks: a tight cluster
+    of hashes has that many candidates anyway). Meant for distinct hashes per side (duplicates collapsed).
+    """
+    free = _ALL_BITS & ~base
+    chunks = _bit_chunks(free, thr + 1)
+    cap = np.inf if depth >= MAX_DEPTH else BUCKET_CAP if cap is None else cap
+    if len(chunks) <= thr:  # every pair agreeing on base is within thr bits: join on base alone
+        chunks, cap = [0], np.inf
+    found_i, found_j = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for k, chunk in enumerate(chunks):
+        mask = np.uint64(base | chunk)
+        earlier = (*owned, *chunks[:k])
+        for i, j in _equal_key_join(ha & mask, hb & mask, cap):
+            if i is None:  # the crowded buckets: search them on their remaining bits
+                sub_a, sub_b = j
+                si, sj = _hamming_join(ha[sub_a], hb[sub_b], thr, base | chunk, earlier, cap, depth + 1)
+                found_i.append(sub_a[si])
+                found_j.append(sub_b[sj])
+                continue
+            x = ha[i] ^ hb[j]
+            keep = popcount64(x) <= thr
+            for m in earlier:
+                keep &= (x & np.uint64(m)) != 0
+            found_i.append(i[keep])
+            found_j.append(j[keep])
+    return np.concatenate(found_i), np.concatenate(found_j)
+
+
+def _shift_offsets(max_shift: int) -> list[tuple[int, int]]:
+    r = range(-max_shift, max_shift + 1)
+    return [(0, 0)] + [(dy, dx) for dy in r for dx in r if (dy, dx) != (0, 0)]
+
+
+def hash_candidates(ha: np.ndarray, hb: np.ndarray, thr: int, budget: int) -> tuple[np.ndarray, ...]:
+    """Pairs (i, j) of images whose hashes are within ``thr`` bits, in either orientation and for any probe.
+
+    ``ha``: ``(2, Na)`` hashes of one split; ``hb``: ``(P, 2, Nb)`` hashes of the other at P shifts (from
+    :func:`near_hashes`). Identical hashes are searched once (:func:`_hamming_join` over the distinct values).
+    Returns ``i, j, distance`` (the smallest distance found), closest first, and the number of image pairs left
+    unlisted because more than ``budget`` were found (the closest are kept).
+    """
+    n_b = hb.shape[2]
+    parts_i, parts_j, parts_d, over = [], [], [], 0
+    for o in (0, 1):
+        ua, inv_a = np.unique(ha[o], return_inverse=True)
+        ub, inv_b = np.unique(hb[:, o, :].reshape(-1), return_inverse=True)
+        vi, vj = _hamming_join(ua, ub, thr)
+        dist = popcount64(ua[vi] ^ ub[vj])
+        oa, _, fa, na = _groups(inv_a)  # images per distinct value (all values occur, so index = value id)
+        ob, _, fb, nb = _groups(inv_b)
+        keep = np.argsort(dist, kind="stable")
+        size = na[vi[keep]].astype(np.int64) * nb[vj[keep]]
+        cut = int(np.searchsorted(np.cumsum(size), budget, side="right"))
+        over += int(size[cut:].sum())
+        keep = keep[:cut]
+        i, e = _expand(oa, fa[vi[keep]], na[vi[keep]], ob, fb[vj[keep]], nb[vj[keep]])
+        parts_i.append(i)
+        parts_j.append(e % n_b)
+        parts_d.append(np.repeat(dist[keep], size[:cut]))
+    i, j, d = np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_d)
+    order = np.lexsort((d, i * n_b + j))  # by pair, closest first
+    key = (i * n_b + j)[order]
+    first = np.ones(len(key), dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    i, j, d = i[order][first], j[order][first], d[order][first]
+    closest = np.argsort(d, kind="stable")[:budget]
+    return i[closest], j[closest], d[closest], over + max(0, len(d) - budget)
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    den = np.sqrt(np.einsum("ij,ij->i", x, x) * np.einsum("ij,ij->i", y, y))
+    num = np.einsum("ij,ij->i", x, y)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def pair_correlation(images_a: np.ndarray, images_b: np.ndarray, ia: np.ndarray, ib: np.ndarray,
+                     max_shift: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson correlation over the pixels (all channels, stored resolution) of ``images_a[ia[k]]`` and
+    ``images_b[ib[k]]``: the best over shifts of the second image by up to ``max_shift`` pixels (on the
+    overlapping part), with that shift (dy, dx). Constant images correlate 0; different shapes give NaN."""
+    n = len(ia)
+    corr = np.full(n, np.nan, dtype=np.float32)
+    shift = np.zeros((n, 2), dtype=np.int8)
+    if n == 0 or images_a.shape[1:] != images_b.shape[1:]:
+        return corr, shift
+    h, w = images_a.shape[1:3]
+    offsets = _shift_offsets(min(max_shift, h - 1, w - 1))
+    step = max(1, 2**21 // images_a[0].size)
+    for s in range(0, n, step):
+        a = images_a[ia[s:s + step]].astype(np.float32)
+        b = images_b[ib[s:s + step]].astype(np.float32)
+        best = np.full(len(a), -np.inf, dtype=np.float32)
+        for dy, dx in offsets:
+            x = a[:, max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)].reshape(len(a), -1)
+            y = b[:, max(0, -dy):h + min(0, -dy), max(0, -dx):w + min(0, -dx)].reshape(len(b), -1)
+            r = _pearson(x, y)
+            better = r > best
+            best[better] = r[better]
+            shift[s:s + step][better] = (dy, dx)
+        corr[s:s + step] = best
+    return corr, shift
 
 
 # -------------------------------------------------------------------------------------------- checks
@@ -282,43 +530,107 @@ def check_exact_duplicates(data: SplitArrays, present: list[str], hashes: dict[s
     return {"within_split": within, "cross_split": cross}
 
 
-def _near_duplicate_pairs(data: SplitArrays, present: list[str], hashes: dict[str, list[str]],
-                          ids: dict[str, list[str]], thr: int, limit: int) -> tuple[Counter[str], list[dict[str, Any]]]:
-    """Pairs of images in different splits whose dHashes differ in at most ``thr`` bits (exact duplicates left out)."""
-    dh = {s: dhash(data.images[s]) for s in present}
-    n_pairs: Counter[str] = Counter()
-    near_examples = []
+def _near_duplicate_split_pair(images_a: np.ndarray, images_b: np.ndarray, hashes_a: list[str],
+                               hashes_b: list[str], near: tuple[np.ndarray, np.ndarray],
+                               settings: dict[str, Any], budget: int) -> dict[str, Any]:
+    """Candidates and their correlations between two splits. ``near``: the (2, N) hashes of the split searched
+    as stored and the (P, 2, N) probe hashes of the other; the smaller split is probed (swapped back here)."""
+    thr, max_shift = int(settings["near_duplicate_hamming"]), int(settings["near_duplicate_max_shift"])
+    swap = len(images_b) > len(images_a)
+    stored, probed = near
+    i, j, dist, over = hash_candidates(stored, probed, thr, budget)
+    if swap:
+        i, j = j, i
+    same = np.asarray(hashes_a, dtype=object)[i] == np.asarray(hashes_b, dtype=object)[j] if len(i) else i > 0
+    i, j, dist = i[~same], j[~same], dist[~same]  # exact duplicates are reported as such
+    corr, shift = pair_correlation(images_a, images_b, i, j, max_shift)
+    confirmed = corr >= float(settings["near_duplicate_min_correlation"])
+    return {"i": i, "j": j, "hamming": dist, "correlation": corr, "shift": shift, "confirmed": confirmed,
+            "not_checked": over}
+
+
+def _near_duplicate_pairs(data: SplitArrays, present: list[str],
+                          hashes: dict[str, list[str]], settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The candidate pairs of every two splits (``"a/b"`` -> arrays, see :func:`_near_duplicate_split_pair`),
+    within one budget of ``near_duplicate_max_candidates`` pairs checked."""
+    offsets = _shift_offsets(int(settings["near_duplicate_max_shift"]))
+    stored = {s: near_hashes(data.images[s], [(0, 0)])[0] for s in present}
+    probes: dict[str, np.ndarray] = {}
+    budget = int(settings["near_duplicate_max_candidates"])
+    out = {}
     for a, b in combinations(present, 2):
-        for start in range(0, len(dh[a]), 1024):
-            d = hamming(dh[a][start:start + 1024], dh[b])
-            ia, ib = np.nonzero(d <= thr)
-            for i, j in zip(ia + start, ib, strict=True):
-                if hashes[a][i] == hashes[b][j]:
-                    continue  # exact duplicate, reported above
-                n_pairs[f"{a}/{b}"] += 1
-                if len(near_examples) < limit:
-                    near_examples.append({"a": ids[a][i], "b": ids[b][j], "distance": int(d[i - start, j])})
-    return n_pairs, near_examples
+        big, small = (a, b) if len(data.images[a]) >= len(data.images[b]) else (b, a)
+        if small not in probes:
+            probes[small] = near_hashes(data.images[small], offsets)
+        res = _near_duplicate_split_pair(data.images[a], data.images[b], hashes[a], hashes[b],
+                                         (stored[big], probes[small]), settings, max(budget, 0))
+        budget -= len(res["i"])
+        out[f"{a}/{b}"] = res
+    return out
+
+
+def _pair_record(data: SplitArrays, ids: dict[str, list[str]], a: str, b: str, res: dict[str, Any],
+                 k: int) -> dict[str, Any]:
+    i, j = int(res["i"][k]), int(res["j"][k])
+    names = data.class_names
+    return {"a": ids[a][i], "b": ids[b][j], "split_a": a, "index_a": i, "split_b": b, "index_b": j,
+            "labels": [names[int(data.labels[a][i])], names[int(data.labels[b][j])]],
+            "hamming": int(res["hamming"][k]), "distance": int(res["hamming"][k]),
+            "correlation": round(float(res["correlation"][k]), 4), "shift": [int(v) for v in res["shift"][k]]}
+
+
+def _top_pairs(data: SplitArrays, ids: dict[str, list[str]], found: dict[str, dict[str, Any]], confirmed: bool,
+               limit: int) -> list[dict[str, Any]]:
+    """The ``limit`` confirmed (or unconfirmed) pairs of highest correlation over all split pairs."""
+    rows = []
+    for key, res in found.items():
+        a, b = key.split("/")
+        for k in np.nonzero(res["confirmed"] == confirmed)[0]:
+            rows.append((-float(np.nan_to_num(res["correlation"][k], nan=-2.0)), key, int(k), a, b))
+    rows.sort(key=lambda r: r[:3])
+    return [_pair_record(data, ids, a, b, found[key], k) for _, key, k, a, b in rows[:limit]]
 
 
 def check_near_duplicates(data: SplitArrays, present: list[str], hashes: dict[str, list[str]],
-                          ids: dict[str, list[str]], settings: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
-    """Near-duplicates across splits (dHash Hamming distance), skipped above ``near_duplicate_max_images`` on auto."""
-    total = sum(int(len(data.labels[s])) for s in present)
-    mode = settings["near_duplicates"]
-    run_near = (mode is True or str(mode).lower() == "true") or (
-        str(mode).lower() == "auto" and total <= int(settings["near_duplicate_max_images"]))
-    near: dict[str, Any] = {"enabled": bool(run_near), "hash": "dhash64",
-                            "hamming": int(settings["near_duplicate_hamming"])}
-    if not run_near:
-        near["skipped"] = f"{total} images > near_duplicate_max_images" if str(mode).lower() == "auto" else "disabled"
+                          ids: dict[str, list[str]], settings: dict[str, Any], warnings: list[str],
+                          violations: list[str] | None = None) -> dict[str, Any]:
+    """Near-duplicates across splits: hash candidates confirmed by pixel correlation.
+
+    Candidates: images of two splits whose 64-bit dHashes (horizontal or vertical, smoothed, with a margin; the
+    smaller split hashed at every shift up to ``near_duplicate_max_shift`` px) differ in at most
+    ``near_duplicate_hamming`` bits, found by multi-index hashing (:func:`_hamming_join`), exact duplicates left
+    out. Confirmed: Pearson correlation over the pixels at stored resolution, best over the same shifts, of at least
+    ``near_duplicate_min_correlation``. Only confirmed pairs are findings: a warning, or with
+    ``near_duplicate_leakage`` leakage (a violation unless ``allow_leakage``). At most
+    ``near_duplicate_max_candidates`` pairs are checked, the closest hashes first; the rest are counted.
+    """
+    mode = str(settings["near_duplicates"]).lower()
+    thr, min_corr = int(settings["near_duplicate_hamming"]), float(settings["near_duplicate_min_correlation"])
+    near: dict[str, Any] = {"enabled": mode != "false", "hash": "dhash64 horizontal+vertical", "hamming": thr,
+                            "max_shift": int(settings["near_duplicate_max_shift"]), "min_correlation": min_corr}
+    if mode == "false":
+        near["skipped"] = "disabled"
         return near
-    thr = int(settings["near_duplicate_hamming"])
-    n_pairs, near_examples = _near_duplicate_pairs(data, present, hashes, ids, thr, int(settings["max_listed"]))
-    near.update(pairs=int(sum(n_pairs.values())), by_splits=dict(n_pairs), examples=near_examples)
-    if n_pairs:
-        warnings.append(f"{sum(n_pairs.values())} near-duplicate pairs across splits "
-                        f"(dHash Hamming <= {thr}): {dict(n_pairs)}")
+    found = _near_duplicate_pairs(data, present, hashes, settings)
+    by_splits = {k: int(r["confirmed"].sum()) for k, r in found.items() if r["confirmed"].any()}
+    limit = int(settings["max_listed"])
+    near.update(candidates=int(sum(len(r["i"]) for r in found.values())), confirmed=int(sum(by_splits.values())),
+                candidates_by_splits={k: len(r["i"]) for k, r in found.items() if len(r["i"])},
+                not_checked=int(sum(r["not_checked"] for r in found.values())),
+                examples=_top_pairs(data, ids, found, True, limit),
+                rejected_examples=_top_pairs(data, ids, found, False, min(limit, 10)))
+    near.update(pairs=near["confirmed"], by_splits=by_splits)
+    if by_splits:
+        msg = (f"{near['confirmed']} near-duplicate pairs across splits (pixel correlation >= {min_corr}; "
+               f"{near['candidates']} dHash candidates): {by_splits}, e.g. "
+               + "; ".join(f"{e['a']} ~ {e['b']} (r={e['correlation']})" for e in near["examples"][:3]))
+        if settings["near_duplicate_leakage"] and violations is not None:
+            _flag("leakage: " + msg, settings["allow_leakage"], warnings, violations)
+        else:
+            warnings.append(msg)
+    if near["not_checked"]:
+        warnings.append(f"about {near['not_checked']} near-duplicate candidate pairs over "
+                        f"near_duplicate_max_candidates were not checked")
     return near
 
 
@@ -386,7 +698,7 @@ def validate(data: SplitArrays | None, errors: list[tuple[str, str]], meta: dict
     report["geometry"] = check_sizes(data, present, meta, ids, int(settings["max_listed"]), warnings)
     hashes = {s: pixel_hashes(data.images[s]) for s in present}
     report["duplicates"] = check_exact_duplicates(data, present, hashes, ids, settings, warnings, violations)
-    report["near_duplicates"] = check_near_duplicates(data, present, hashes, ids, settings, warnings)
+    report["near_duplicates"] = check_near_duplicates(data, present, hashes, ids, settings, warnings, violations)
     report["patients"] = check_patients(present, meta, settings, warnings, violations)
     report["intensity"] = check_intensity_shift(data, present, settings, warnings)
     return report
@@ -401,6 +713,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         "leakage_exact_duplicates": dup.get("cross_split", {}).get("groups", 0),
         "leakage_by_splits": dup.get("cross_split", {}).get("by_splits", {}),
         "near_duplicate_pairs": report.get("near_duplicates", {}).get("pairs"),
+        "near_duplicate_candidates": report.get("near_duplicates", {}).get("candidates"),
         "patients_in_multiple_splits": report.get("patients", {}).get("in_multiple_splits"),
         "imbalance_ratio": report.get("imbalance_ratio", {}),
         "intensity_shift": report.get("intensity", {}).get("shift", []),

@@ -4,7 +4,7 @@ model-randomisation sanity check.
 Networks take float32 NCHW input in [0, 1] (the :mod:`medops` contract: uint8 intensity / 255) and output logits
 (the softmax is applied outside the network), so every map here explains the **logit** of the target class, never
 its probability: through a saturated softmax the gradient and the probability change of a confident prediction
-vanish, and so would the map. Both methods come from `captum <https://captum.ai>`_:
+vanish, and so would the map. Both methods come from [captum](https://captum.ai):
 
 * :func:`gradcam` -- ``captum.attr.LayerGradCam`` on the last convolutional stage (:func:`find_target_layer`:
   a ResNet's ``layer4``, the last ``Conv2d`` of a SmallCNN's ``features``), ReLU of the gradient-weighted
@@ -153,6 +153,8 @@ class _EvalMode:
 
 @torch.no_grad()
 def _logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if not len(x):
+        return x.new_zeros((0, 0))
     with _EvalMode(net), torch.autocast(x.device.type, enabled=False):
         return torch.cat([net(x[s : s + _BATCH]).float() for s in range(0, len(x), _BATCH)])
 
@@ -392,7 +394,8 @@ def explain(
     patch, stride = occlusion_geometry(*x.shape[-2:])
     baseline = MEAN_BASELINE
     names = ("gradcam", "occlusion") if method == "both" else (method,)
-    maps = {name: _compute(net, name, x, target, patch, stride, baseline) for name in names}
+    maps = {name: _compute(net, name, x, target, patch, stride, baseline) if len(x) else
+            np.zeros((0, *x.shape[-2:]), np.float32) for name in names}
     out = Explanations(x, maps, target, pred, p[np.arange(len(p)), target] if len(p) else np.zeros(0),
                        list(class_names), patch, stride, _baseline_name(baseline),
                        None if labels is None else np.asarray(labels).reshape(-1).astype(np.int64))
@@ -477,7 +480,7 @@ def _figure(expl: Explanations, titles: list[str], path: Path,
         ax.axis("off")
     if n and methods:
         bar = fig.colorbar(matplotlib.cm.ScalarMappable(matplotlib.colors.Normalize(0, 1), cmap=HEAT_CMAP),
-                           ax=axes[-1, 1:].tolist(), location="bottom", shrink=0.9, aspect=25, pad=0.02)
+                           ax=axes.ravel().tolist(), location="bottom", shrink=0.6, aspect=30, pad=0.02)
         bar.set_label("evidence for the class (positive part),\nnormalised per image: 1 = that image's maximum",
                       fontsize=7)
         bar.ax.tick_params(labelsize=6)
@@ -582,7 +585,8 @@ def _write(expl: Explanations, names: list[str], args: argparse.Namespace, check
                            randomised={k: v[i : i + 1] for k, v in expl.randomised.items()},
                            sanity={k: _rho_summary(np.asarray([s["per_sample"][i]], dtype=np.float64))
                                    for k, s in expl.sanity.items()})
-        png, _ = _figure(one, [titles[i]], args.out_dir / f"{Path(p).stem}_{args.method}.png")
+        png, _ = _figure(one, [titles[i]], args.out_dir / f"{Path(p).stem}_{args.method}.png",
+                         suptitle=f"{checkpoint}\n{sanity_line(one)}")
         written += [png, one.save(png.with_suffix(".npz"))]
     return written
 

@@ -181,13 +181,18 @@ def log_final(loggers: list[Logger], result: dict[str, Any], plots: dict[str, Pa
     """The best checkpoint's figures to every logger; W&B also gets the plots, charts and sample predictions."""
     final = {f"test/{k}": v for k, v in result["test"].items()}
     final |= {f"best_val/{k}": v for k, v in result["val"].items()}
+    calibration = result.get("calibration") or {}
+    final |= {f"calibration/test_{k}": v for k, v in (calibration.get("test") or {}).items()}
+    if calibration.get("temperature"):
+        final["calibration/temperature"] = calibration["temperature"]
+    named = {"positive_class": result["threshold"]["positive_class"]} if result.get("threshold") else {}
     for lg in loggers:
         lg.log_metrics(final, step=step)
         if isinstance(lg, WandbLogger):
             lg.log_image("test/plots", [str(p) for p in plots.values()], caption=list(plots))
             log_evaluation(lg.experiment, torch.from_numpy(test[0]), torch.from_numpy(test[1]), dm.class_names,
                            torch.from_numpy(to_unit_range(dm.datasets["test"].images.numpy())))
-            lg.experiment.summary.update(final)
+            lg.experiment.summary.update({**final, **named})
 
 
 def name_wandb_run(cfg: DictConfig, dm: ImageClassificationDataModule, module: ClassificationModule) -> None:

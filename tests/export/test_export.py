@@ -82,13 +82,23 @@ def test_cli_export_writes_a_parity_checked_version(tmp_path: Path, trained_run:
     session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
     got = session.run(None, {"image": images})[0]
     module = pipeline.load_source(str(trained_run)).module
+    temperature = record["calibration"]["temperature"]  # fitted on val at the end of training: inside the graph
+    assert temperature > 0 and meta["operating_point"]["temperature"] == temperature
     with torch.no_grad():
-        want = module.net(torch.from_numpy(images)).softmax(-1).numpy()
+        want = (module.net(torch.from_numpy(images)) / temperature).softmax(-1).numpy()
     assert np.abs(got - want).max() <= 1e-4
+
+    # the finding is the positive class: BreastMNIST declares malignant (class 0), not class 1
+    assert record["data"]["positive_class"] == "malignant" and record["threshold"]["positive_index"] == 0
+    assert config.parameters["positive_class"].string_value == "malignant"
+    assert float(config.parameters["threshold"].string_value) == pytest.approx(record["threshold"]["value"], abs=1e-6)
+    assert float(config.parameters["temperature"].string_value) == pytest.approx(temperature, abs=1e-6)
 
     card = (version / "MODEL_CARD.md").read_text()
     assert record["data"]["fingerprint"] in card
     assert f"{record['test']['auroc']:.4f}" in card and "not for clinical use" in card.lower()
+    assert "Positive class (the finding): **malignant**" in card and f"T = {temperature:.3f}" in card
+    assert f"{record['calibration']['test']['ece_after']:.4f} after" in card
 
 
 def test_versions_increment_and_old_versions_stay(tmp_path: Path, trained_run: Path) -> None:
@@ -199,8 +209,8 @@ def test_exported_python_model_serves_on_the_bundled_triton(tmp_path: Path, trai
     dm.setup()
     images = dm.datasets["test"].images[:20].float().div(255).numpy()
     module = pipeline.load_source(str(trained_run)).module
-    with torch.no_grad():
-        want = module.net(torch.from_numpy(images)).softmax(-1).numpy()
+    with torch.no_grad():  # calibrated at the end of training: the temperature is in the served graph
+        want = (module.net(torch.from_numpy(images)) / record["calibration"]["temperature"]).softmax(-1).numpy()
     ports = {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
     with TritonServer(repo, **ports).start(timeout=120) as server:
         with httpclient.InferenceServerClient(server.http_url) as client:

@@ -68,6 +68,13 @@ def test_short_real_fit_improves_and_records_everything(tmp_path: Path, breastmn
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert sum(map(sum, record["confusion_matrix"])) == 64  # every test image counted once
     assert record["threshold"]["method"] == "youden_j_on_val"
+    # the finding is the positive class (BreastMNIST declares malignant = class 0); figures are calibrated
+    assert record["data"]["positive_class"] == "malignant" and record["data"]["positive_class_declared"]
+    assert record["threshold"]["positive_class"] == "malignant" and record["threshold"]["positive_index"] == 0
+    cal = record["calibration"]
+    assert cal["temperature"] > 0 and record["threshold"]["calibrated"]
+    assert cal["val"]["nll_after"] <= cal["val"]["nll_before"] + 1e-9  # fitted to minimise validation NLL
+    assert set(cal["test"]) == {"ece_before", "ece_after", "nll_before", "nll_after"}
 
 
 def test_multiclass_rgb_learns(tmp_path: Path, rgb_multiclass: Path) -> None:

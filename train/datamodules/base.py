@@ -105,7 +105,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 validate_splits(data)
                 self.split_fingerprint = fingerprint_of(data)
             self.mean, self.std = channel_stats(data.images["train"])
-            positive_index(data.class_names, self.declared_positive)  # a class the data lacks fails here
+            if len(data.class_names) == 2:
+                positive_index(data.class_names, self.declared_positive)  # a class the data lacks fails here
             if len(data.class_names) == 2 and self.declared_positive is None:
                 log.warning("data.positive_class is not declared: class 1 (%s) is taken as the positive class (the "
                             "finding); set data.positive_class=<name> if that is wrong", data.class_names[1])
