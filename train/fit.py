@@ -138,7 +138,8 @@ def evaluate(
     plots = {
         "roc": plot_roc(probs_test, y_test, names, out_dir / "roc_test.png", "ROC, test split",
                         positive_class=1 if pos is None else pos),
-        "confusion_matrix": plot_confusion(confusion, names, out_dir / "confusion_test.png", "Confusion, test"),
+        "confusion_matrix": plot_confusion(confusion, names, out_dir / "confusion_test.png",
+                                           "Confusion, test split (arg-max decision)"),
     }
     result: dict[str, Any] = {
         "val": {**summary_metrics(probs_val, y_val), "loss": float(loss["val"])},

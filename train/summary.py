@@ -23,9 +23,16 @@ def print_summary(record: dict[str, Any], console: Console | None = None) -> Non
             table.add_row(name, *("-" if v is None else f"{v:.4f}" for v in vals))
     thr = record.get("threshold")
     if thr:
-        table.add_row(f"acc @ val threshold {thr['value']:.3f}",
-                      f"{thr['val']['acc']:.4f}", f"{thr['test']['acc']:.4f}")
+        positive = thr.get("positive_class", "class 1")
+        for name in ("sensitivity", "specificity", "acc"):
+            table.add_row(f"{name} @ P({positive}) >= {thr['value']:.3f}",
+                          *(f"{thr[s][name]:.4f}" for s in ("val", "test")))
     console.print(table)
+    cal = record.get("calibration") or {}
+    if cal.get("temperature"):
+        test = cal.get("test") or {}
+        console.print(f"calibration: temperature {cal['temperature']:.3f} (fitted on val, exported); test ECE "
+                      f"{test.get('ece_before', float('nan')):.3f} -> {test.get('ece_after', float('nan')):.3f}")
     data = record.get("data", {})
     timing = record.get("timing", {})
     console.print(f"data: {data.get('source')}  fingerprint {data.get('fingerprint', '')[:23]}…")
