@@ -17,8 +17,10 @@ of per-image means exceeds ``shift_threshold``. Training runs the same checks af
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
+import io
 import json
 import logging
 import sys
@@ -38,10 +40,10 @@ DEFAULTS: dict[str, Any] = {
     "allow_leakage": False,
     "allow_corrupt": False,
     "near_duplicates": "auto",  # auto/true: always (any size); false: never
-    "near_duplicate_hamming": 4,  # hash candidates: dHash Hamming distance (horizontal or vertical hash)
+    "near_duplicate_hamming": 6,  # hash candidates: dHash Hamming distance (horizontal or vertical hash)
     "near_duplicate_max_shift": 1,  # px: shifted copies hashed and correlated at up to this shift
     "near_duplicate_min_correlation": 0.95,  # confirmed: pixel correlation at stored resolution of at least this
-    "near_duplicate_max_candidates": 2_000_000,  # candidate pairs checked at most (closest hashes first)
+    "near_duplicate_max_candidates": 1_000_000,  # candidate pairs correlated at most (closest hashes first)
     "near_duplicate_leakage": False,  # true: confirmed near-duplicates are leakage (fail unless allow_leakage)
     "shift_threshold": 0.5,
     "max_listed": 50,  # examples listed per finding in the reports
@@ -91,7 +93,7 @@ def pixel_hashes(images: np.ndarray) -> list[str]:
 
 # Near-duplicate hashing: 64-bit difference hashes from box means of an integral image, so that the hashes of
 # shifted copies (the probes) cost a few gathers, not a pass over the pixels.
-NEAR_SMOOTH = 0.6  # hash bins widened by this fraction of their width on each side (a box blur against noise)
+NEAR_SMOOTH = 0.3  # hash bins widened by this fraction of their width on each side (a box blur against noise)
 NEAR_MARGIN = 4.0  # grey levels: a bit is set only when the right (lower) bin is brighter by more than this
 _M1, _M2, _M4 = np.uint64(0x5555555555555555), np.uint64(0x3333333333333333), np.uint64(0x0F0F0F0F0F0F0F0F)
 _H01 = np.uint64(0x0101010101010101)
@@ -177,7 +179,7 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # Near-duplicate search: exact Hamming search by multi-index hashing, then a pixel-correlation confirmation.
 _ALL_BITS = (1 << 64) - 1
-BUCKET_CAP = 1 << 16  # a bucket with more pairs than this is split further (recursive multi-index hashing)
+BUCKET_CAP = 1 << 10  # a bucket with more pairs than this is split further (recursive multi-index hashing)
 MAX_DEPTH = 2  # levels of that splitting (each multiplies the tables by thr + 1); deeper buckets are compared pairwise
 _BLOCK = 1 << 22  # pairs expanded at a time
 
@@ -214,18 +216,20 @@ def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def _groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``keys`` grouped: the sorting order, the distinct keys, where each group starts in that order, its size."""
-    order = np.argsort(keys, kind="stable")
-    uniq, first, counts = np.unique(keys[order], return_index=True, return_counts=True)
-    return order, uniq, first, counts
+    order = np.argsort(keys)
+    ordered = keys[order]
+    starts = np.ones(len(ordered), dtype=bool)
+    starts[1:] = ordered[1:] != ordered[:-1]
+    first = np.flatnonzero(starts)
+    return order, ordered[first], first, np.diff(np.append(first, len(ordered)))
 
 
 def _expand(order_a: np.ndarray, first_a: np.ndarray, n_a: np.ndarray, order_b: np.ndarray, first_b: np.ndarray,
             n_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every (member of group a, member of group b) for each matched group pair k, as index arrays."""
-    prod = n_a.astype(np.int64) * n_b
-    k = np.repeat(np.arange(len(prod)), prod)
-    r = _ranges(np.zeros(len(prod), dtype=np.int64), prod)
-    return order_a[first_a[k] + r // n_b[k]], order_b[first_b[k] + r % n_b[k]]
+    per_a = np.repeat(n_b, n_a)  # each member of group a meets the n_b members of its group b
+    members_a = order_a[_ranges(first_a, n_a)]
+    return np.repeat(members_a, per_a), order_b[_ranges(np.repeat(first_b, n_a), per_a)]
 
 
 def _equal_key_join(ka: np.ndarray, kb: np.ndarray, cap: float):
@@ -723,13 +727,34 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def validate_source(dm: FolderDataset | MedMNISTFile | Any,
+                    settings: dict[str, Any] | None = None) -> tuple[dict[str, Any], SplitArrays | None]:
+    """Gather and check ``dm``'s data; the report (violations are not raised) and the data it was made from."""
+    data, errors, meta = gather(dm)
+    return validate(data, errors, meta, settings, source=str(getattr(dm, "path", "")) or None), data
+
+
 def run_validation(dm: FolderDataset | MedMNISTFile | Any, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Gather and check ``dm``'s data; returns the report (does not raise on violations)."""
-    data, errors, meta = gather(dm)
-    return validate(data, errors, meta, settings, source=str(getattr(dm, "path", "")) or None)
+    return validate_source(dm, settings)[0]
 
 
 # ------------------------------------------------------------------------------------------- reports
+
+
+def _near_rows(near: dict[str, Any]) -> list[tuple[str, str]]:
+    if not near:
+        return []
+    if not near.get("enabled") or "confirmed" not in near:
+        return [("near-duplicates across splits", f"skipped ({near.get('skipped')})")]
+    rows = [("near-duplicates across splits",
+             f"{near['confirmed']} confirmed (pixel correlation >= {near['min_correlation']}) of {near['candidates']} "
+             f"dHash candidates (Hamming <= {near['hamming']}, shifts <= {near['max_shift']} px) {near['by_splits']}"
+             + (f"; about {near['not_checked']} candidates over the limit not checked" if near["not_checked"] else ""))]
+    for e in near["examples"][:10]:
+        rows.append(("  near-duplicate", f"{e['a']} ~ {e['b']} (r={e['correlation']}, Hamming {e['hamming']}, "
+                                         f"labels {' / '.join(e['labels'])})"))
+    return rows
 
 
 def _rows(report: dict[str, Any]) -> list[tuple[str, str]]:
@@ -750,11 +775,7 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                      f"{cross['conflicting_labels']} with conflicting labels"))
         for e in cross["examples"][:10]:
             rows.append(("  duplicate", " = ".join(e["images"])))
-    near = report.get("near_duplicates", {})
-    if near:
-        rows.append(("near-duplicates across splits",
-                     f"{near.get('pairs')} pairs (Hamming <= {near.get('hamming')}) {near.get('by_splits', '')}"
-                     if near.get("enabled") else f"skipped ({near.get('skipped')})"))
+    rows += _near_rows(report.get("near_duplicates", {}))
     pat = report.get("patients", {})
     if pat.get("column"):
         rows.append((f"{pat['column']} in more than one split", f"{pat['in_multiple_splits']} of {pat['patients']}"))
@@ -778,26 +799,71 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_html(report: dict[str, Any]) -> str:
+def _pair_png(a: np.ndarray, b: np.ndarray) -> str:
+    """Two uint8 images side by side (grey 0-255 as stored, colour as RGB) as a base64 PNG."""
+    from PIL import Image
+
+    a, b = (x[..., 0] if x.ndim == 3 and x.shape[-1] == 1 else x for x in (a, b))
+    height = max(a.shape[0], b.shape[0])
+    a, b = (np.pad(x, [(0, height - x.shape[0])] + [(0, 0)] * (x.ndim - 1)) for x in (a, b))
+    gap = np.full((height, max(2, height // 14), *a.shape[2:]), 255, dtype=np.uint8)
+    img = Image.fromarray(np.ascontiguousarray(np.concatenate([a, gap, b], axis=1)))
+    if max(img.size) > 512:
+        img.thumbnail((512, 512))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _near_duplicate_html(near: dict[str, Any], data: SplitArrays | None) -> str:
+    """The confirmed near-duplicate pairs (and the closest rejected candidates) as figures: both images side by side
+    with split, index, path, labels, correlation and hash distance; without ``data``, captions only."""
+    esc = html.escape
+    sections = []
+    for key, title in (("examples", "Near-duplicates across splits (confirmed)"),
+                       ("rejected_examples", "Closest hash candidates below the correlation threshold (not counted)")):
+        figures = []
+        for e in near.get(key) or []:
+            names = [f"{e[f'split_{s}']}[{e[f'index_{s}']}]" for s in "ab"]
+            names = [esc(n if n == e[s] else f"{n} {e[s]}") for n, s in zip(names, "ab", strict=True)]
+            caption = (f"{names[0]} &harr; {names[1]}<br>r = {e['correlation']} (shift {tuple(e['shift'])}), "
+                       f"dHash distance {e['hamming']}, labels {esc(' / '.join(e['labels']))}")
+            image = ""
+            if data is not None and data.images[e["split_a"]].shape[1:] == data.images[e["split_b"]].shape[1:]:
+                png = _pair_png(data.images[e["split_a"]][e["index_a"]], data.images[e["split_b"]][e["index_b"]])
+                image = f"<img alt='{esc(e['a'])} | {esc(e['b'])}' src='data:image/png;base64,{png}'>"
+            figures.append(f"<figure>{image}<figcaption>{caption}</figcaption></figure>")
+        if figures:
+            sections.append(f"<h2>{esc(title)}</h2><div class='pairs'>{''.join(figures)}</div>")
+    return "".join(sections)
+
+
+def to_html(report: dict[str, Any], data: SplitArrays | None = None) -> str:
+    """The report as one HTML page; with ``data``, the near-duplicate pairs are shown as images."""
     esc = html.escape
     rows = "\n".join(f"<tr><td>{esc(k)}</td><td>{esc(v)}</td></tr>" for k, v in _rows(report))
     items = lambda xs: "".join(f"<li>{esc(x)}</li>" for x in xs) or "<li>none</li>"  # noqa: E731
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>Data validation report</title>"
         "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #999;"
-        "padding:3px 8px;text-align:left}</style></head><body><h1>Data validation report</h1>"
+        "padding:3px 8px;text-align:left}.pairs{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;"
+        "width:300px;font-size:12px;word-break:break-all}figure img{height:128px;image-rendering:pixelated;"
+        "border:1px solid #999}</style></head><body><h1>Data validation report</h1>"
         f"<table><tr><th>check</th><th>result</th></tr>\n{rows}\n</table>"
         f"<h2>Violations</h2><ul>{items(report['violations'])}</ul>"
-        f"<h2>Warnings</h2><ul>{items(report['warnings'])}</ul></body></html>\n"
+        f"<h2>Warnings</h2><ul>{items(report['warnings'])}</ul>"
+        f"{_near_duplicate_html(report.get('near_duplicates') or {}, data)}</body></html>\n"
     )
 
 
-def write_reports(report: dict[str, Any], out_dir: Path, stem: str = "report") -> list[Path]:
+def write_reports(report: dict[str, Any], out_dir: Path, stem: str = "report",
+                  data: SplitArrays | None = None) -> list[Path]:
+    """``report.json``, ``report.md`` and ``report.html`` (with ``data``: near-duplicate pairs as images)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{stem}.json", out_dir / f"{stem}.md", out_dir / f"{stem}.html"]
     paths[0].write_text(json.dumps(report, indent=2, default=str))
     paths[1].write_text(to_markdown(report))
-    paths[2].write_text(to_html(report))
+    paths[2].write_text(to_html(report, data))
     return paths
 
 
@@ -849,12 +915,12 @@ def _main() -> None:
     def main(cfg: DictConfig) -> None:
         try:
             dm, settings = instantiate_data(cfg.data)
-            report = run_validation(dm, settings)
+            report, data = validate_source(dm, settings)
         except DataError as exc:
             log.error("bad input data: %s", exc)
             sys.exit(2)
         out = Path(cfg.get("output_dir") or ".")
-        paths = write_reports(report, out)
+        paths = write_reports(report, out, data=data)
         print_report(report)
         print(f"reports: {', '.join(str(p) for p in paths)}")
         if report["violations"]:

@@ -12,7 +12,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datatools.validate_data import dhash, hamming, run_validation
+from datatools.validate_data import (
+    _hamming_join,
+    check_near_duplicates,
+    dhash,
+    hamming,
+    near_hashes,
+    pixel_hashes,
+    popcount64,
+    run_validation,
+    to_html,
+    validate,
+    validate_source,
+    validation_settings,
+)
+from medops.datasets import SplitArrays
 from tests.conftest import BREASTMNIST, FAST, REPO, run_cli, write_csv
 from train.datamodules import FolderDataModule, MedMNISTDataModule
 
@@ -68,12 +82,26 @@ def test_crafted_leak_and_near_duplicate(tmp_path: Path) -> None:
     Image.fromarray(img.astype(np.uint8)).save(tmp_path / "test" / "b" / "near.png")
     rows = (tmp_path / "manifest.csv").read_text() + "test/b/near.png,b,test\n"
     csv_path.write_text(rows)
-    report = run_validation(FolderDataModule(str(csv_path), image_size=32), {})
+    report, data = validate_source(FolderDataModule(str(csv_path), image_size=32), {})
     cross = report["duplicates"]["cross_split"]
     assert cross["groups"] == 1 and cross["by_splits"] == {"train/val": 1}
     assert any("leak.png" in p for p in cross["examples"][0]["images"])
-    assert report["near_duplicates"]["by_splits"].get("train/test") == 1
+    near = report["near_duplicates"]
+    assert near["by_splits"] == {"train/test": 1} and near["pairs"] == near["confirmed"] == 1
+    assert near["candidates"] >= 1 and near["candidates_by_splits"].get("train/test", 0) >= 1
+    (pair,) = near["examples"]  # the exact copy (leak.png) is not listed again as a near-duplicate
+    assert pair["a"].endswith("train/b/1.png") and pair["b"].endswith("test/b/near.png")
+    assert pair["split_a"] == "train" and pair["split_b"] == "test" and pair["correlation"] > 0.99
     assert any("leakage" in v for v in report["violations"])
+    assert any("1 near-duplicate pairs" in w for w in report["warnings"])
+    assert not any("near-duplicate" in v for v in report["violations"])  # a warning unless near_duplicate_leakage
+    page = to_html(report, data)
+    assert page.count("<img ") == 1 and "data:image/png;base64," in page and "near.png" in page
+
+    strict = run_validation(FolderDataModule(str(csv_path), image_size=32), {"near_duplicate_leakage": True})
+    assert any("near-duplicate" in v for v in strict["violations"])
+    off = run_validation(FolderDataModule(str(csv_path), image_size=32), {"near_duplicates": False})
+    assert off["near_duplicates"]["skipped"] == "disabled" and "pairs" not in off["near_duplicates"]
 
 
 def test_dhash_hamming() -> None:
@@ -82,6 +110,186 @@ def test_dhash_hamming() -> None:
     h = dhash(a)
     d = hamming(h, h)
     assert h.dtype == np.uint64 and (np.diag(d) == 0).all() and d[0, 1] > 10
+    # the classic dHash: bit = right box brighter than left box, 8 rows x 9 boxes of about 3 x 3 px
+    grey = a[0, :, :, 0].astype(float)
+    rows, cols = np.linspace(0, 28, 9), np.linspace(0, 28, 10)
+    boxes = np.array([[grey[int(rows[r]):int(np.ceil(rows[r + 1])), int(cols[c]):int(np.ceil(cols[c + 1]))].mean()
+                       for c in range(9)] for r in range(8)])
+    assert int(h[0]) == int("".join("1" if b else "0" for b in (boxes[:, 1:] > boxes[:, :-1]).ravel()), 2)
+    x = rng.integers(0, 2**63, 1000, dtype=np.int64).astype(np.uint64) * np.uint64(2) + np.uint64(1)
+    assert popcount64(x).tolist() == [bin(int(v)).count("1") for v in x]
+    # a copy shifted down by 1 px: its hash at offset (-1, 0) is close to the original's (edge rows aside)
+    shifted = np.pad(a, ((0, 0), (1, 0), (0, 0), (0, 0)), mode="edge")[:, :28]
+    original, probes = near_hashes(a, [(0, 0)])[0], near_hashes(shifted, [(0, 0), (-1, 0)])
+    for o in (0, 1):  # horizontal, vertical
+        assert (hamming(original[o], probes[1, o]).diagonal() <= 6).all()
+        assert (hamming(original[o], probes[1, o]).diagonal() < hamming(original[o], probes[0, o]).diagonal()).all()
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_multi_index_hashing_finds_exactly_the_close_pairs(clustered: bool) -> None:
+    """_hamming_join returns exactly the pairs an all-pairs comparison finds, once each, also when crowded buckets
+    are split again (a tiny bucket cap) and for hashes clustered like real images (a few centres, few bits off)."""
+    rng = np.random.default_rng(7)
+    centres = rng.integers(0, 2**63, 4, dtype=np.int64).astype(np.uint64)
+
+    def hashes(n: int) -> np.ndarray:
+        if not clustered:
+            return np.unique(rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64) << np.uint64(1))
+        flips = np.left_shift(np.uint64(1), rng.integers(0, 64, (n, 3)).astype(np.uint64))
+        return np.unique(centres[rng.integers(0, 4, n)] ^ np.bitwise_xor.reduce(flips, axis=1))
+
+    ha, hb = hashes(1500), hashes(900)
+    brute = hamming(ha, hb)
+    for thr in (0, 3, 6):
+        want = set(zip(*np.nonzero(brute <= thr), strict=True))
+        for cap in (None, 8):
+            i, j = _hamming_join(ha, hb, thr, cap=cap)
+            got = list(zip(i.tolist(), j.tolist(), strict=True))
+            assert len(got) == len(set(got)) and set(got) == want, (thr, cap)
+    assert len(want) > (1000 if clustered else -1)
+
+
+ONE_PX = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+def _plant(src: np.ndarray, rng: np.random.Generator, sigma: float, shift: tuple[int, int]) -> np.ndarray:
+    """A copy of an H x W x C uint8 image moved by ``shift`` px (edge pixels repeated) plus Gaussian noise."""
+    dy, dx = shift
+    padded = np.pad(src.astype(float), ((1, 1), (1, 1), (0, 0)), mode="edge")
+    moved = padded[1 - dy:1 - dy + src.shape[0], 1 - dx:1 - dx + src.shape[1]]
+    return np.clip(np.rint(moved + rng.normal(0, sigma, src.shape)), 0, 255).astype(np.uint8)
+
+
+def _max_shift_correlation(x: np.ndarray) -> np.ndarray:
+    """Reference: all-pairs Pearson correlation of N x H x W x 1 images, the best over shifts of up to 1 px."""
+    h, w = x.shape[1:3]
+    best = np.full((len(x), len(x)), -1.0)
+    for dy, dx in [(0, 0), *ONE_PX]:
+        a = x[:, max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)].reshape(len(x), -1).astype(float)
+        b = x[:, max(0, -dy):h + min(0, -dy), max(0, -dx):w + min(0, -dx)].reshape(len(x), -1).astype(float)
+        a, b = a - a.mean(1, keepdims=True), b - b.mean(1, keepdims=True)
+        a /= np.linalg.norm(a, axis=1, keepdims=True)
+        b /= np.linalg.norm(b, axis=1, keepdims=True)
+        best = np.maximum(best, a @ b.T)
+    return best
+
+
+def _chest_like(n: int, rng: np.random.Generator, size: int = 28) -> np.ndarray:
+    """Distinct images of one anatomy (two dark lung fields in a bright body, each image its own shape, smooth
+    variation and grain): different images correlate 0.83 (median) up to about 0.95, like real chest films."""
+    from scipy.ndimage import gaussian_filter
+
+    yy, xx = np.mgrid[0:size, 0:size] / (size - 1)
+    out = np.empty((n, size, size))
+    for k in range(n):
+        cx, cy, w, h, depth = rng.normal([0.3, 0.5, 0.12, 0.27, 70], [0.02, 0.03, 0.012, 0.025, 10])
+        img = 120 + 70 * np.exp(-((xx - 0.5) / 0.45) ** 2) - 50 * yy
+        for sx in (cx, 1 - cx + rng.normal(0, 0.015)):
+            img -= depth * np.exp(-((xx - sx) / w) ** 2 - ((yy - cy) / h) ** 2)
+        img += 8 * gaussian_filter(rng.normal(0, 1, (size, size)), 2.0) / 0.14 + rng.normal(0, 4, (size, size))
+        out[k] = img * rng.normal(1, 0.05) + rng.normal(0, 5)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)[..., None]
+
+
+def _planted_case(pool: np.ndarray, rng: np.random.Generator, n_planted: int = 40):
+    """``pool`` (distinct images) split 70/15/15; copies of ``n_planted`` train images (noise sigma 3, 4 or 5 grey
+    levels, every other one also moved by 1 px) added to val and test. The data and the planted pairs."""
+    perm = rng.permutation(len(pool))
+    cut = [int(0.7 * len(pool)), int(0.85 * len(pool))]
+    images = {s: pool[idx] for s, idx in zip(("train", "val", "test"), np.split(perm, cut), strict=True)}
+    planted, extra = set(), {"val": [], "test": []}
+    for k, src in enumerate(rng.choice(len(images["train"]), n_planted, replace=False)):
+        dest = ("val", "test")[k % 2]
+        shift = ONE_PX[rng.integers(8)] if k % 4 >= 2 else (0, 0)
+        extra[dest].append(_plant(images["train"][src], rng, (3, 4, 5)[k % 3], shift))
+        planted.add(("train", int(src), dest, len(images[dest]) + len(extra[dest]) - 1))
+    images.update({s: np.concatenate([images[s], np.array(extra[s])]) for s in extra})
+    labels = {s: np.zeros(len(v), dtype=np.int64) for s, v in images.items()}
+    return SplitArrays(images=images, labels=labels, class_names=["x"], source="planted"), planted
+
+
+def _precision_recall(name: str, data: SplitArrays, planted: set) -> tuple[float, float, dict]:
+    near = validate(data, [], {}, {"max_listed": 100_000})["near_duplicates"]
+    confirmed = {(e["split_a"], e["index_a"], e["split_b"], e["index_b"]) for e in near["examples"]}
+    assert len(confirmed) == near["confirmed"]
+    recall, precision = len(planted & confirmed) / len(planted), len(planted & confirmed) / max(1, len(confirmed))
+    print(f"{name}: {len(planted)} planted pairs, {near['candidates']} dHash candidates, {near['confirmed']} "
+          f"confirmed (r >= {near['min_correlation']}): recall {recall:.3f}, precision {precision:.3f}")
+    return recall, precision, near
+
+
+def test_near_duplicates_planted_in_breastmnist_are_recovered() -> None:
+    """Real ultrasound, similar anatomy: the BreastMNIST images with no other image at r >= 0.9 (the file has
+    near-duplicates of its own) and 40 planted noisy / 1-px-shifted copies across splits."""
+    npz = np.load(BREASTMNIST)
+    x = np.concatenate([npz[f"{s}_images"] for s in ("train", "val", "test")])[..., None]
+    corr = _max_shift_correlation(x)
+    keep: list[int] = []
+    for i in range(len(x)):
+        if not keep or corr[i, keep].max() < 0.9:
+            keep.append(i)
+    assert len(keep) > 500
+    data, planted = _planted_case(x[keep], np.random.default_rng(0))
+    recall, precision, near = _precision_recall("BreastMNIST", data, planted)
+    assert recall == 1.0 and precision >= 0.9
+    assert near["candidates"] > 2 * len(planted)  # the hash alone flags similar anatomy too
+    assert all(e["correlation"] < 0.95 for e in near["rejected_examples"])
+    assert any(e["shift"] != [0, 0] for e in near["examples"])  # shifted copies are confirmed at their shift
+
+
+def test_near_duplicates_planted_among_similar_anatomy() -> None:
+    """The 28 px chest X-ray case: distinct images of one anatomy make the hash flag thousands of pairs; the
+    pixel correlation keeps the planted copies and drops nearly all the rest."""
+    rng = np.random.default_rng(1)
+    data, planted = _planted_case(_chest_like(1000, rng), rng)
+    recall, precision, near = _precision_recall("chest-like", data, planted)
+    assert recall == 1.0 and precision >= 0.9
+    assert near["candidates"] > 100 * len(planted)
+
+
+def test_near_duplicates_of_the_real_breastmnist() -> None:
+    """Candidates vs confirmed on the published file, each listed pair checked against the reference correlation;
+    the known exact duplicate (train[115] = test[76]) is an exact, not a near, duplicate."""
+    report = run_validation(MedMNISTDataModule(str(BREASTMNIST)), {"allow_leakage": True, "max_listed": 100_000})
+    near = report["near_duplicates"]
+    print(f"BreastMNIST as published: {near['candidates']} dHash candidates, {near['confirmed']} confirmed "
+          f"{near['by_splits']}")
+    assert 0 < near["confirmed"] < near["candidates"] and near["not_checked"] == 0
+    npz = np.load(BREASTMNIST)
+    x = {s: npz[f"{s}_images"][..., None] for s in ("train", "val", "test")}
+    for e in near["examples"] + near["rejected_examples"]:
+        pair = np.stack([x[e["split_a"]][e["index_a"]], x[e["split_b"]][e["index_b"]]])
+        assert _max_shift_correlation(pair)[0, 1] == pytest.approx(e["correlation"], abs=1e-3)
+    assert {(e["a"], e["b"]) for e in near["examples"]}.isdisjoint({("train[115]", "test[76]")})
+    assert len(near["examples"]) == near["confirmed"] and all(e["correlation"] >= 0.95 for e in near["examples"])
+
+
+@pytest.mark.slow
+def test_near_duplicate_check_of_500k_images_prints_its_time() -> None:
+    """Benchmark (prints, no timing assert): 500,000 random 28 x 28 images in 80/10/10 splits with 100 planted
+    copies; dHash + multi-index candidate search + correlation, the default settings."""
+    import time
+
+    rng = np.random.default_rng(0)
+    sizes = {"train": 400_000, "val": 50_000, "test": 50_000}
+    images = {s: rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8) for s, n in sizes.items()}
+    planted = set()
+    for k, src in enumerate(rng.choice(sizes["train"], 100, replace=False)):
+        dest, j = ("val", "test")[k % 2], int(rng.integers(sizes["val"]))
+        images[dest][j] = _plant(images["train"][src], rng, 5, ONE_PX[k % 8] if k % 4 >= 2 else (0, 0))
+        planted.add(("train", int(src), dest, j))
+    data = SplitArrays(images=images, labels={s: np.zeros(n, np.int64) for s, n in sizes.items()},
+                       class_names=["x"], source="random")
+    hashes = {s: pixel_hashes(images[s]) for s in sizes}
+    ids = {s: [f"{s}[{i}]" for i in range(n)] for s, n in sizes.items()}
+    start = time.perf_counter()
+    near = check_near_duplicates(data, list(sizes), hashes, ids, validation_settings({"max_listed": 1000}), [])
+    seconds = time.perf_counter() - start
+    found = {(e["split_a"], e["index_a"], e["split_b"], e["index_b"]) for e in near["examples"]}
+    print(f"near-duplicate check of {sum(sizes.values()):,} images: {seconds:.0f} s "
+          f"({near['candidates']} candidates, {near['confirmed']} confirmed)")
+    assert planted <= found and near["not_checked"] == 0
 
 
 def test_corrupt_files_reported_and_cli_exit_codes(tmp_path: Path) -> None:

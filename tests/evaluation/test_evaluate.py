@@ -49,12 +49,15 @@ def test_cli_on_trained_run(trained_run: Path, tmp_path: Path):
     with (out / "predictions_test.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     names = result["class_names"]
-    p_pos = np.array([float(r[f"p_{names[1]}"]) for r in rows])
+    # the finding is the positive class: the run's data declares malignant (class 0 of BreastMNIST)
+    assert op["positive_class"] == "malignant" == names[op["positive_index"]] and op["positive_index"] == 0
+    pos = op["positive_index"]
+    p_pos = np.array([float(r[f"p_{names[pos]}"]) for r in rows])
     y = np.array([int(r["label"]) for r in rows])
     assert len(y) == result["evaluation"]["n"] == 64
-    by_hand = (p_pos[y == 1] >= op["threshold"]).mean()
+    by_hand = (p_pos[y == pos] >= op["threshold"]).mean()
     assert result["evaluation"]["metrics"]["sensitivity"]["value"] == pytest.approx(by_hand)
-    spec = (p_pos[y == 0] < op["threshold"]).mean()
+    spec = (p_pos[y != pos] < op["threshold"]).mean()
     assert result["evaluation"]["metrics"]["specificity"]["value"] == pytest.approx(spec)
     for entry in result["evaluation"]["metrics"].values():
         if entry["ci_low"] is not None:
