@@ -154,8 +154,10 @@ def dhash(images: np.ndarray, *, smooth: float = 0.0, margin: float = 0.0, verti
 
     ``smooth`` widens the boxes by that fraction of their width on each side (a blur), ``margin`` (grey levels)
     sets a bit only when the right box is brighter by more than that, so flat regions hash to 0 instead of to
-    their noise; ``vertical``: 9 x 8 boxes, lower > upper; ``offset`` (dy, dx): the hash of the image shifted by
-    that many pixels (edge pixels repeated). The defaults are the classic dHash.
+    their noise; ``vertical``: 9 x 8 boxes, bit = the lower box brighter than the upper one by more than the mean
+    of that row of changes (images of one kind share a top-to-bottom gradient, which would set the same bits in
+    all); ``offset`` (dy, dx): the hash of the image shifted by that many pixels (edge pixels repeated, roughly).
+    The defaults are the classic dHash.
     """
     channels = images.shape[-1] if images.ndim == 4 else 1
     step = max(1, 2**23 // max(1, images[0].size))  # bounded memory for large images
@@ -328,12 +330,17 @@ def hash_candidates(ha: np.ndarray, hb: np.ndarray, thr: int, budget: int) -> tu
     return i[closest], j[closest], d[closest], over + max(0, len(d) - budget)
 
 
-def _pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    x = x - x.mean(axis=1, keepdims=True)
-    y = y - y.mean(axis=1, keepdims=True)
-    den = np.sqrt(np.einsum("ij,ij->i", x, x) * np.einsum("ij,ij->i", y, y))
-    num = np.einsum("ij,ij->i", x, y)
-    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+def _crop_correlation(a: np.ndarray, b: np.ndarray, a2: np.ndarray, b2: np.ndarray, crop_a: tuple[slice, ...],
+                      crop_b: tuple[slice, ...]) -> np.ndarray:
+    """Pearson correlation of each ``a[k][crop_a]`` with ``b[k][crop_b]`` (a2, b2: the squares), 0 where constant."""
+    xa, xb = a[crop_a], b[crop_b]
+    m = xa[0].size
+    ta, tb = xa.sum(axis=(1, 2, 3)), xb.sum(axis=(1, 2, 3))
+    var_a = np.maximum(a2[crop_a].sum(axis=(1, 2, 3)) - ta * ta / m, 0)
+    var_b = np.maximum(b2[crop_b].sum(axis=(1, 2, 3)) - tb * tb / m, 0)
+    cov = np.einsum("nhwc,nhwc->n", xa, xb) - ta * tb / m
+    den = np.sqrt(var_a * var_b)
+    return np.divide(cov, den, out=np.zeros_like(cov), where=den > 0)
 
 
 def pair_correlation(images_a: np.ndarray, images_b: np.ndarray, ia: np.ndarray, ib: np.ndarray,
@@ -350,13 +357,16 @@ def pair_correlation(images_a: np.ndarray, images_b: np.ndarray, ia: np.ndarray,
     offsets = _shift_offsets(min(max_shift, h - 1, w - 1))
     step = max(1, 2**21 // images_a[0].size)
     for s in range(0, n, step):
-        a = images_a[ia[s:s + step]].astype(np.float32)
-        b = images_b[ib[s:s + step]].astype(np.float32)
+        a, b = (x[idx[s:s + step]].astype(np.float32).reshape(-1, h, w, x[0].size // (h * w))
+                for x, idx in ((images_a, ia), (images_b, ib)))
+        a -= a.mean(axis=(1, 2, 3), keepdims=True)  # centred: float32 sums keep their precision
+        b -= b.mean(axis=(1, 2, 3), keepdims=True)
         best = np.full(len(a), -np.inf, dtype=np.float32)
+        a2, b2 = a * a, b * b
         for dy, dx in offsets:
-            x = a[:, max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)].reshape(len(a), -1)
-            y = b[:, max(0, -dy):h + min(0, -dy), max(0, -dx):w + min(0, -dx)].reshape(len(b), -1)
-            r = _pearson(x, y)
+            crop_a = (slice(None), slice(max(0, dy), h + min(0, dy)), slice(max(0, dx), w + min(0, dx)))
+            crop_b = (slice(None), slice(max(0, -dy), h + min(0, -dy)), slice(max(0, -dx), w + min(0, -dx)))
+            r = _crop_correlation(a, b, a2, b2, crop_a, crop_b)
             better = r > best
             best[better] = r[better]
             shift[s:s + step][better] = (dy, dx)
@@ -545,8 +555,8 @@ def _near_duplicate_split_pair(images_a: np.ndarray, images_b: np.ndarray, hashe
     i, j, dist, over = hash_candidates(stored, probed, thr, budget)
     if swap:
         i, j = j, i
-    same = np.asarray(hashes_a, dtype=object)[i] == np.asarray(hashes_b, dtype=object)[j] if len(i) else i > 0
-    i, j, dist = i[~same], j[~same], dist[~same]  # exact duplicates are reported as such
+    differ = np.array([hashes_a[x] != hashes_b[y] for x, y in zip(i.tolist(), j.tolist(), strict=True)], dtype=bool)
+    i, j, dist = i[differ], j[differ], dist[differ]  # exact duplicates are reported as such
     corr, shift = pair_correlation(images_a, images_b, i, j, max_shift)
     confirmed = corr >= float(settings["near_duplicate_min_correlation"])
     return {"i": i, "j": j, "hamming": dist, "correlation": corr, "shift": shift, "confirmed": confirmed,
@@ -589,7 +599,9 @@ def _top_pairs(data: SplitArrays, ids: dict[str, list[str]], found: dict[str, di
     rows = []
     for key, res in found.items():
         a, b = key.split("/")
-        for k in np.nonzero(res["confirmed"] == confirmed)[0]:
+        sel = np.flatnonzero(res["confirmed"] == confirmed)
+        corr = np.nan_to_num(res["correlation"][sel], nan=-2.0)
+        for k in sel[np.argsort(-corr, kind="stable")[:limit]]:
             rows.append((-float(np.nan_to_num(res["correlation"][k], nan=-2.0)), key, int(k), a, b))
     rows.sort(key=lambda r: r[:3])
     return [_pair_record(data, ids, a, b, found[key], k) for _, key, k, a, b in rows[:limit]]
@@ -623,7 +635,11 @@ def check_near_duplicates(data: SplitArrays, present: list[str], hashes: dict[st
                 not_checked=int(sum(r["not_checked"] for r in found.values())),
                 examples=_top_pairs(data, ids, found, True, limit),
                 rejected_examples=_top_pairs(data, ids, found, False, min(limit, 10)))
-    near.update(pairs=near["confirmed"], by_splits=by_splits)
+    conflicting = 0
+    for key, r in found.items():
+        a, b = key.split("/")
+        conflicting += int((data.labels[a][r["i"]] != data.labels[b][r["j"]])[r["confirmed"]].sum())
+    near.update(pairs=near["confirmed"], by_splits=by_splits, conflicting_labels=conflicting)
     if by_splits:
         msg = (f"{near['confirmed']} near-duplicate pairs across splits (pixel correlation >= {min_corr}; "
                f"{near['candidates']} dHash candidates): {by_splits}, e.g. "
@@ -749,7 +765,8 @@ def _near_rows(near: dict[str, Any]) -> list[tuple[str, str]]:
         return [("near-duplicates across splits", f"skipped ({near.get('skipped')})")]
     rows = [("near-duplicates across splits",
              f"{near['confirmed']} confirmed (pixel correlation >= {near['min_correlation']}) of {near['candidates']} "
-             f"dHash candidates (Hamming <= {near['hamming']}, shifts <= {near['max_shift']} px) {near['by_splits']}"
+             f"dHash candidates (Hamming <= {near['hamming']}, shifts <= {near['max_shift']} px) {near['by_splits']}; "
+             f"{near['conflicting_labels']} with conflicting labels"
              + (f"; about {near['not_checked']} candidates over the limit not checked" if near["not_checked"] else ""))]
     for e in near["examples"][:10]:
         rows.append(("  near-duplicate", f"{e['a']} ~ {e['b']} (r={e['correlation']}, Hamming {e['hamming']}, "

@@ -263,6 +263,7 @@ def test_near_duplicates_of_the_real_breastmnist() -> None:
         assert _max_shift_correlation(pair)[0, 1] == pytest.approx(e["correlation"], abs=1e-3)
     assert {(e["a"], e["b"]) for e in near["examples"]}.isdisjoint({("train[115]", "test[76]")})
     assert len(near["examples"]) == near["confirmed"] and all(e["correlation"] >= 0.95 for e in near["examples"])
+    assert near["conflicting_labels"] == sum(e["labels"][0] != e["labels"][1] for e in near["examples"])
 
 
 @pytest.mark.slow
