@@ -31,6 +31,12 @@ def load_module(name, path):
     return module
 
 
+def invalid_argument(message):
+    """A Triton error that reaches the client as HTTP 400 / gRPC INVALID_ARGUMENT (a plain one would be a 500)."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)  # Triton 23.06 and later
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
 def choose_providers(available):
     """The preferred providers this onnxruntime offers, best first (never empty: CPU is the fallback)."""
     chosen = [p for p in PREFERRED_PROVIDERS if p in available]
@@ -202,10 +208,9 @@ class TritonPythonModel:
         valid = []  # (index, array)
         for i, request in enumerate(requests):
             array, error = self._check(request)
-            if error is not None:
-                responses[i] = pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(f"{self.model_name}: {error}")
-                )
+            if error is not None:  # the client's fault: HTTP 400 / gRPC INVALID_ARGUMENT, with the reason
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=invalid_argument(
+                    f"{self.model_name}: {error}"))
             else:
                 valid.append((i, array))
 

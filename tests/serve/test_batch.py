@@ -288,7 +288,7 @@ def test_npz_metrics_over_grpc_match_independent_computation(served, breastmnist
     assert summary.accuracy == pytest.approx(float(np.mean(p.argmax(1) == y)), abs=1e-12)
     assert summary.auroc == pytest.approx(pairs / (len(pos) * len(neg)), abs=1e-12)
     local = LocalBackend(served.repository, served.model)
-    expected = local.infer(np.stack([np.asarray(i.array, np.float32)[None] / 255.0 for i in items]))
+    expected = local.infer(np.stack([np.asarray(i.array, np.float32).transpose(2, 0, 1) / 255.0 for i in items]))
     assert np.max(np.abs(p - expected[[int(k.split(":")[2]) for k in rows]])) <= 1e-5
     lat = summary.latency_ms
     assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]

@@ -198,8 +198,10 @@ class _FakeResponse:
 
 
 class _FakeError:
-    def __init__(self, message: str) -> None:
-        self.message = message
+    INVALID_ARG = "INVALID_ARG"
+
+    def __init__(self, message: str, code: str = "UNKNOWN") -> None:
+        self.message, self.code = message, code
 
 
 def _fake_pb_utils(log: list[str]) -> types.ModuleType:
@@ -263,6 +265,7 @@ def test_template_batches_valid_requests_and_rejects_bad_ones(tmp_path: Path, mo
     assert ok0.output_tensors[0].as_numpy().dtype == np.float32
     errors = {i: responses[i].error.message for i in (1, 2, 3, 4, 6, 7, 8)}
     assert all(responses[i].output_tensors == [] for i in errors)
+    assert all(responses[i].error.code == "INVALID_ARG" for i in errors)  # 400, not 500
     assert "[2, 1, 5, 5]" in errors[1] and "[N, 1, 4, 4]" in errors[1]
     assert "FP32" in errors[2] and "float64" in errors[2]
     assert "missing input 'image'" in errors[3]
