@@ -127,11 +127,12 @@ def read_metadata(folder: str | Path) -> VersionMetadata:
     return VersionMetadata(Path(folder), raw)
 
 
-def write_json(path: Path, document: Any) -> None:
+def write_json(path: Path, document: Any, default: Any = None) -> Path:
     """Write JSON atomically (a reader, Triton's poller included, never sees half a file)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.write_text(json.dumps(document, indent=2, default=default) + "\n")
     os.replace(tmp, path)
+    return path
 
 
 # -- rollout state -----------------------------------------------------------------------------------------------

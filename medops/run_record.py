@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from medops.model_version import write_json
+
 SCHEMA = "medops.run/1"
 KNOWN_SCHEMAS = frozenset({SCHEMA})
 FILENAME = "run.json"
@@ -187,11 +189,7 @@ def new_record(output_dir: Path, run_id: str, environment: dict[str, Any] | None
 
 def write_record(record: dict[str, Any], output_dir: Path) -> Path:
     """Write ``run.json`` atomically (a reader never sees half a file)."""
-    path = output_dir / FILENAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json(output_dir / FILENAME, record, default=_jsonable)
 
 
 def _jsonable(value: Any) -> Any:
@@ -216,8 +214,4 @@ def read_operating_point(run_dir: str | Path) -> dict[str, Any]:
 
 def write_operating_point(run_dir: str | Path, operating_point: dict[str, Any]) -> Path:
     """Write ``operating_point.json`` atomically into a run folder."""
-    path = Path(run_dir) / OPERATING_POINT_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(operating_point, indent=2, default=_jsonable) + "\n")
-    tmp.replace(path)
-    return path
+    return write_json(Path(run_dir) / OPERATING_POINT_FILE, operating_point, default=_jsonable)

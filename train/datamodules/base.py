@@ -13,6 +13,7 @@ every fold of a sweep records the same one.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -89,8 +90,15 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.fingerprint = ""  # of the data as loaded (the same for every fold)
         self.split_fingerprint = ""  # of the splits actually served (differs between folds)
 
-    def load(self) -> SplitArrays:  # pragma: no cover - abstract
-        raise NotImplementedError
+    source: Any = None  # the torch-free reader (medops.datasets) a subclass sets: FolderDataset, MedMNISTFile
+
+    @property
+    def path(self) -> Path:
+        return self.source.path
+
+    def load(self) -> SplitArrays:
+        """The data as its reader loads it (before any fold split)."""
+        return self.source.load()
 
     def prepare(self) -> SplitArrays:
         """Load, validate and summarise the data once (idempotent); raises :class:`DataError` on bad data."""

@@ -8,10 +8,9 @@ All unreadable files are reported together, with their paths, before training st
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
-from medops.datasets import FolderDataset, ScanResult, SplitArrays
+from medops.datasets import FolderDataset, ScanResult
 from train.datamodules.base import ImageClassificationDataModule
 
 log = logging.getLogger(__name__)
@@ -54,19 +53,12 @@ class FolderDataModule(ImageClassificationDataModule):
                                     window, group_column, skip_unreadable)
 
     @property
-    def path(self) -> Path:
-        return self.source.path
-
-    @property
     def scan_result(self) -> ScanResult | None:
         return self.source.scan_result
 
     def scan(self) -> ScanResult:
         """Every file read; unreadable ones as ``(path, reason)`` (see :meth:`FolderDataset.scan`)."""
         return self.source.scan()
-
-    def load(self) -> SplitArrays:
-        return self.source.load()
 
     def file_meta(self) -> dict[str, Any]:
         """Per-split paths, groups and original shapes of the loaded files (for data validation)."""

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
-from medops.datasets import MedMNISTFile, SplitArrays
+from medops.datasets import MedMNISTFile
 from train.datamodules.base import ImageClassificationDataModule
 
 log = logging.getLogger(__name__)
@@ -39,12 +38,5 @@ class MedMNISTDataModule(ImageClassificationDataModule):
         super().__init__(**settings)
         self.source = MedMNISTFile(path, md5, download, name, class_names)
 
-    @property
-    def path(self) -> Path:
-        return self.source.path
-
     def prepare_data(self) -> None:
         self.source.prepare_data()
-
-    def load(self) -> SplitArrays:
-        return self.source.load()
