@@ -1,4 +1,4 @@
-"""``python -m bench [engines|pipeline|training|gpu|all] [--quick] [--out DIR] [--repeats N] [--threads N] ...``
+"""``python -m bench [engines|pipeline|training|gpu|metrics|all] [--quick] [--out DIR] [--repeats N] [--threads N] ...``
 
 Each case prints its table (with the machine it ran on) and writes ``<case>.json`` and ``<case>.png`` into
 ``--out`` (default ``logs/bench/<timestamp>/``). ``--quick`` runs tiny sizes and few iterations (the tests use it);
@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch, onnxruntime and Triton's model (default: physical cores)")
     parser.add_argument("--channels", type=_ints, default=None, help="engines: channel counts, e.g. 1,3")
-    parser.add_argument("--sizes", type=_ints, default=None, help="engines/pipeline: image sizes, e.g. 28,64,224")
+    parser.add_argument("--sizes", type=_ints, default=None,
+                        help="engines/pipeline: image sizes, e.g. 28,64,224; metrics: numbers of predictions")
     parser.add_argument("--batches", type=_ints, default=None, help="engines: batch sizes, e.g. 1,32")
     parser.add_argument("--concurrency", type=_ints, default=None, help="engines: Triton client threads, e.g. 1,4,16")
     parser.add_argument("--engines", default=None,
@@ -55,12 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _configs(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     from bench.engines import EnginesConfig
     from bench.gpu import GpuConfig
+    from bench.metrics import MetricsConfig
     from bench.serve_batch import PipelineConfig
     from bench.training import TrainingConfig
 
     configs: dict[str, Any] = {}
     for case, cls in (("engines", EnginesConfig), ("pipeline", PipelineConfig), ("training", TrainingConfig),
-                      ("gpu", GpuConfig)):
+                      ("gpu", GpuConfig), ("metrics", MetricsConfig)):
         cfg = cls.quick(threads) if args.quick else cls(threads=threads)
         names = {f.name for f in fields(cls)}
         overrides = {"repeats": args.repeats, "channels": args.channels, "sizes": args.sizes,

@@ -2,6 +2,7 @@
 
     python -m datatools.ingest_dicom SRC DST [--format png|npz] [--window C W] [--salt S]
         [--label-from folder|none] [--nifti-axis 2] [--sidecar] [--patient-split VAL TEST] [--size 64]
+        [--pixels quarantine|clean|keep]
 
 * DICOM files with or without ``.dcm`` (recognised by the 'DICM' magic), single- and multi-frame
   (each frame -> one image), read with :func:`medops.read_dicom` (modality LUT + windowing:
@@ -11,13 +12,22 @@
   remapped series UID>_<salted hash of the source path>_<frame>.png`` under ``DST/images/``.
   The pseudonym is ``medops.deid.pseudonym(PatientID, salt)``; NIfTI files (no patient fields)
   get one from their relative path.
-* ``DST/manifest.csv``: ``path,label,split,patient_id`` (paths relative to DST), usable as
+* ``DST/manifest.csv``: ``path,label,split,patient_id,pixels`` (paths relative to DST), usable as
   ``data=folder data.path=DST/manifest.csv``. The label is the first folder under SRC
   (``--label-from folder``) or ``unlabelled``. ``split`` is empty (the datamodule splits by
   label) unless ``--patient-split VAL TEST`` assigns whole patients by a hash of the pseudonym.
+  ``pixels`` is ``as_is``, ``masked`` (``--pixels clean``) or ``kept`` (``--pixels keep``).
+* Burned-in text: a DICOM file that may carry it (BurnedInAnnotation YES, or absent for US, SC, OT, XC, ES,
+  GM, SM, PX, IO, secondary capture or no modality: :func:`medops.deid_pixels.burned_in_reason`) is, with
+  ``--pixels quarantine`` (the default), not written at all: it is listed under ``quarantined`` in
+  ``ingest_report.json`` with the reason, and logged with its path relative to SRC. ``--pixels clean`` writes
+  it with the text regions masked (:data:`medops.deid_pixels.MASK_RULE`: top and bottom bands and small
+  near-white components; the sidecar declares the Clean Pixel Data Option); ``--pixels keep`` writes it as
+  it is, an explicit opt-in that is logged. Both list every such file under ``pixels.files`` in the report.
 * ``--format npz``: ``DST/images.npz`` with ``images`` (N x size x size x 1 uint8),
   ``labels`` (int), ``class_names``, ``patient_ids``, ``splits``; no PNGs and no manifest.
-* ``--sidecar``: a de-identified copy of each DICOM header (no pixel data) as JSON in ``DST/headers/``.
+* ``--sidecar``: a de-identified copy of each DICOM header (no pixel data) as JSON in ``DST/headers/``
+  (:func:`medops.deid.deidentify`: the whole PS3.15 Annex E Basic Profile table, at every sequence depth).
 * Unreadable files (corrupt, no pixel data...) go to ``DST/ingest_report.json`` as (path relative
   to SRC, technical reason) and the run goes on. Exit status 0 unless no image was written.
 * The salt comes from ``--salt`` or ``MEDOPS_DEID_SALT``; it is never written anywhere. Logs
@@ -42,7 +52,8 @@ import pydicom
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from medops.deid import deidentify, pseudonym, quiet_pydicom, remap_uid
+from medops.deid import PROFILE, deidentify, pseudonym, quiet_pydicom, remap_uid
+from medops.deid_pixels import FLAGGED_MODALITIES, MASK_RULE, burned_in_reason, mask_text
 from medops.dicom import read_dicom
 from medops.errors import ImageReadError
 from medops.io import fit_to_model
@@ -52,6 +63,7 @@ log = logging.getLogger("medops.ingest")
 
 SALT_ENV = "MEDOPS_DEID_SALT"
 UNLABELLED = "unlabelled"
+PIXEL_MODES = ("quarantine", "clean", "keep")
 
 
 @dataclass
@@ -60,6 +72,7 @@ class Item:
     name: str
     label: str
     patient_id: str
+    pixels: str = "as_is"
 
 
 @dataclass
@@ -68,6 +81,16 @@ class Result:
     files_ok: int = 0
     errors: list[dict[str, str]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    quarantined: list[dict[str, str]] = field(default_factory=list)
+    burned_in: list[dict[str, object]] = field(default_factory=list)
+
+
+class Quarantined(Exception):
+    """A file that may carry burned-in text, not ingested under ``--pixels quarantine``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _h(*parts: str, n: int = 10) -> str:
@@ -89,13 +112,23 @@ def _label(rel: Path, mode: str) -> str:
     return UNLABELLED
 
 
-def _dicom_items(path: Path, rel: Path, label: str, args: argparse.Namespace, dst: Path) -> list[Item]:
+def _read_header(path: Path, rel: Path) -> pydicom.Dataset:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, force=path.suffix.lower() == ".dcm")
+            return pydicom.dcmread(path, force=path.suffix.lower() == ".dcm")
     except Exception as exc:  # pydicom messages may quote values: type name only
         raise ImageReadError(str(rel), f"corrupt or unreadable DICOM file ({type(exc).__name__})") from None
+
+
+def _dicom_items(path: Path, rel: Path, label: str, args: argparse.Namespace, dst: Path,
+                 result: Result) -> list[Item]:
+    """The frames of one DICOM file; raises :class:`Quarantined` for possible burned-in text under the default mode."""
+    ds = _read_header(path, rel)
+    has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    reason = burned_in_reason(ds) if has_pixels else None  # no pixels: read_dicom reports the error
+    if reason and args.pixels == "quarantine":
+        raise Quarantined(reason)
     try:
         frames = int(ds.get("NumberOfFrames") or 1)
     except (TypeError, ValueError):
@@ -104,25 +137,48 @@ def _dicom_items(path: Path, rel: Path, label: str, args: argparse.Namespace, ds
     series = _h(remap_uid(str(ds.get("SeriesInstanceUID", "") or ""), args.salt), n=8)
     key = _h(args.salt, "file", rel.as_posix(), n=8)
     stem = f"{pid}_{series}_{key}"
-    images = []
+    images, masked = [], []
     for frame in range(max(frames, 1)):
         try:
             img = read_dicom(path, window=args.window, frame=frame if frames > 1 else None)
         except ImageReadError as err:
             raise ImageReadError(str(rel), err.reason) from None
-        images.append(Item(img, f"{stem}_{frame:04d}", label, pid))
+        if reason and args.pixels == "clean":
+            img, fraction = mask_text(img)
+            masked.append(fraction)
+        images.append(Item(img, f"{stem}_{frame:04d}", label, pid, _pixels_state(reason, args.pixels)))
+    if reason:
+        _record_burned_in(result, rel, reason, args.pixels, masked)
     if args.sidecar:
-        _write_sidecar(ds, dst / "headers" / f"{stem}.json", args.salt)
+        _write_sidecar(ds, dst / "headers" / f"{stem}.json", args.salt, pixels_cleaned=bool(masked))
     return images
 
 
-def _write_sidecar(ds: pydicom.Dataset, out: Path, salt: str) -> None:
+def _pixels_state(reason: str | None, mode: str) -> str:
+    if not reason:
+        return "as_is"
+    return "masked" if mode == "clean" else "kept"
+
+
+def _record_burned_in(result: Result, rel: Path, reason: str, mode: str, masked: list[float]) -> None:
+    """One ``pixels.files`` entry of the report, and a log line naming the file (never a header value)."""
+    entry: dict[str, object] = {"path": rel.as_posix(), "reason": reason}
+    if mode == "clean":
+        entry.update(action="masked", masked_fraction=round(max(masked, default=0.0), 4))
+        log.info("%s: possible burned-in text masked (--pixels clean)", rel.as_posix())
+    else:
+        entry["action"] = "kept as is (--pixels keep)"
+        log.warning("%s: possible burned-in text written unmasked (--pixels keep)", rel.as_posix())
+    result.burned_in.append(entry)
+
+
+def _write_sidecar(ds: pydicom.Dataset, out: Path, salt: str, *, pixels_cleaned: bool = False) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
             if keyword in ds:
                 delattr(ds, keyword)
-        clean = deidentify(ds, salt=salt)
+        clean = deidentify(ds, salt=salt, pixels_cleaned=pixels_cleaned)
         header = clean.to_json_dict(bulk_data_threshold=1024, bulk_data_element_handler=lambda _elem: "")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(header, indent=1, sort_keys=True))
@@ -155,34 +211,39 @@ def _file_items(path: Path, src: Path, dst: Path, args: argparse.Namespace, resu
         if is_nifti(path):
             return _nifti_items(path, rel, label, args)
         if path.suffix.lower() == ".dcm" or _has_dicom_magic(path):
-            return _dicom_items(path, rel, label, args, dst)
+            return _dicom_items(path, rel, label, args, dst, result)
     except ImageReadError as err:
         result.errors.append({"path": rel.as_posix(), "reason": err.reason})
         log.warning("file %d of %d could not be ingested (see ingest_report.json)", number, total)
+        return None
+    except Quarantined as q:
+        result.quarantined.append({"path": rel.as_posix(), "reason": q.reason})
+        log.warning("quarantined %s: %s; not written (--pixels clean masks text regions, --pixels keep writes it)",
+                    rel.as_posix(), q.reason)
         return None
     result.skipped.append({"path": rel.as_posix(), "reason": "not a DICOM or NIfTI file"})
     return None
 
 
 def _store_item(item: Item, args: argparse.Namespace, dst: Path, rows: list[dict[str, str]],
-                arrays: list[tuple[np.ndarray, str, str, str]]) -> None:
+                arrays: list[tuple[np.ndarray, str, str, str, str]]) -> None:
     """Write one image as a PNG with its manifest row (``--format png``), or keep it for the .npz."""
     split = _split_for(item.patient_id, args.patient_split, args.salt)
     if args.format == "png":
         out = dst / "images" / f"{item.name}.png"
         Image.fromarray(item.image[:, :, 0] if item.image.shape[2] == 1 else item.image).save(out)
         rows.append({"path": out.relative_to(dst).as_posix(), "label": item.label, "split": split,
-                     "patient_id": item.patient_id})
+                     "patient_id": item.patient_id, "pixels": item.pixels})
     else:
-        arrays.append((fit_to_model(item.image, args.size, 1), item.label, item.patient_id, split))
+        arrays.append((fit_to_model(item.image, args.size, 1), item.label, item.patient_id, split, item.pixels))
 
 
 def write_dataset(dst: Path, fmt: str, rows: list[dict[str, str]],
-                  arrays: list[tuple[np.ndarray, str, str, str]]) -> None:
+                  arrays: list[tuple[np.ndarray, str, str, str, str]]) -> None:
     """``manifest.csv`` for PNGs, or ``images.npz`` (when any image was read) for ``--format npz``."""
     if fmt == "png":
         with (dst / "manifest.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["path", "label", "split", "patient_id"])
+            writer = csv.DictWriter(fh, fieldnames=["path", "label", "split", "patient_id", "pixels"])
             writer.writeheader()
             writer.writerows(rows)
     elif arrays:
@@ -194,18 +255,29 @@ def write_dataset(dst: Path, fmt: str, rows: list[dict[str, str]],
             class_names=np.array(class_names),
             patient_ids=np.array([a[2] for a in arrays]),
             splits=np.array([a[3] for a in arrays]),
+            pixels=np.array([a[4] for a in arrays]),
         )
 
 
-def write_report(dst: Path, files_seen: int, result: Result, fmt: str) -> None:
-    """``ingest_report.json``: counts, and the unreadable and skipped files with their reasons."""
+def write_report(dst: Path, files_seen: int, result: Result, fmt: str, pixels: str = "quarantine") -> None:
+    """``ingest_report.json``: counts, the unreadable, skipped and quarantined files with their reasons, and how
+    the files that may carry burned-in text were handled."""
     report = {
         "files_seen": files_seen,
         "files_ingested": result.files_ok,
         "images_written": result.items,
         "format": fmt,
+        "deidentification": PROFILE,
         "errors": result.errors,
         "skipped": result.skipped,
+        "quarantined": result.quarantined,
+        "pixels": {
+            "mode": pixels,
+            "flagged": "BurnedInAnnotation YES; or absent with modality " + ", ".join(sorted(FLAGGED_MODALITIES))
+                       + ", a secondary capture SOP class or no modality",
+            "mask_rule": MASK_RULE if pixels == "clean" else None,
+            "files": result.burned_in,
+        },
     }
     (dst / "ingest_report.json").write_text(json.dumps(report, indent=2))
 
@@ -217,7 +289,9 @@ def ingest(args: argparse.Namespace) -> Result:
     dst.mkdir(parents=True, exist_ok=True)
     result = Result()
     rows: list[dict[str, str]] = []
-    arrays: list[tuple[np.ndarray, str, str, str]] = []
+    arrays: list[tuple[np.ndarray, str, str, str, str]] = []
+    if args.pixels == "keep":
+        log.warning("--pixels keep: images that may carry burned-in text are written unmasked (listed in the report)")
     if args.format == "png":
         (dst / "images").mkdir(exist_ok=True)
     columns = (TextColumn("ingest"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -232,7 +306,7 @@ def ingest(args: argparse.Namespace) -> Result:
                     result.items += 1
             progress.advance(task)
     write_dataset(dst, args.format, rows, arrays)
-    write_report(dst, len(files), result, args.format)
+    write_report(dst, len(files), result, args.format, args.pixels)
     return result
 
 
@@ -250,6 +324,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sidecar", action="store_true", help="write de-identified DICOM headers as JSON")
     parser.add_argument("--patient-split", nargs=2, type=float, metavar=("VAL", "TEST"), default=None,
                         help="assign whole patients to val/test with these fractions (default: no split column)")
+    parser.add_argument("--pixels", choices=PIXEL_MODES, default="quarantine",
+                        help="files that may carry burned-in text: not written (quarantine, the default), written "
+                             "with text regions masked (clean) or written as they are (keep)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     args.salt = args.salt or os.environ.get(SALT_ENV)
@@ -280,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with quiet_pydicom():  # pydicom's own warnings/log records can quote header values
             result = ingest(args)
-        log.info("%d image(s) from %d file(s) written to %s; %d error(s), %d skipped (see ingest_report.json)",
-                 result.items, result.files_ok, dst, len(result.errors), len(result.skipped))
+        log.info("%d image(s) from %d file(s) written to %s; %d error(s), %d skipped, %d quarantined "
+                 "(see ingest_report.json)", result.items, result.files_ok, dst, len(result.errors),
+                 len(result.skipped), len(result.quarantined))
         return 0 if result.items else 1
     finally:
         for h in handlers:

@@ -255,6 +255,27 @@ def choose_operating_point(cfg: DictConfig, probs: _Probabilities, val: EvalData
     return threshold, op
 
 
+def abnormal_evaluation(cfg: DictConfig, source: Any, probs: _Probabilities, val: EvalData, ev: EvalData,
+                        names: list[str]) -> dict[str, Any] | None:
+    """Multi-class runs whose data declared an abnormal set (``data.abnormal_classes``/``data.ordinal_cutoff``):
+    the abnormal-vs-normal decision on P(abnormal), threshold chosen on validation (``threshold.method``), every
+    metric with bootstrap intervals on the evaluated data. None otherwise."""
+    from medops.abnormal import NAMES, abnormal_indices, binary_labels, binary_view, describe
+    from medops.metrics import choose_threshold, evaluate_predictions
+
+    data = (source.record.get("config") or {}).get("data") or {}
+    indices = abnormal_indices(names, data.get("abnormal_classes"), data.get("ordinal_cutoff"))
+    if indices is None:
+        return None
+    y_val = binary_labels(val.labels, indices)
+    threshold = choose_threshold(binary_view(probs.val, indices), y_val, cfg.threshold.method,
+                                 float(cfg.threshold.target), 1)
+    figures = evaluate_predictions(binary_view(probs.ev, indices), binary_labels(ev.labels, indices), list(NAMES),
+                                   threshold, 1, int(cfg.n_resamples), int(cfg.seed), float(cfg.alpha))
+    return {**describe(names, indices), "method": str(cfg.threshold.method), "value": threshold,
+            "chosen_on": "val", "evaluation": figures}
+
+
 def compute_metrics(cfg: DictConfig, P: np.ndarray, ev: EvalData, names: list[str], threshold: float | None,
                     pos: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The metrics with bootstrap intervals on the evaluated data, and per subgroup when it has subgroup columns."""
@@ -318,6 +339,9 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     probs, calibration = calibrate(cfg, P_val_raw, P_raw, val, ev)
     threshold, op = choose_operating_point(cfg, probs, val, names, pos)
     evaluation, subgroups = compute_metrics(cfg, probs.ev, ev, names, threshold, pos)
+    abnormal = abnormal_evaluation(cfg, source, probs, val, ev, names)
+    if abnormal:
+        op["abnormal"] = {k: abnormal[k] for k in ("classes", "indices", "normal_classes", "method", "value")}
     plots = draw_figures(cfg, source, ev, names, probs, evaluation, threshold, pos, out_dir)
     from evaluation.explain import explanation_summary
     result = {
@@ -326,6 +350,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         "data": {"source": ev.source, "external": bool(cfg.dataset), "n": int(len(ev.labels)),
                  "val_source": val.source, "n_val": int(len(val.labels))},
         "class_names": names, "operating_point": op, "evaluation": evaluation, "calibration": calibration,
+        "abnormal": abnormal,
         "subgroups": subgroups, "plots": {name: p.name for name, p in plots.items()},
         "explanations": explanation_summary(out_dir / "explanations.npz"),
         "config": OmegaConf.to_container(cfg, resolve=False),

@@ -63,6 +63,18 @@ def _explanations_section(expl: dict[str, Any] | None) -> str:
     )
 
 
+def _abnormal_section(abnormal: dict[str, Any] | None) -> str:
+    """Multi-class with a declared abnormal set: the abnormal-vs-normal decision and its metrics."""
+    if not abnormal:
+        return ""
+    classes = ", ".join(html.escape(c) for c in abnormal["classes"])
+    normal = ", ".join(html.escape(c) for c in abnormal["normal_classes"])
+    return (f"<h2>Abnormal ({classes}) vs normal ({normal})</h2><p>P(abnormal) is the sum of the abnormal classes' "
+            f"probabilities; decision at P(abnormal) &ge; {abnormal['value']:.4f} (<b>{html.escape(abnormal['method'])}"
+            "</b>, chosen on the validation split). Sensitivity, specificity, PPV and NPV are for <i>abnormal</i>.</p>"
+            + _metrics_table(abnormal["evaluation"]["metrics"]))
+
+
 def write_html_report(result: dict[str, Any], plots: dict[str, Path], path: Path) -> Path:
     """One self-contained HTML page: the operating point, metrics with CIs, calibration, the explanation sanity
     check, plots and subgroups."""
@@ -91,6 +103,7 @@ def write_html_report(result: dict[str, Any], plots: dict[str, Path], path: Path
     else:
         parts.append("<h2>Operating point</h2><p>Multi-class: the arg-max class.</p>")
     parts += [f"<h2>Metrics ({html.escape(result['split'])})</h2>", _metrics_table(ev["metrics"])]
+    parts.append(_abnormal_section(result.get("abnormal")))
     per_class = "".join(
         f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(v[k])}</td>" for k in
                                                    ("support", "precision", "recall", "specificity", "f1", "auroc_ovr"))

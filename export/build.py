@@ -17,6 +17,7 @@ import medops.input_check as input_check
 from export.drift_reference import write_drift_reference
 from export.model_card import build_card, render_markdown
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME, TemperatureScaled, export_onnx, opset_of
+from export.ood_profile import check_ood_graph, fit_ood
 from export.parity import ParityError, check_parity, onnxruntime_runner, parity_batch_sizes, torch_probabilities
 from export.repository import next_version, staged_version, validate_model_name
 from export.source import ExportError, ExportSource, held_out_images, load_source, sha256_file
@@ -30,6 +31,7 @@ from medops.model_version import (
     under_rollout,
     write_json,
 )
+from medops.ood import OODProfile
 from medops.run_record import OPERATING_POINT_FILE, git_info, package_versions, read_operating_point
 from medops.triton_config import build_model_config, render_model_config
 
@@ -48,7 +50,18 @@ def input_contract(source: ExportSource) -> dict[str, Any]:
         "output": f"{OUTPUT_NAME} FP32 [-1, {hp['num_classes']}], softmax over classes in labels.txt order",
         # DICOM windowing used in training ([center, width]); null: each file's own window, else min-max
         "window": ((source.record.get("config") or {}).get("data") or {}).get("window"),
+        # DICOM Modality of the training data (declared data.modality, or read from its DICOM files); [] unknown
+        "modalities": training_modalities(source.record),
     }
+
+
+def training_modalities(record: dict[str, Any]) -> list[str]:
+    """The DICOM Modality values of the run's training data: ``data.modalities`` of the run record (read from
+    the files at training), else the data config's declared ``modality``; ``[]`` when neither is known."""
+    found = (record.get("data") or {}).get("modalities")
+    declared = ((record.get("config") or {}).get("data") or {}).get("modality")
+    values = found or declared or []
+    return sorted({str(v).upper() for v in ([values] if isinstance(values, str) else values) if v})
 
 
 def clinical_evaluation(source: ExportSource) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -77,10 +90,12 @@ def training_operating_point(record: dict[str, Any]) -> dict[str, Any]:
     and its temperature, as an operating point record; ``{}`` for runs that recorded neither."""
     threshold = record.get("threshold") or {}
     temperature = (record.get("calibration") or {}).get("temperature")
-    if threshold.get("value") is None and not temperature:
+    if threshold.get("value") is None and not temperature and not record.get("abnormal"):
         return {}
     op: dict[str, Any] = {"method": "argmax", "threshold": None, "temperature": temperature, "chosen_on": "val",
                           "source": "training run record"}
+    if record.get("abnormal"):  # multi-class: the declared abnormal set's decision on P(abnormal)
+        op["abnormal"] = dict(record["abnormal"])
     if threshold.get("value") is not None:
         names = list((record.get("data") or {}).get("class_names") or [])
         positive = threshold.get("positive_index", positive_index(names, threshold.get("positive_class")))
@@ -116,8 +131,18 @@ def triton_parameters(meta: dict[str, Any]) -> dict[str, str]:
                    "threshold_method": str(op["method"])}
     if op.get("temperature"):
         params["temperature"] = f"{op['temperature']:.6f}"
+    abnormal = op.get("abnormal") or {}
+    if abnormal.get("value") is not None:
+        params |= {"abnormal_classes": json.dumps(abnormal["classes"]),
+                   "abnormal_threshold": f"{abnormal['value']:.6f}"}
     if meta["input"].get("window"):
         params["window"] = json.dumps(list(meta["input"]["window"]))
+    if meta["input"].get("modalities"):
+        params["modalities"] = json.dumps(meta["input"]["modalities"])
+    ood = meta.get("ood") or {}
+    if ood.get("threshold") is not None:
+        params |= {"ood_threshold": f"{ood['threshold']:.6f}", "ood_method": str(ood["method"]),
+                   "ood_pass_rate": str(ood["pass_rate"])}
     drift = meta.get("drift") or {}
     params |= {f"drift_{k}": str(v) for k, v in (drift.get("thresholds") or {}).items() if k != "min_window"}
     params |= {f"drift_{k}": str(v) for k, v in (drift.get("online") or {}).items()}
@@ -142,6 +167,7 @@ def write_version(model_stage: Path, version_stage: Path, meta: dict[str, Any], 
                                                                                         meta["target"]),
         instance_count=tcfg.instance_count, versions_to_serve=tcfg.versions_to_serve,
         parameters=triton_parameters(meta), input_name=INPUT_NAME, output_name=OUTPUT_NAME,
+        ood_outputs=(meta.get("ood") or {}).get("threshold") is not None,
     )
     text = render_model_config(config)
     (model_stage / "config.pbtxt").write_text(text)
@@ -212,7 +238,8 @@ def build_metadata(cfg: DictConfig, source: ExportSource, name: str, version: in
         "model": {"arch": source.hparams.get("net", {}).get("arch"),
                   "parameters": sum(p.numel() for p in source.module.net.parameters())},
         "data": record.get("data") or {},
-        "metrics": {k: record.get(k) for k in ("val", "test", "confusion_matrix", "threshold", "calibration")},
+        "metrics": {k: record.get(k) for k in ("val", "test", "confusion_matrix", "threshold", "calibration",
+                                               "abnormal")},
         "lineage": lineage(source, cfg),
         "versions": package_versions(EXPORT_PACKAGES),
         "max_batch_size": cfg.max_batch_size,
@@ -232,12 +259,16 @@ def _checked_parity(reference: Any, runner: Any, images: Any, sizes: list[int], 
 
 
 def write_onnx(cfg: DictConfig, net: torch.nn.Module, source: ExportSource, version_stage: Path, reference: Any,
-               images: Any, meta: dict[str, Any], console: Console) -> tuple[Path, list[int]]:
+               images: Any, meta: dict[str, Any], console: Console, ood: OODProfile | None = None
+               ) -> tuple[Path, list[int]]:
     """``model.onnx`` exported and parity-checked with onnxruntime (opset and parity go into ``meta``); returns its
-    path and the parity batch sizes."""
+    path and the parity batch sizes. With ``ood``, the graph also returns the out-of-distribution score, checked
+    against :mod:`medops.ood` on the same images."""
     onnx_path = version_stage / "model.onnx"
     console.print(f"exporting {source.checkpoint} to ONNX (opset {cfg.opset}, batch 1..{cfg.max_batch_size})")
-    export_onnx(net, onnx_path, source.input_shape, cfg.max_batch_size, cfg.opset, cfg.optimize)
+    export_onnx(net, onnx_path, source.input_shape, cfg.max_batch_size, cfg.opset, cfg.optimize, ood=ood)
+    if ood is not None:
+        meta["ood"]["graph_max_abs_diff"] = check_ood_graph(onnx_path, ood, source.module.net, images)
     import onnx
 
     meta["opset"] = opset_of(onnx.load(str(onnx_path)))
@@ -276,9 +307,10 @@ def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, A
     net = graph_network(source, operating_point, console)
     reference = torch_probabilities(net, images)
     meta = build_metadata(cfg, source, name, version, target, operating_point, evaluation)
+    ood, meta["ood"] = fit_ood(cfg, source, console) if cfg.ood.enabled else (None, {"skipped": "ood.enabled=false"})
 
     with staged_version(repository, name, version) as (model_stage, version_stage):
-        onnx_path, sizes = write_onnx(cfg, net, source, version_stage, reference, images, meta, console)
+        onnx_path, sizes = write_onnx(cfg, net, source, version_stage, reference, images, meta, console, ood)
         if target == "tensorrt" or (cfg.tensorrt.enabled in ("auto", True) and trt_reason is None):
             meta["parity"].append(write_tensorrt(cfg, onnx_path, version_stage, source, reference, images, sizes,
                                                  console))

@@ -56,8 +56,10 @@ def build_card(meta: dict[str, Any]) -> dict[str, Any]:
                     "per_class_test": per_class_figures(meta["metrics"].get("confusion_matrix"), meta["class_names"]),
                     "operating_point": meta["metrics"].get("threshold"),
                     "positive_class": data.get("positive_class"),
-                    "calibration": meta["metrics"].get("calibration")},
+                    "calibration": meta["metrics"].get("calibration"),
+                    "abnormal": meta["metrics"].get("abnormal")},
         "clinical_evaluation": meta.get("evaluation"),
+        "out_of_distribution": meta.get("ood"),
         "calibrated_operating_point": meta.get("operating_point"),
         "parity": meta["parity"],
         "monitoring": meta.get("drift"),
@@ -106,6 +108,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         lines += ["", f"Operating point ({op['method']}, P({op['positive_class']}) >= {op['value']:.4f}): test "
                       f"accuracy {_fmt(op['test']['acc'])}, sensitivity {_fmt(op['test']['sensitivity'])}, "
                       f"specificity {_fmt(op['test']['specificity'])}."]
+    lines += _abnormal(card["metrics"].get("abnormal"))
     lines += render_evaluation(card.get("clinical_evaluation"), card.get("calibrated_operating_point"))
     lines += ["", "## Export parity", ""]
     lines += [f"- {p['engine']}: max |prob diff| {p['max_abs_diff']:.2e} (tolerance {p['tolerance']:.0e}), "
@@ -122,9 +125,38 @@ def render_markdown(card: dict[str, Any]) -> str:
                   "Prometheus gauges `medops_drift_*` on Triton's metrics port."]
     else:
         lines += ["- No drift reference (exported with `drift.enabled=false`)."]
+    lines += _out_of_distribution(card.get("out_of_distribution"), card["input_contract"].get("modalities"))
     lines += ["", "## Limitations", ""] + [f"- {item}" for item in card["limitations"]]
     lines += ["", "## Lineage", ""] + [f"- {k}: `{_fmt(v)}`" for k, v in card["lineage"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _abnormal(abnormal: dict[str, Any] | None) -> list[str]:
+    """The declared abnormal set's decision (multi-class tasks)."""
+    if not abnormal:
+        return []
+    test = abnormal.get("test") or {}
+    return ["", f"Abnormal (the finding across classes): **{', '.join(abnormal['classes'])}** vs "
+                f"{', '.join(abnormal['normal_classes'])}; P(abnormal) = the sum of their probabilities, decision at "
+                f"P(abnormal) >= {abnormal['value']:.4f} ({abnormal['method']}): test AUROC {_fmt(test.get('auroc'))}, "
+                f"sensitivity {_fmt(test.get('sensitivity'))}, specificity {_fmt(test.get('specificity'))}, "
+                f"PPV {_fmt(test.get('ppv'))}, NPV {_fmt(test.get('npv'))}."]
+
+
+def _out_of_distribution(ood: dict[str, Any] | None, modalities: list[str] | None) -> list[str]:
+    """The per-image out-of-distribution score and the training modality the served model checks inputs against."""
+    lines = ["", "## Inputs unlike the training data", ""]
+    if ood and ood.get("threshold") is not None:
+        lines += [f"- Every answer carries `ood_score`, the Mahalanobis distance of the image's {ood['dimensions']}-d "
+                  f"penultimate features to the nearest class mean ({ood['fitted_on']} {ood['fit_split']} images, "
+                  f"shared Ledoit-Wolf covariance), and `ood_flag` = score > {ood['threshold']:.3f}, the threshold "
+                  f"that passes {1 - ood['val_flagged']:.1%} of the {ood['threshold_on']} {ood['threshold_split']} "
+                  "images. A flagged answer should not be relied on."]
+    else:
+        lines += [f"- No out-of-distribution score ({(ood or {}).get('skipped', 'not exported')})."]
+    lines += [f"- Training data modality: {', '.join(modalities)}; DICOM inputs of another Modality get a warning."
+              if modalities else "- Training data modality: unknown (no DICOM Modality check)."]
+    return lines
 
 
 def _positive_and_calibration(metrics: dict[str, Any]) -> list[str]:

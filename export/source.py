@@ -28,6 +28,7 @@ class ExportSource:
     module: ClassificationModule
     checkpoint: Path
     record: dict[str, Any] = field(default_factory=dict)
+    datamodules: dict[str | None, Any] = field(default_factory=dict, repr=False)  # prepared, by data path
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -182,8 +183,24 @@ def load_source(run: str | None = None, checkpoint: str | None = None, log_dir: 
 def held_out_images(source: ExportSource, split: str = "test", limit: int = 256,
                     data_path: str | None = None) -> np.ndarray:
     """Real images from the run's dataset (``split``), float32 NCHW in [0, 1]: the parity-check inputs."""
+    return held_out_split(source, split, limit, data_path)[0]
+
+
+def held_out_split(source: ExportSource, split: str = "test", limit: int = 256,
+                   data_path: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``limit`` images (float32 NCHW in [0, 1]) and labels of a split of the run's dataset."""
+    dm = source_datamodule(source, data_path)
+    dataset = dm.datasets[split]
+    return to_unit_range(dataset.images[:limit].numpy()), dataset.labels[:limit].numpy()
+
+
+def source_datamodule(source: ExportSource, data_path: str | None = None) -> Any:
+    """The run's DataModule, prepared once per export (``data_path``: a MedMNIST .npz instead)."""
     from hydra.utils import instantiate
 
+    cache = getattr(source, "datamodules", None)
+    if cache is not None and data_path in cache:
+        return cache[data_path]
     data_cfg = dict((source.record.get("config") or {}).get("data") or {})
     data_cfg.pop("validation", None)  # the data-quality settings are not DataModule arguments
     if data_path:
@@ -200,5 +217,6 @@ def held_out_images(source: ExportSource, split: str = "test", limit: int = 256,
             f"parity data {dm.summary()['source']} has {dm.channels} channels at {dm.image_size} px, the model "
             f"expects {source.input_shape[0]} at {source.input_shape[1]} px"
         )
-    images = dm.datasets[split].images[:limit]
-    return to_unit_range(images.numpy())
+    if cache is not None:
+        cache[data_path] = dm
+    return dm

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medops.model_version import OUTPUT_NAME
+
 log = logging.getLogger(__name__)
 
 
@@ -58,7 +60,10 @@ def build_engine(onnx_path: Path, plan_path: Path, input_shape: tuple[int, int, 
 
 
 def tensorrt_runner(plan_path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """Run a serialized engine on float32 NCHW batches (CUDA buffers through PyTorch)."""
+    """Run a serialized engine on float32 NCHW batches (CUDA buffers through PyTorch); returns ``probabilities``.
+
+    Every output of the engine gets a buffer (TensorRT needs an address for each), e.g. ``ood_score`` and
+    ``ood_flag`` of a scored graph."""
     import tensorrt as trt
     import torch
 
@@ -67,18 +72,24 @@ def tensorrt_runner(plan_path: Path) -> Callable[[np.ndarray], np.ndarray]:
     context = engine.create_execution_context()
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     inp = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-    out = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+    outs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    wanted = OUTPUT_NAME if OUTPUT_NAME in outs else outs[0]
+    dtypes = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BOOL: torch.bool,
+              trt.DataType.INT32: torch.int32}
 
     def run(batch: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).cuda()
         context.set_input_shape(inp, tuple(x.shape))
-        y = torch.empty(tuple(context.get_tensor_shape(out)), dtype=torch.float32, device="cuda")
         context.set_tensor_address(inp, x.data_ptr())
-        context.set_tensor_address(out, y.data_ptr())
+        buffers = {}
+        for name in outs:
+            buffers[name] = torch.empty(tuple(context.get_tensor_shape(name)),
+                                        dtype=dtypes.get(engine.get_tensor_dtype(name), torch.float32), device="cuda")
+            context.set_tensor_address(name, buffers[name].data_ptr())
         stream = torch.cuda.current_stream()
         if not context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         stream.synchronize()
-        return y.cpu().numpy()
+        return buffers[wanted].float().cpu().numpy()
 
     return run

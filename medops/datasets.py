@@ -34,13 +34,18 @@ class DataError(ValueError):
 
 @dataclass
 class SplitArrays:
-    """Images (N x H x W x C, uint8) and labels (N, int64) of each split, with class names."""
+    """Images (N x H x W x C, uint8) and labels (N, int64) of each split, with class names.
+
+    ``groups``: per split, the patient/study id of every sample (``None`` where a row has none), aligned with
+    ``labels``; empty when the source has no group column. k-fold cross-validation keeps each group in one fold.
+    """
 
     images: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
     class_names: list[str]
     source: str
     info: dict[str, Any] = field(default_factory=dict)
+    groups: dict[str, list[str | None]] = field(default_factory=dict)
 
     @property
     def channels(self) -> int:
@@ -189,8 +194,39 @@ def stratified_folds(labels: np.ndarray, num_folds: int, seed: int) -> np.ndarra
     return folds
 
 
+def grouped_folds(labels: np.ndarray, groups: Sequence[str | None], num_folds: int, seed: int) -> np.ndarray:
+    """The fold (0..num_folds-1) of every sample with every group (patient/study) in exactly one fold.
+
+    scikit-learn's ``StratifiedGroupKFold`` (shuffled, seeded): the groups are dealt to the folds so that each
+    fold's class distribution stays close to the whole's. A sample without a group (``None``) is its own group.
+    Raises :class:`DataError` when there are fewer groups than folds.
+    """
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    labels = np.asarray(labels).reshape(-1)
+    keys = np.array([str(g) if g is not None else f"\0row{i}" for i, g in enumerate(groups)], dtype=object)
+    if len(keys) != len(labels):
+        raise ValueError(f"{len(keys)} groups for {len(labels)} labels")
+    n_groups = len(set(keys.tolist()))
+    if n_groups < num_folds:
+        raise DataError(f"{n_groups} patient/study groups cannot make {num_folds} folds (each group stays in one)")
+    folds = np.empty(len(labels), dtype=np.int64)
+    splitter = StratifiedGroupKFold(n_splits=num_folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # too few samples of a class: split_fold logs its own warning
+        warnings.simplefilter("ignore", UserWarning)
+        for k, (_, val) in enumerate(splitter.split(np.zeros(len(labels)), labels, keys)):
+            folds[val] = k
+    return folds
+
+
 def split_fold(data: SplitArrays, fold: int, num_folds: int, seed: int) -> SplitArrays:
-    """``data`` with train and val replaced by fold ``fold`` (val) and the remaining folds (train)."""
+    """``data`` with train and val replaced by fold ``fold`` (val) and the remaining folds (train).
+
+    With patient/study groups (``data.groups``, from a manifest's group column) the folds keep every group in one
+    fold (:func:`grouped_folds`), so no patient is in both train and val; without, :func:`stratified_folds`.
+    """
     check_fold(fold, num_folds)
     images = np.concatenate([data.images["train"], data.images["val"]])
     labels = np.concatenate([data.labels["train"], data.labels["val"]])
@@ -201,14 +237,25 @@ def split_fold(data: SplitArrays, fold: int, num_folds: int, seed: int) -> Split
     if rare:
         log.warning("%s: classes %s have fewer than %d train+val samples; some validation folds lack them",
                     data.source, rare, num_folds)
-    folds = stratified_folds(labels, num_folds, seed)
+    pooled = [*data.groups.get("train", []), *data.groups.get("val", [])]
+    grouped = len(pooled) == len(labels) and any(g is not None for g in pooled)
+    if grouped:
+        try:
+            folds = grouped_folds(labels, pooled, num_folds, seed)
+        except DataError as exc:
+            raise DataError(f"{data.source}: {exc}") from None
+    else:
+        folds = stratified_folds(labels, num_folds, seed)
     val, train = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
+    groups = {"train": [pooled[i] for i in train], "val": [pooled[i] for i in val],
+              "test": list(data.groups.get("test", []))} if len(pooled) == len(labels) else {}
     return SplitArrays(
         images={"train": images[train], "val": images[val], "test": data.images["test"]},
         labels={"train": labels[train], "val": labels[val], "test": data.labels["test"]},
         class_names=data.class_names,
         source=data.source,
-        info=dict(data.info),
+        info={**data.info, "fold_grouped_by": (data.info.get("group_column") or "group") if grouped else None},
+        groups=groups,
     )
 
 
@@ -525,6 +572,7 @@ class FolderDataset:
                 source=str(self.path),
                 info={"format": "csv" if self.path.suffix.lower() == ".csv" else "folder", "files": len(samples),
                       "group_column": column},
+                groups={s: [samples[i].group for i in index[s]] for s in SPLITS} if column else {},
             )
             result.paths = {s: [str(samples[i].path) for i in index[s]] for s in SPLITS}
             result.groups = {s: [samples[i].group for i in index[s]] for s in SPLITS}

@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - pydicom 2.x
 
     _pixel_array = None
 
-__all__ = ["apply_window", "read_dicom"]
+__all__ = ["apply_window", "dicom_modality", "modality_warning", "read_dicom"]
 
 _GREY = frozenset({"MONOCHROME1", "MONOCHROME2"})
 _COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
@@ -55,6 +55,31 @@ def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
             y = np.clip(((x - c0) / (width - 1.0) + 0.5) * 255.0, 0.0, 255.0)
     y = np.where(np.isnan(x), 0.0, y)
     return np.rint(y).astype(np.uint8)
+
+
+def dicom_modality(path: str | os.PathLike[str]) -> str | None:
+    """The Modality (0008,0060) of a DICOM file (``CT``, ``MR``, ``US``...), upper-case; None when the file is not
+    DICOM or has none. Reads the header only. Modality is a defined term, not an identifier."""
+    try:
+        with quiet_pydicom():
+            ds = pydicom.dcmread(os.fspath(path), stop_before_pixels=True, specific_tags=["Modality"])
+    except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, EOFError):
+        return None
+    value = str(ds.get("Modality") or "").strip().upper()
+    return value if value.isalnum() and len(value) <= 16 else None
+
+
+def modality_warning(path: str | os.PathLike[str], trained_on: Sequence[str]) -> str | None:
+    """A warning when ``path`` is a DICOM file whose Modality is not among the training data's; None otherwise
+    (not DICOM, no Modality, or the training modality unknown)."""
+    if not trained_on:
+        return None
+    modality = dicom_modality(path)
+    known = sorted({str(m).upper() for m in trained_on})
+    if modality is None or modality in known:
+        return None
+    return f"DICOM Modality {modality} differs from the training data's ({', '.join(known)}): the model was not " \
+        "trained on such images"
 
 
 def read_dicom(

@@ -33,9 +33,11 @@ def predict_labels(P: np.ndarray, threshold: float | None = None, positive_class
 
 def confusion_matrix(y: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
     """Rows: true class, columns: predicted class."""
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(y, dtype=np.int64), np.asarray(pred, dtype=np.int64)), 1)
-    return cm
+    y, pred = np.asarray(y, dtype=np.int64).reshape(-1), np.asarray(pred, dtype=np.int64).reshape(-1)
+    if len(y) and (min(y.min(), pred.min()) < 0 or max(y.max(), pred.max()) >= num_classes):
+        raise IndexError(f"labels and predictions must lie in 0..{num_classes - 1}")
+    cells = np.bincount(y * num_classes + pred, minlength=num_classes * num_classes)  # linear, unlike np.add.at
+    return cells.reshape(num_classes, num_classes).astype(np.int64)
 
 
 def binary_auroc(scores: np.ndarray, is_pos: np.ndarray) -> float:
@@ -69,12 +71,21 @@ def binary_average_precision(scores: np.ndarray, is_pos: np.ndarray) -> float:
 
 
 def roc_curve(scores: np.ndarray, is_pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, tpr, thresholds) for predictions ``score >= threshold``, thresholds descending (first is +inf)."""
-    is_pos = np.asarray(is_pos, dtype=bool)
+    """(fpr, tpr, thresholds) for predictions ``score >= threshold``, thresholds descending (first is +inf).
+
+    One threshold per distinct score (tied scores share one point). Sorted once, then every threshold's counts of
+    positives and negatives at or above it come from a binary search: O(n log n) time, O(n) memory (a million
+    predictions take well under a second and a few tens of MB). A NaN score is never at or above a threshold.
+    """
+    scores = np.asarray(scores).reshape(-1)
+    is_pos = np.asarray(is_pos, dtype=bool).reshape(-1)
     thresholds = np.r_[np.inf, np.unique(scores)[::-1]]
-    pred = np.asarray(scores)[None, :] >= thresholds[:, None]
-    tpr = (pred & is_pos).sum(1) / max(int(is_pos.sum()), 1)
-    fpr = (pred & ~is_pos).sum(1) / max(int((~is_pos).sum()), 1)
+    valid = ~np.isnan(scores) if scores.dtype.kind in "fc" else np.ones(len(scores), dtype=bool)
+    pos, neg = np.sort(scores[is_pos & valid]), np.sort(scores[~is_pos & valid])
+    tp = len(pos) - np.searchsorted(pos, thresholds, side="left")  # positives with score >= threshold
+    fp = len(neg) - np.searchsorted(neg, thresholds, side="left")
+    tpr = tp / max(int(is_pos.sum()), 1)
+    fpr = fp / max(int((~is_pos).sum()), 1)
     return fpr, tpr, thresholds
 
 

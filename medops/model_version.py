@@ -19,6 +19,9 @@ from typing import Any
 INPUT_NAME = "image"  # FP32 [N, C, H, W] in [0, 1]
 OUTPUT_NAME = "probabilities"  # FP32 [N, classes]
 EMBEDDING_OUTPUT = "embedding"  # FP32 [N, D] of embedding.onnx (penultimate features)
+OOD_SCORE_OUTPUT = "ood_score"  # FP32 [N, 1]: out-of-distribution score (medops.ood), when the version has one
+OOD_FLAG_OUTPUT = "ood_flag"  # BOOL [N, 1]: ood_score above the threshold set on validation
+OOD_OUTPUTS = (OOD_SCORE_OUTPUT, OOD_FLAG_OUTPUT)
 METADATA_SCHEMA = "medops.model/1"
 KNOWN_METADATA_SCHEMAS = frozenset({METADATA_SCHEMA})
 METADATA_FILE = "metadata.json"
@@ -98,6 +101,16 @@ class VersionMetadata:
     @property
     def drift(self) -> dict[str, Any]:
         return dict(self.raw.get("drift") or {})
+
+    @property
+    def ood(self) -> dict[str, Any]:
+        """The out-of-distribution score's summary (``medops.ood``; threshold, pass rate), ``{}`` without one."""
+        return dict(self.raw.get("ood") or {})
+
+    @property
+    def modalities(self) -> list[str]:
+        """The DICOM Modality values of the training data (``US``, ``CT``...), ``[]`` when unknown."""
+        return [str(m) for m in (self.raw["input"].get("modalities") or [])]
 
     @property
     def parity(self) -> list[dict[str, Any]]:

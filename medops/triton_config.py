@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from medops.model_version import INPUT_NAME, OUTPUT_NAME
+from medops.model_version import INPUT_NAME, OOD_FLAG_OUTPUT, OOD_SCORE_OUTPUT, OUTPUT_NAME
 
 __all__ = [
     "INSTANCE_KINDS",
@@ -88,12 +88,16 @@ def _set_target(config: model_config_pb2.ModelConfig, target: str) -> None:
 
 
 def _add_tensors(config: model_config_pb2.ModelConfig, input_name: str, input_dims: list[int], output_name: str,
-                 num_classes: int, label_filename: str) -> None:
-    """The FP32 image input and probabilities output, per-sample dims (the batch dimension is implicit)."""
+                 num_classes: int, label_filename: str, ood_outputs: bool) -> None:
+    """The FP32 image input and probabilities output, per-sample dims (the batch dimension is implicit); with
+    ``ood_outputs`` also ``ood_score`` (FP32 [1]) and ``ood_flag`` (BOOL [1])."""
     config.input.add(name=input_name, data_type=model_config_pb2.TYPE_FP32, dims=input_dims)
     output = config.output.add(name=output_name, data_type=model_config_pb2.TYPE_FP32, dims=[num_classes])
     if label_filename:
         output.label_filename = label_filename
+    if ood_outputs:
+        config.output.add(name=OOD_SCORE_OUTPUT, data_type=model_config_pb2.TYPE_FP32, dims=[1])
+        config.output.add(name=OOD_FLAG_OUTPUT, data_type=model_config_pb2.TYPE_BOOL, dims=[1])
 
 
 def _add_instance_group(config: model_config_pb2.ModelConfig, target: str, instance_kind: str, count: int) -> None:
@@ -139,6 +143,7 @@ def build_model_config(
     output_name: str = OUTPUT_NAME,
     label_filename: str = "labels.txt",
     warmup: bool = True,
+    ood_outputs: bool = False,
 ) -> model_config_pb2.ModelConfig:
     """Return the Triton model configuration of an image classifier.
 
@@ -156,6 +161,7 @@ def build_model_config(
         parameters: free-form string parameters (lineage: run id, git commit, dataset fingerprint, metrics).
         label_filename: class names file next to ``config.pbtxt``; empty string for none.
         warmup: add a one-sample all-zeros warm-up request so the first real request is not slow.
+        ood_outputs: the graph also returns ``ood_score`` and ``ood_flag`` (:mod:`medops.ood`).
 
     Raises:
         ValueError: unknown target or instance kind, non-positive sizes, an empty name, or preferred batch
@@ -167,11 +173,10 @@ def build_model_config(
     preferred = _check_batching(max_batch_size, max_queue_delay_us, preferred_batch_sizes)
     if not input_name or not output_name:
         raise ValueError("input_name and output_name must be non-empty")
-
     config = model_config_pb2.ModelConfig(name=name, max_batch_size=max_batch_size)
     _set_target(config, target)
     input_dims = [channels, image_size, image_size]
-    _add_tensors(config, input_name, input_dims, output_name, num_classes, label_filename)
+    _add_tensors(config, input_name, input_dims, output_name, num_classes, label_filename, ood_outputs)
     config.dynamic_batching.preferred_batch_size.extend(preferred)
     config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     _add_instance_group(config, target, instance_kind, instance_count)

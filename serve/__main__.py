@@ -20,6 +20,12 @@ Commands::
     end-trial NAME [--url HOST:PORT]
     status   NAME [--model-repository DIR]
 
+Admin key: ``MEDOPS_TRITON_ADMIN_KEY`` (16+ visible ASCII characters, e.g. ``openssl rand -hex 32``). ``start`` puts
+Triton's admin APIs (model repository incl. load/unload, shared memory, statistics, trace, logging) behind the
+header ``medops-admin-key`` with that key; without it ``start`` warns that they are open (local development).
+``load``, ``unload`` and the rollout commands with ``--url`` send the header when the variable is set. Health,
+metadata and inference never need it. ``--start-server`` locks its private server with a random key.
+
 Exit codes: 0 success; 1 an input failed (predict, batch), a model-control request was refused, or the server
 could not start (start), a promotion was refused by its gate (promote); 2 the server is down or the model is
 missing (predict, batch), a rollout command failed, and usage errors; 3 drift detected (drift --fail-on-drift).
@@ -75,17 +81,10 @@ def _default_url(backend: str) -> str:
 
 # -- start -------------------------------------------------------------------------------------------------
 def cmd_start(args: argparse.Namespace) -> int:
-    from serve.triton_server import TritonNotFound, TritonServer
+    from serve.triton_server import TritonNotFound
 
-    model_control = args.model_control or ("explicit" if args.load else "none")
-    try:
-        server = TritonServer(
-            args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
-            metrics_port=args.metrics_port, tritonserver=args.tritonserver, model_control=model_control,
-            load_models=args.load or (), log_file=args.log_file,
-        )
-    except ValueError as exc:
-        _error(str(exc))
+    server = _make_server(args)
+    if server is None:
         return EXIT_INPUT
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -93,7 +92,8 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        err.print(f"starting Triton on {server.model_repository} (model control: {model_control}) ...")
+        err.print(f"starting Triton on {server.model_repository} (model control: {server.model_control}) ...")
+        _print_admin_access(server)
         try:
             server.start(timeout=args.timeout)
         except (TritonNotFound, FileNotFoundError, RuntimeError) as exc:
@@ -122,6 +122,38 @@ def cmd_start(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
 
 
+def _make_server(args: argparse.Namespace) -> Any:
+    """The TritonServer ``start`` runs, its admin APIs behind MEDOPS_TRITON_ADMIN_KEY when that is set; None (the
+    error printed) when the arguments or the key are unusable."""
+    from serve.triton_server import TritonServer, admin_key_from_env
+
+    model_control = args.model_control or ("explicit" if args.load else "none")
+    try:
+        return TritonServer(
+            args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
+            metrics_port=args.metrics_port, tritonserver=args.tritonserver, model_control=model_control,
+            load_models=args.load or (), log_file=args.log_file, admin_key=admin_key_from_env(),
+        )
+    except ValueError as exc:  # AdminKeyError included: its message never contains the key
+        _error(str(exc))
+    return None
+
+
+def _print_admin_access(server: Any) -> None:
+    """Who may use the admin APIs: the key holders, or (no key: local development) anyone reaching the port."""
+    from serve.triton_server import ADMIN_HEADER, ADMIN_KEY_ENV, RESTRICTED_APIS
+
+    apis = ", ".join(RESTRICTED_APIS)
+    if server.restricted:
+        err.print(f"admin APIs ({apis}) need the header {ADMIN_HEADER} with the key from {ADMIN_KEY_ENV}; "
+                  "health, metadata and inference are open", soft_wrap=True)
+        return
+    err.print(f"[bold yellow]warning[/bold yellow]: {ADMIN_KEY_ENV} is not set, so Triton's admin APIs ({apis}; "
+              "model load/unload included) are open to every process that reaches port "
+              f"{server.http_port}/{server.grpc_port} on this host. Fine for local development; elsewhere set it, "
+              f"e.g. export {ADMIN_KEY_ENV}=$(openssl rand -hex 32)", soft_wrap=True)
+
+
 def _print_started(server: Any) -> None:
     out.print(f"[bold green]Triton is ready[/bold green] (pid {server.process.pid}, repository "
               f"{escape(str(server.model_repository))})", soft_wrap=True)
@@ -129,7 +161,7 @@ def _print_started(server: Any) -> None:
     out.print(f"  gRPC     {server.grpc_url}")
     out.print(f"  metrics  {server.metrics_url}  (Prometheus)")
     out.print(f"  log      {server.log_path}", soft_wrap=True)
-    for model in _repository_index(server.http_url):
+    for model in _repository_index(server.http_url, server.admin_headers()):
         state = model.get("state") or "UNAVAILABLE"
         colour = "green" if state == "READY" else "yellow"
         version = f" v{model['version']}" if model.get("version") else ""
@@ -137,12 +169,12 @@ def _print_started(server: Any) -> None:
     out.print("press Ctrl-C (or send SIGTERM) to stop", style="dim")
 
 
-def _repository_index(url: str) -> list[dict[str, Any]]:
+def _repository_index(url: str, headers: dict[str, str] | None) -> list[dict[str, Any]]:
     import tritonclient.http as httpclient
 
     try:
         with httpclient.InferenceServerClient(url, connection_timeout=5, network_timeout=5) as client:
-            return list(client.get_model_repository_index())
+            return list(client.get_model_repository_index(headers=headers))
     except Exception:  # informational only
         return []
 
@@ -152,7 +184,9 @@ def cmd_model_control(args: argparse.Namespace) -> int:
     import tritonclient.http as httpclient
     from tritonclient.utils import InferenceServerException
 
-    url, name, action = normalize_url(args.url), args.name, args.command
+    from serve.triton_server import admin_headers, admin_hint
+
+    url, name, action, headers = normalize_url(args.url), args.name, args.command, admin_headers()
     try:
         client = httpclient.InferenceServerClient(url, connection_timeout=args.timeout,
                                                   network_timeout=args.timeout)
@@ -167,25 +201,25 @@ def cmd_model_control(args: argparse.Namespace) -> int:
                    "(--url HOST:PORT of its HTTP endpoint)")
             return EXIT_INPUT
         try:
-            known = {m.get("name") for m in client.get_model_repository_index()}
+            known = {m.get("name") for m in client.get_model_repository_index(headers=headers)}
             if name not in known:
                 listed = ", ".join(sorted(str(k) for k in known if k)) or "none"
                 _error(f"model {name!r} is not in the model repository of Triton at {url} (models: {listed})")
                 return EXIT_INPUT
             if action == "load":
-                client.load_model(name)
+                client.load_model(name, headers=headers)
                 if not _wait_ready(client, name, ready=True, timeout=args.timeout):
                     _error(f"model {name!r} did not become ready on Triton at {url}")
                     return EXIT_INPUT
                 out.print(f"loaded model [bold]{escape(name)}[/bold] on {url}: ready")
             else:
-                client.unload_model(name)
+                client.unload_model(name, headers=headers)
                 if not _wait_ready(client, name, ready=False, timeout=args.timeout):
                     _error(f"model {name!r} is still ready on Triton at {url} after {args.timeout:.0f} s")
                     return EXIT_INPUT
                 out.print(f"unloaded model [bold]{escape(name)}[/bold] on {url}")
         except InferenceServerException as exc:
-            _error(f"{action} {name!r} on Triton at {url} failed: {exc.message() or exc}")
+            _error(f"{action} {name!r} on Triton at {url} failed: {exc.message() or exc}{admin_hint(exc)}")
             return EXIT_INPUT
         except Exception as exc:
             _error(f"{action} {name!r} on Triton at {url} failed ({type(exc).__name__}: {exc})")
@@ -224,11 +258,12 @@ def server_context(args: argparse.Namespace) -> Iterator[str]:
         return
     if args.backend == "local":
         raise ServeError("--start-server needs --backend http or grpc (the local backend runs no server)")
-    from serve.triton_server import TritonNotFound, TritonServer, free_port
+    from serve.triton_server import TritonNotFound, TritonServer, free_port, generate_admin_key
 
+    # only inference is needed: the admin APIs get a random key that is never shown, so nobody can use them
     server = TritonServer(args.model_repository, http_port=free_port(), grpc_port=free_port(),
                           metrics_port=free_port(), tritonserver=args.tritonserver, model_control="explicit",
-                          load_models=[args.model])
+                          load_models=[args.model], admin_key=generate_admin_key())
     err.print(f"starting Triton on {server.model_repository} for model {args.model} ...")
     try:
         server.start(timeout=args.server_timeout)
@@ -522,11 +557,16 @@ def _backend_options() -> argparse.ArgumentParser:
 
 
 _Subparsers = argparse._SubParsersAction  # what add_subparsers returns
+_ADMIN_EPILOG = ("MEDOPS_TRITON_ADMIN_KEY (environment): the key of a Triton whose admin APIs are restricted, sent "
+                 "as the header medops-admin-key with model load and repository requests.")
 
 
 def _add_start_parser(sub: _Subparsers) -> None:
     """``start``: run Triton until Ctrl-C/SIGTERM."""
-    start = sub.add_parser("start", help="start Triton and wait until Ctrl-C/SIGTERM")
+    start = sub.add_parser("start", help="start Triton and wait until Ctrl-C/SIGTERM", epilog=(
+        "MEDOPS_TRITON_ADMIN_KEY (environment): puts the admin APIs (model repository incl. load/unload, shared "
+        "memory, statistics, trace, logging) behind the header medops-admin-key with this key; unset: they are "
+        "open (a warning says so). Health, metadata and inference stay open."))
     start.add_argument("--model-repository", required=True, help="Triton model repository folder")
     start.add_argument("--http-port", type=int, default=8000)
     start.add_argument("--grpc-port", type=int, default=8001)
@@ -547,7 +587,7 @@ def _add_model_control_parsers(sub: _Subparsers) -> None:
     """``load`` and ``unload``: explicit model control on a running Triton."""
     for name, text in (("load", "load a model (explicit model control)"),
                        ("unload", "unload a model (explicit model control)")):
-        cmd = sub.add_parser(name, help=text)
+        cmd = sub.add_parser(name, help=text, epilog=_ADMIN_EPILOG)
         cmd.add_argument("name", metavar="NAME", help="model name")
         cmd.add_argument("--url", default=_default_url("http"),
                          help="Triton HTTP endpoint HOST:PORT (default: 127.0.0.1:8000)")
@@ -607,7 +647,7 @@ def _add_drift_parser(sub: _Subparsers) -> None:
 
 def _add_rollout_parser(sub: _Subparsers, name: str, text: str, version: bool) -> argparse.ArgumentParser:
     """One rollout command (NAME [VERSION], repository, reload URL and timeout)."""
-    cmd = sub.add_parser(name, help=text)
+    cmd = sub.add_parser(name, help=text, epilog=_ADMIN_EPILOG)
     cmd.add_argument("name", metavar="NAME", help="model name")
     if version:
         cmd.add_argument("version", metavar="VERSION", type=_positive_int, help="model version")

@@ -6,7 +6,8 @@ a rerun on the same CSV skips the inputs already predicted. One unreadable image
 only its rows (written with the error), never the run.
 
 Privacy: rows and messages carry the input path and :mod:`medops`'s error reason only (medops never puts DICOM
-header values in a reason); nothing here reads or writes header values.
+header values in a reason); the only header value read is the DICOM Modality, a defined term (CT, US...), for
+the training-modality warning.
 
 Torch-free: numpy, rich and the standard library.
 """
@@ -41,11 +42,14 @@ from rich.table import Table
 from rich.text import Text
 
 import medops
+from medops.dicom import modality_warning
 from medops.metrics import auroc_or_none as auroc
+from medops.model_version import OUTPUT_NAME
 from medops.run_record import RunRecordError, read_record
 from serve.client import TritonBackend
-from serve.contract import Backend, ModelInfo, ServeError
+from serve.contract import Backend, ModelInfo, ServeError, infer_outputs
 from serve.inputs import InputItem, load_item, parse_label
+from serve.predict import ood_fields
 
 __all__ = [
     "BatchSummary",
@@ -62,7 +66,7 @@ log = logging.getLogger(__name__)
 def csv_columns(class_names: Sequence[str]) -> list[str]:
     """The predictions CSV header for a model with these classes."""
     return ["key", "path", "label", "predicted", "predicted_index", *[f"prob_{c}" for c in class_names],
-            "model", "version", "error"]
+            "model", "version", "ood_score", "ood_flag", "warning", "error"]
 
 
 @dataclass
@@ -91,6 +95,8 @@ class BatchSummary:
     out_csv: str = ""
     model: str = ""
     version: str = ""
+    ood_flagged: int = 0
+    warnings: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +121,8 @@ class BatchSummary:
             ("labelled rows", str(self.labelled)),
             ("accuracy", _fmt(self.accuracy)),
             ("AUROC", _fmt(self.auroc)),
+            ("out-of-distribution (ood_flag)", str(self.ood_flagged)),
+            ("rows with a warning", str(self.warnings)),
             ("predictions", self.out_csv),
         ):
             table.add_row(name, value)
@@ -156,12 +164,12 @@ class _Senders:
             self.local.backend = clone
         return clone
 
-    def infer(self, arrays: list[np.ndarray]) -> tuple[np.ndarray, float]:
+    def infer(self, arrays: list[np.ndarray]) -> tuple[dict[str, np.ndarray], float]:
         backend = self.get()
         batch = np.stack(arrays)
         started = time.perf_counter()
-        probs = backend.infer(batch)
-        return probs, time.perf_counter() - started
+        outputs = infer_outputs(backend, batch)
+        return outputs, time.perf_counter() - started
 
     def close(self) -> None:
         for clone in self.clones:
@@ -189,15 +197,19 @@ class _Writer:
             return ""
         return self.info.class_names[label] if 0 <= label < self.width else str(label)
 
-    def prediction(self, item: InputItem, probs: np.ndarray) -> None:
+    def prediction(self, item: InputItem, probs: np.ndarray, ood: dict[str, Any]) -> None:
         index = int(np.argmax(probs))
+        warnings = [w for w in (modality_warning(item.path, self.info.modalities) if item.path else None,) if w]
+        if ood.get("ood_flag"):
+            warnings.append("out of distribution (ood_score above the validation threshold)")
         self.writer.writerow([item.key, item.path or "", self.label_text(item.label), self.info.class_names[index],
                               index, *(format(float(p), ".9g") for p in probs), self.info.name, self.info.version,
-                              ""])
+                              ood.get("ood_score", ""), {True: "1", False: "0"}.get(ood.get("ood_flag"), ""),
+                              "; ".join(warnings), ""])
 
     def error(self, item: InputItem, message: str) -> None:
         self.writer.writerow([item.key, item.path or "", self.label_text(item.label), "", "", *[""] * self.width,
-                              self.info.name, self.info.version, " ".join(message.split())])
+                              self.info.name, self.info.version, "", "", "", " ".join(message.split())])
 
     def flush(self) -> None:
         self.fh.flush()
@@ -371,19 +383,19 @@ class _BatchRun:
     def _write(self, group: list[InputItem], fut: Future) -> None:
         """The rows of one finished request: predictions, or an error row per image."""
         try:
-            probs, seconds = fut.result()
+            outputs, seconds = fut.result()
         except ServeError as exc:
             for item in group:
                 self._failed(item, str(exc))
             return
-        probs = np.asarray(probs)
+        probs = np.asarray(outputs[OUTPUT_NAME])
         if probs.shape != (len(group), len(self.info.class_names)):
             for item in group:
                 self._failed(item, f"backend returned shape {list(probs.shape)} for {len(group)} images")
             return
         self.latencies.append(seconds)
-        for item, row in zip(group, probs, strict=True):
-            self.writer.prediction(item, row)
+        for i, (item, row) in enumerate(zip(group, probs, strict=True)):
+            self.writer.prediction(item, row, ood_fields(outputs, i))
         self.done += len(group)
 
     def _failed(self, item: InputItem, message: str) -> None:
@@ -428,6 +440,7 @@ def _summarise(run: _BatchRun, out: Path, *, total: int, skipped: int, seconds: 
         images_per_s=run.done / seconds if seconds > 0 else 0.0, latency_ms=_latency_ms(run.latencies),
         accuracy=accuracy, auroc=auc, labelled=labelled, rows=len(rows), requests=len(run.latencies),
         out_csv=str(out), model=info.name, version=info.version,
+        ood_flagged=sum(row["ood_flag"] == "1" for row in rows), warnings=sum(bool(row["warning"]) for row in rows),
     )
 
 

@@ -15,7 +15,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from serve.contract import Backend, ModelInfo, ServeError, check_batch, chunks, operating_point_of
+from medops.model_version import OUTPUT_NAME
+from serve.contract import (
+    Backend,
+    ModelInfo,
+    ServeError,
+    check_batch,
+    chunks,
+    joined,
+    ood_threshold_of,
+    operating_point_of,
+)
 from serve.local_backend import LocalBackend
 
 log = logging.getLogger(__name__)
@@ -82,6 +92,7 @@ class TritonBackend:
             config = self.client.get_model_config(name, self.version)
             params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
             inp, out = config["input"][0], config["output"][0]
+            extra_outputs = [o["name"] for o in config["output"][1:]]
             dims = [int(d) for d in inp["dims"]]
             max_batch = int(config.get("max_batch_size", 0))
             meta = self.client.get_model_metadata(name, self.version)
@@ -96,9 +107,11 @@ class TritonBackend:
             max_batch = int(config.max_batch_size)
             versions = list(self.client.get_model_metadata(name, self.version).versions) or [self.version]
             in_name, out_name = config.input[0].name, config.output[0].name
+            extra_outputs = [o.name for o in config.output[1:]]
             num_classes = int(config.output[0].dims[0])
         names = json.loads(params["class_names"]) if params.get("class_names") else None
         window = json.loads(params["window"]) if params.get("window") else None
+        modalities = json.loads(params["modalities"]) if params.get("modalities") else []
         return ModelInfo(
             name=name, version=str(max(versions, key=lambda v: int(v) if str(v).isdigit() else -1)),
             input_name=in_name, output_name=out_name, channels=int(dims[0]), size=int(dims[1]),
@@ -106,24 +119,37 @@ class TritonBackend:
             window=tuple(window) if window else None,
             extra={"backend": f"triton-{self.protocol}", "parameters": params,
                    **operating_point_of({"threshold": params.get("threshold"),
-                                         "positive_class": params.get("positive_class")})},
+                                         "positive_class": params.get("positive_class"),
+                                         "abnormal": {"classes": json.loads(params.get("abnormal_classes") or "[]"),
+                                                      "value": params.get("abnormal_threshold")}}),
+                   **ood_threshold_of({"threshold": params.get("ood_threshold")})},
+            extra_outputs=extra_outputs, modalities=[str(m) for m in modalities],
         )
 
-    def _infer_one(self, part: np.ndarray) -> np.ndarray:
+    def _infer_one(self, part: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         inp = self.mod.InferInput(self.info.input_name, list(part.shape), "FP32")
         inp.set_data_from_numpy(part)
-        out = self.mod.InferRequestedOutput(self.info.output_name)
-        kwargs: dict[str, Any] = {"model_version": self.version, "outputs": [out]}
+        outs = [self.mod.InferRequestedOutput(name) for name in names]
+        kwargs: dict[str, Any] = {"model_version": self.version, "outputs": outs}
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout
         result = with_retries(lambda: self.client.infer(self.info.name, [inp], **kwargs),
                               f"inference on {self.info.name}", self.retries, self.backoff)
-        return result.as_numpy(self.info.output_name)
+        return {name: result.as_numpy(name) for name in names}
+
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        batch = check_batch(self.info, batch)
+        names = [self.info.output_name, *self.info.extra_outputs]
+        parts = [self._infer_one(part, names) for part in chunks(batch, self.info.max_batch_size)]
+        result = joined(parts, names, len(self.info.class_names))
+        result[OUTPUT_NAME] = result.pop(self.info.output_name, result.get(OUTPUT_NAME))
+        return result
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
         batch = check_batch(self.info, batch)
-        outs = [self._infer_one(part) for part in chunks(batch, self.info.max_batch_size)]
-        return np.concatenate(outs) if outs else np.zeros((0, len(self.info.class_names)), np.float32)
+        parts = [self._infer_one(part, [self.info.output_name]) for part in chunks(batch, self.info.max_batch_size)]
+        return joined(parts, [self.info.output_name], len(self.info.class_names)).get(
+            self.info.output_name, np.zeros((0, len(self.info.class_names)), np.float32))
 
     def close(self) -> None:
         self.client.close()

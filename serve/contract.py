@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from medops.input_check import value_problem
-from medops.model_version import ModelVersionError, VersionMetadata, read_metadata, version_dir
+from medops.model_version import OUTPUT_NAME, ModelVersionError, VersionMetadata, read_metadata, version_dir
 
 
 class ServeError(RuntimeError):
@@ -35,6 +35,8 @@ class ModelInfo:
     class_names: list[str]
     window: tuple[float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    extra_outputs: list[str] = field(default_factory=list)  # e.g. ood_score, ood_flag (medops.ood)
+    modalities: list[str] = field(default_factory=list)  # DICOM Modality of the training data; [] unknown
 
 
 class Backend(Protocol):
@@ -44,7 +46,25 @@ class Backend(Protocol):
         """Probabilities [N, classes] for a float32 [N, C, H, W] batch (N may exceed max_batch_size)."""
         ...
 
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output of the model by name: ``probabilities`` and, when the version has them, ``ood_score``
+        [N, 1] and ``ood_flag`` [N, 1]."""
+        ...
+
     def close(self) -> None: ...
+
+
+def infer_outputs(backend: Backend, batch: np.ndarray) -> dict[str, np.ndarray]:
+    """``backend.infer_outputs(batch)``; only ``probabilities`` for a backend without that method."""
+    method = getattr(backend, "infer_outputs", None)
+    return method(batch) if method is not None else {OUTPUT_NAME: backend.infer(batch)}
+
+
+def joined(parts: list[dict[str, np.ndarray]], names: list[str], num_classes: int) -> dict[str, np.ndarray]:
+    """The per-chunk outputs concatenated by name (an empty batch: empty probabilities)."""
+    if not parts:
+        return {OUTPUT_NAME: np.zeros((0, num_classes), np.float32)}
+    return {name: np.concatenate([part[name] for part in parts]) for name in names}
 
 
 def chunks(batch: np.ndarray, size: int) -> list[np.ndarray]:
@@ -67,10 +87,22 @@ def check_batch(info: ModelInfo, batch: np.ndarray) -> np.ndarray:
 
 
 def operating_point_of(op: dict[str, Any]) -> dict[str, Any]:
-    """``threshold`` (float) and ``positive_class`` of an exported operating point, or nothing."""
-    if op.get("threshold") in (None, ""):
-        return {}
-    return {"threshold": float(op["threshold"]), "positive_class": op.get("positive_class")}
+    """``threshold`` (float) and ``positive_class`` of an exported operating point (binary tasks), and
+    ``abnormal_classes``/``abnormal_threshold`` of a multi-class task's declared abnormal set; nothing else."""
+    out: dict[str, Any] = {}
+    if op.get("threshold") not in (None, ""):
+        out |= {"threshold": float(op["threshold"]), "positive_class": op.get("positive_class")}
+    abnormal = op.get("abnormal") or {}
+    if abnormal.get("value") not in (None, "") and abnormal.get("classes"):
+        out |= {"abnormal_classes": [str(c) for c in abnormal["classes"]],
+                "abnormal_threshold": float(abnormal["value"])}
+    return out
+
+
+def ood_threshold_of(ood: dict[str, Any]) -> dict[str, Any]:
+    """``ood_threshold`` (float) of a version's out-of-distribution score, or nothing."""
+    value = ood.get("threshold") if ood else None
+    return {} if value in (None, "") else {"ood_threshold": float(value)}
 
 
 def model_version_dir(repository: str | Path, name: str, version: str | int | None = None) -> Path:

@@ -19,7 +19,9 @@ from serve.contract import (
     ServeError,
     check_batch,
     chunks,
+    joined,
     model_version_dir,
+    ood_threshold_of,
     operating_point_of,
     read_version_metadata,
 )
@@ -90,19 +92,26 @@ class LocalBackend:
                                             providers=["CPUExecutionProvider"])
         self._run_lock = threading.Lock()
         contract = meta.input
+        self.outputs = [o.name for o in self.session.get_outputs()]
         self.info = ModelInfo(
             name=name, version=meta.version, input_name=contract.name, output_name=OUTPUT_NAME,
             channels=contract.channels, size=contract.size, max_batch_size=meta.max_batch_size,
             class_names=meta.class_names, window=contract.window,
-            extra={"backend": "local", "metadata": meta.raw, **operating_point_of(meta.operating_point)},
+            extra={"backend": "local", "metadata": meta.raw, **operating_point_of(meta.operating_point),
+                   **ood_threshold_of(meta.ood)},
+            extra_outputs=self.outputs[1:], modalities=meta.modalities,
         )
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         batch = check_batch(self.info, batch)
         parts = chunks(batch, self.info.max_batch_size)
         with self._run_lock:
-            outs = [self.session.run(None, {self.info.input_name: part})[0] for part in parts]
-        return np.concatenate(outs) if outs else np.zeros((0, len(self.info.class_names)), np.float32)
+            outs = [dict(zip(self.outputs, self.session.run(self.outputs, {self.info.input_name: part}),
+                             strict=True)) for part in parts]
+        return joined(outs, self.outputs, len(self.info.class_names))  # export names the first "probabilities"
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.infer_outputs(batch)[OUTPUT_NAME]
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]

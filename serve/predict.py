@@ -24,7 +24,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from medops import ImageReadError, load_for_model
-from serve.contract import Backend, ModelInfo
+from medops.dicom import modality_warning
+from medops.model_version import OOD_FLAG_OUTPUT, OOD_SCORE_OUTPUT, OUTPUT_NAME
+from serve.contract import Backend, ModelInfo, infer_outputs
 
 __all__ = [
     "failed",
@@ -68,8 +70,10 @@ def predict_files(paths: Iterable[str | os.PathLike[str]], backend: Backend, top
     """Predict each file with one request per file; one result per path, in order.
 
     A result is ``{"path", "top": [{"class", "probability"}...], "probabilities", "model", "version",
-    "latency_ms"}`` (``latency_ms``: the inference round trip, reading excluded), or ``{"path", "error"}`` for a
-    file that cannot be read: the other files are still predicted.
+    "latency_ms"}`` (``latency_ms``: the inference round trip, reading excluded), plus ``decision`` at the
+    operating point, ``ood_score``/``ood_flag`` when the version computes them (:mod:`medops.ood`) and
+    ``warnings`` (e.g. a DICOM whose Modality the model was not trained on); or ``{"path", "error"}`` for a file
+    that cannot be read: the other files are still predicted.
 
     Raises:
         ServeError: the backend failed (server down, model unloaded): not a problem of one input.
@@ -84,24 +88,51 @@ def predict_files(paths: Iterable[str | os.PathLike[str]], backend: Backend, top
             results.append({"path": name, "error": exc.reason})
             continue
         start = time.perf_counter()
-        probs = backend.infer(image[None])[0]
+        outputs = infer_outputs(backend, image[None])
         latency_ms = (time.perf_counter() - start) * 1000.0
-        results.append({
-            "path": name,
-            "top": top_k_classes(probs, info.class_names, top_k),
-            "probabilities": [float(p) for p in probs],
-            "model": info.name,
-            "version": str(info.version),
-            "latency_ms": round(latency_ms, 3),
-        })
-        decision = operating_point_decision(probs, info)
-        if decision is not None:
-            results[-1]["decision"] = decision
+        results.append(prediction_result(name, outputs, info, latency_ms, top_k))
     return results
+
+
+def prediction_result(path: str, outputs: dict[str, np.ndarray], info: ModelInfo, latency_ms: float,
+                      top_k: int) -> dict[str, Any]:
+    """The result of one file from the model's outputs for it (batch of one)."""
+    probs = outputs[OUTPUT_NAME][0]
+    result: dict[str, Any] = {
+        "path": path,
+        "top": top_k_classes(probs, info.class_names, top_k),
+        "probabilities": [float(p) for p in probs],
+        "model": info.name,
+        "version": str(info.version),
+        "latency_ms": round(latency_ms, 3),
+    }
+    decision = operating_point_decision(probs, info)
+    if decision is not None:
+        result["decision"] = decision
+    result |= ood_fields(outputs, 0)
+    warnings = [w for w in (modality_warning(path, info.modalities),) if w]
+    if result.get("ood_flag"):
+        warnings.append(f"out of distribution: ood_score {result['ood_score']:.2f} > threshold "
+                        f"{info.extra.get('ood_threshold', float('nan')):.2f}; do not rely on this answer")
+    if warnings:
+        result["warnings"] = warnings
+    return result
+
+
+def ood_fields(outputs: dict[str, np.ndarray], row: int) -> dict[str, Any]:
+    """``ood_score`` (float) and ``ood_flag`` (bool) of one row, when the model returns them."""
+    if OOD_SCORE_OUTPUT not in outputs:
+        return {}
+    fields: dict[str, Any] = {"ood_score": round(float(np.asarray(outputs[OOD_SCORE_OUTPUT])[row].reshape(-1)[0]), 4)}
+    if OOD_FLAG_OUTPUT in outputs:
+        fields["ood_flag"] = bool(np.asarray(outputs[OOD_FLAG_OUTPUT])[row].reshape(-1)[0])
+    return fields
 
 
 def operating_point_decision(probs: np.ndarray, info: ModelInfo) -> dict[str, Any] | None:
     """The binary decision at the operating point chosen on validation (``evaluation.evaluate``), if there is one."""
+    if info.extra.get("abnormal_classes") and len(info.class_names) > 2:
+        return abnormal_decision(probs, info)
     threshold = info.extra.get("threshold")
     if threshold is None or len(info.class_names) != 2:
         return None
@@ -110,6 +141,15 @@ def operating_point_decision(probs: np.ndarray, info: ModelInfo) -> dict[str, An
     chosen = positive if probs[positive] >= threshold else 1 - positive
     return {"class": info.class_names[chosen], "threshold": float(threshold),
             "positive_class": info.class_names[positive]}
+
+
+def abnormal_decision(probs: np.ndarray, info: ModelInfo) -> dict[str, Any]:
+    """Multi-class with a declared abnormal set: P(abnormal) (the sum over the set) against its threshold."""
+    abnormal = [c for c in info.extra["abnormal_classes"] if c in info.class_names]
+    p_abnormal = float(sum(probs[info.class_names.index(c)] for c in abnormal))
+    threshold = float(info.extra["abnormal_threshold"])
+    return {"abnormal": p_abnormal >= threshold, "p_abnormal": round(p_abnormal, 6), "threshold": threshold,
+            "abnormal_classes": abnormal}
 
 
 def failed(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -131,24 +171,40 @@ def render_table(results: Sequence[dict[str, Any]], info: ModelInfo, backend_lab
     table.add_column("class")
     table.add_column("probability", justify="right")
     table.add_column("latency ms", justify="right")
+    has_ood = any("ood_score" in r for r in results)
+    if has_ood:
+        table.add_column("OOD score", justify="right")
     for result in results:
         if "error" in result:  # reported on its own line by render_errors
             continue
         top = result["top"]
         for rank, entry in enumerate(top, start=1):
             first = rank == 1
-            table.add_row(
+            cells = [
                 escape(result["path"]) if first else "",
                 str(rank),
                 f"[bold]{escape(entry['class'])}[/bold]" if first else escape(entry["class"]),
                 f"{entry['probability']:.4f}",
                 f"{result['latency_ms']:.1f}" if first else "",
-                end_section=rank == len(top),
-            )
+            ]
+            if has_ood:
+                cells.append(ood_cell(result) if first else "")
+            table.add_row(*cells, end_section=rank == len(top))
     return table
 
 
+def ood_cell(result: dict[str, Any]) -> str:
+    if "ood_score" not in result:
+        return ""
+    score = f"{result['ood_score']:.2f}"
+    return f"[bold red]{score} OOD[/bold red]" if result.get("ood_flag") else score
+
+
 def render_errors(results: Sequence[dict[str, Any]], console: Console) -> None:
-    """One line per file that could not be read: ``error: <path>: <reason>``."""
+    """One line per file that could not be read: ``error: <path>: <reason>``; one per warning of a prediction:
+    ``warning: <path>: <warning>``."""
     for result in failed(results):
         console.print(f"[red]error[/red]: {escape(result['path'])}: {escape(result['error'])}", soft_wrap=True)
+    for result in results:
+        for warning in result.get("warnings") or []:
+            console.print(f"[yellow]warning[/yellow]: {escape(result['path'])}: {escape(warning)}", soft_wrap=True)

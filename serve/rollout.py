@@ -10,7 +10,9 @@ State lives in the model repository next to the model, so it travels with it and
   ``version_policy { specific { versions: [production(, candidate)] } }`` and the rollout as parameters
   (``rollout_production``, ``rollout_candidate``, ``rollout_mode``, ``rollout_canary_share``) so clients learn the
   routing from Triton itself. With ``--url`` the model is reloaded on the running Triton (explicit model control):
-  Triton loads the new version set before it unloads the old one, so requests keep being answered.
+  Triton loads the new version set before it unloads the old one, so requests keep being answered. Model load and
+  the repository index are Triton admin APIs: a server started with ``MEDOPS_TRITON_ADMIN_KEY`` wants that key
+  (sent from the same variable), and access is checked before anything in the repository changes.
 
 Clients (``serve predict``/``batch``) route through :class:`RolloutBackend` when the served config announces a
 trial: canary sends a seeded share of requests to the candidate; shadow sends every request to both, answers with
@@ -45,7 +47,7 @@ from medops.model_version import (
     write_rollout_state,
 )
 from medops.triton_config import parse_model_config, render_model_config
-from serve.contract import Backend, ModelInfo, ServeError
+from serve.contract import Backend, ModelInfo, ServeError, infer_outputs
 from serve.local_backend import LocalBackend
 
 MODES = ("canary", "shadow")
@@ -94,18 +96,24 @@ def write_state(repository: str | Path, name: str, state: RolloutState) -> None:
     os.replace(tmp, folder / CONFIG_FILE)
 
 
-def reload_on_triton(url: str, name: str, state: RolloutState, timeout: float = 120) -> None:
+def reload_on_triton(url: str, name: str, state: RolloutState, timeout: float = 120,
+                     headers: dict[str, str] | None = None) -> None:
     """Ask a running Triton (explicit model control) to reload ``name``; wait until exactly the state's versions
-    are ready. Triton keeps the old versions serving until the new set has loaded."""
+    are ready. Triton keeps the old versions serving until the new set has loaded. Model load and the repository
+    index are admin APIs: ``headers`` default to the admin key header from ``MEDOPS_TRITON_ADMIN_KEY`` (none when
+    it is unset)."""
     import tritonclient.http as httpclient
 
+    from serve.triton_server import admin_headers, admin_hint
+
+    headers = admin_headers() if headers is None else headers
     client = httpclient.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
     try:
-        client.load_model(name)
+        client.load_model(name, headers=headers)
         deadline = time.monotonic() + timeout
         wanted = {str(v) for v in state.served_versions}
         while True:
-            index = [m for m in client.get_model_repository_index() if m.get("name") == name]
+            index = [m for m in client.get_model_repository_index(headers=headers) if m.get("name") == name]
             ready = {str(m.get("version")) for m in index if m.get("state") == "READY"}
             if ready == wanted:
                 return
@@ -116,7 +124,24 @@ def reload_on_triton(url: str, name: str, state: RolloutState, timeout: float = 
     except ServeError:
         raise
     except Exception as exc:
-        raise ServeError(f"reloading {name} on Triton at {url} failed: {exc}") from exc
+        raise ServeError(f"reloading {name} on Triton at {url} failed: {exc}{admin_hint(exc)}") from exc
+    finally:
+        client.close()
+
+
+def check_admin_access(url: str, timeout: float = 30, headers: dict[str, str] | None = None) -> None:
+    """Fail before the repository changes if the Triton at ``url`` is unreachable or refuses its admin APIs
+    (no or the wrong ``MEDOPS_TRITON_ADMIN_KEY``), so a rollout never leaves the files and the server apart."""
+    import tritonclient.http as httpclient
+
+    from serve.triton_server import admin_headers, admin_hint
+
+    headers = admin_headers() if headers is None else headers
+    client = httpclient.InferenceServerClient(url, connection_timeout=timeout, network_timeout=timeout)
+    try:
+        client.get_model_repository_index(headers=headers)
+    except Exception as exc:
+        raise ServeError(f"Triton at {url} cannot reload models: {exc}{admin_hint(exc)}") from exc
     finally:
         client.close()
 
@@ -218,6 +243,8 @@ def promote(repository: str | Path, name: str, version: int, *, data: str | Path
             url: str | None = None, timeout: float = 120) -> dict[str, Any]:
     """Make ``version`` production if it passes the gate (or ``force``); record the decision either way."""
     _check_version(repository, name, version)
+    if url:
+        check_admin_access(url, timeout)
     state = read_state(repository, name)
     if state.production == version:
         raise ServeError(f"{name} v{version} is already production")
@@ -245,6 +272,8 @@ def rollback(repository: str | Path, name: str, *, url: str | None = None, timeo
     state = read_state(repository, name)
     if not state.previous:
         raise ServeError(f"{name}: nothing to roll back to (no earlier production version in {ROLLOUT_FILE})")
+    if url:
+        check_admin_access(url, timeout)
     current, target = state.production, state.previous.pop()
     state.production, state.candidate, state.mode, state.canary_share = target, None, None, 0.0
     write_state(repository, name, state)
@@ -270,6 +299,8 @@ def start_trial(repository: str | Path, name: str, version: int, mode: str, *, s
     ok, why = parity_check(repository, name, version)
     if not ok:
         raise ServeError(f"refusing a {mode} of v{version}: {why}")
+    if url:
+        check_admin_access(url, timeout)
     state.candidate, state.mode, state.canary_share = version, mode, share if mode == "canary" else 0.0
     write_state(repository, name, state)
     entry = append_history(repository, name, {"action": f"start {mode}", "production": state.production,
@@ -283,6 +314,8 @@ def end_trial(repository: str | Path, name: str, *, url: str | None = None, time
     state = read_state(repository, name)
     if state.candidate is None:
         raise ServeError(f"{name} has no running trial")
+    if url:
+        check_admin_access(url, timeout)
     ended = (state.mode, state.candidate)
     state.candidate, state.mode, state.canary_share = None, None, 0.0
     write_state(repository, name, state)
@@ -347,19 +380,24 @@ class RolloutBackend:
                 self.opened.append(backends[version])
         return backends[version]
 
-    def _timed(self, version: int, batch: np.ndarray) -> np.ndarray:
+    def _timed(self, version: int, batch: np.ndarray) -> dict[str, np.ndarray]:
         started = time.perf_counter()
-        probs = self._backend(version).infer(batch)
+        outputs = infer_outputs(self._backend(version), batch)
         elapsed = time.perf_counter() - started
         with self.lock:
             s = self.stats[version]
             s.requests += 1
             s.images += len(batch)
             s.latencies.append(elapsed)
-            s.classes.extend(int(c) for c in probs.argmax(axis=1))
-        return probs
+            s.classes.extend(int(c) for c in outputs[mv.OUTPUT_NAME].argmax(axis=1))
+        return outputs
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        return self.infer_outputs(batch)[mv.OUTPUT_NAME]
+
+    def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The answering version's outputs (production, or the candidate for a canary's share); in shadow mode the
+        candidate's answer is only compared and logged."""
         with self.lock:
             self.sequence += 1
             seq = self.sequence
@@ -368,12 +406,13 @@ class RolloutBackend:
             return self._timed(self.candidate if to_candidate else self.production, batch)
         assert self.pool is not None
         shadow = self.pool.submit(self._timed, self.candidate, batch)
-        probs = self._timed(self.production, batch)
+        outputs = self._timed(self.production, batch)
         try:
-            cand = shadow.result()
+            cand = shadow.result()[mv.OUTPUT_NAME]
         except Exception as exc:  # the candidate's failure never reaches the caller
             self._log({"request": seq, "error": f"candidate v{self.candidate}: {exc}"})
-            return probs
+            return outputs
+        probs = outputs[mv.OUTPUT_NAME]
         agree = probs.argmax(axis=1) == cand.argmax(axis=1)
         with self.lock:
             self.compared += len(agree)
@@ -382,7 +421,7 @@ class RolloutBackend:
             self._log({"request": seq, "row": int(row), "production": int(probs[row].argmax()),
                        "candidate": int(cand[row].argmax()), "production_probs": probs[row].round(6).tolist(),
                        "candidate_probs": cand[row].round(6).tolist()})
-        return probs
+        return outputs
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.shadow_log is None:

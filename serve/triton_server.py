@@ -11,6 +11,13 @@ the Python backend, and it needs two things a plain install lacks, both handled 
 Python-backend models import packages from the environment whose ``bin/`` comes first on the server's ``PATH``
 (``PYTHONPATH`` alone is not enough), so :func:`server_env` puts ``sys.executable``'s folder first.
 
+Admin APIs behind a key (Triton's "Secure Deployment Considerations"): with ``admin_key`` the server restricts
+:data:`RESTRICTED_APIS` (model repository incl. load/unload, shared memory, statistics, trace, logging) on HTTP and
+gRPC to requests carrying the header :data:`ADMIN_HEADER` (gRPC: ``triton-grpc-protocol-`` + it) with the key;
+health, metadata, model configuration and inference stay open. ``python -m serve`` takes the key from
+:data:`ADMIN_KEY_ENV` (:func:`admin_key_from_env`, :func:`admin_headers`). Triton only accepts the key on its command
+line, so it is in the server's argv (``ps`` on the same host shows it); :attr:`TritonServer.command` is redacted.
+
 Torch-free: standard library only.
 """
 
@@ -19,6 +26,8 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -28,15 +37,26 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 __all__ = [
+    "ADMIN_HEADER",
+    "ADMIN_KEY_ENV",
+    "RESTRICTED_APIS",
+    "AdminKeyError",
     "TritonNotFound",
     "TritonServer",
+    "admin_headers",
+    "admin_hint",
+    "admin_key_from_env",
+    "check_admin_key",
     "find_tritonserver",
     "free_port",
+    "generate_admin_key",
+    "is_restricted_error",
     "prepare_bundled_backends",
+    "restricted_args",
     "server_env",
 ]
 
@@ -45,8 +65,80 @@ _COMPLETE_MARKER = ".medops-complete"
 _LOG_TAIL_LINES = 60
 
 
+ADMIN_KEY_ENV = "MEDOPS_TRITON_ADMIN_KEY"
+ADMIN_HEADER = "medops-admin-key"
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"  # Triton prefixes the restricted-protocol key on gRPC
+# Triton's API groups behind the key; health, metadata, model-config and inference stay open (clients need them)
+RESTRICTED_APIS = ("model-repository", "shared-memory", "statistics", "trace", "logging")
+ADMIN_KEY_MIN_LENGTH = 16
+_KEY_CHARS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: a valid HTTP header value, one argv word
+REDACTED = "<redacted>"
+
+
 class TritonNotFound(RuntimeError):
     """No usable ``tritonserver`` binary."""
+
+
+class AdminKeyError(ValueError):
+    """An admin key Triton cannot use safely; the message never contains the key."""
+
+
+def check_admin_key(key: str) -> str:
+    """``key`` if it is at least 16 visible ASCII characters (no spaces), else :class:`AdminKeyError`."""
+    if len(key) < ADMIN_KEY_MIN_LENGTH or not _KEY_CHARS.fullmatch(key):
+        raise AdminKeyError(
+            f"the Triton admin key ({ADMIN_KEY_ENV}) must be at least {ADMIN_KEY_MIN_LENGTH} visible ASCII "
+            "characters without spaces, for example the output of `openssl rand -hex 32`"
+        )
+    return key
+
+
+def generate_admin_key() -> str:
+    """A random key (256 bits, URL-safe) for a server whose admin APIs nobody should use."""
+    return secrets.token_urlsafe(32)
+
+
+def admin_key_from_env(environ: Mapping[str, str] | None = None) -> str | None:
+    """The admin key from ``MEDOPS_TRITON_ADMIN_KEY``; None when unset or empty. Raises AdminKeyError if unusable."""
+    value = (os.environ if environ is None else environ).get(ADMIN_KEY_ENV, "")
+    return check_admin_key(value) if value else None
+
+
+def admin_headers(key: str | None = None, *, protocol: str = "http",
+                  environ: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """Request headers for Triton's restricted APIs: ``{ADMIN_HEADER: key}`` (gRPC: the header Triton expects,
+    ``triton-grpc-protocol-medops-admin-key``). ``key`` defaults to ``MEDOPS_TRITON_ADMIN_KEY``; None without a key,
+    which is what tritonclient's ``headers=`` takes for "no extra headers"."""
+    if protocol not in ("http", "grpc"):
+        raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+    if key is None:
+        key = (os.environ if environ is None else environ).get(ADMIN_KEY_ENV) or None
+    if key is None:
+        return None
+    return {(GRPC_HEADER_PREFIX if protocol == "grpc" else "") + ADMIN_HEADER: key}
+
+
+def restricted_args(key: str) -> list[str]:
+    """``tritonserver`` arguments that put :data:`RESTRICTED_APIS` behind the header ``ADMIN_HEADER: key``."""
+    apis = ",".join(RESTRICTED_APIS)
+    return [f"--http-restricted-api={apis}:{ADMIN_HEADER}={key}",
+            f"--grpc-restricted-protocol={apis}:{ADMIN_HEADER}={key}"]
+
+
+def is_restricted_error(exc: BaseException) -> bool:
+    """Did Triton refuse a request because it lacked the admin key header (HTTP 403, gRPC UNAVAILABLE)?"""
+    return "is restricted, expecting header" in str(exc)
+
+
+def admin_hint(exc: BaseException, environ: Mapping[str, str] | None = None) -> str:
+    """Text to append to an error when Triton refused a request for want of the admin key ("" otherwise)."""
+    if not is_restricted_error(exc):
+        return ""
+    if (os.environ if environ is None else environ).get(ADMIN_KEY_ENV):
+        fix = f"the key in {ADMIN_KEY_ENV} is not the one the server was started with"
+    else:
+        fix = f"set {ADMIN_KEY_ENV} to the key the server was started with"
+    return f" (this Triton restricts its admin APIs to requests with the {ADMIN_HEADER} header: {fix})"
 
 
 def _pytriton_root() -> Path | None:
@@ -219,6 +311,7 @@ class TritonServer:
         log_verbose: int = 0,
         log_file: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
+        admin_key: str | None = None,
     ) -> None:
         if model_control not in ("none", "explicit"):
             raise ValueError(f"model_control must be 'none' or 'explicit', got {model_control!r}")
@@ -234,11 +327,13 @@ class TritonServer:
         self.load_models = tuple(load_models)
         self.log_verbose = int(log_verbose)
         self.extra_args = tuple(extra_args)
+        self._admin_key = check_admin_key(admin_key) if admin_key is not None else None
+        self._argv: list[str] = []
         self._log_path = Path(log_file) if log_file is not None else None
         self._log_handle = None
         self._tmp_dir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
-        self.command: list[str] = []
+        self.command: list[str] = []  # what was run, the admin key replaced by REDACTED: safe to log
 
     # -- addresses -----------------------------------------------------------------------------------------
     @property
@@ -256,6 +351,16 @@ class TritonServer:
     @property
     def log_path(self) -> Path | None:
         return self._log_path
+
+    # -- admin APIs ----------------------------------------------------------------------------------------
+    @property
+    def restricted(self) -> bool:
+        """True when the admin APIs (:data:`RESTRICTED_APIS`) need the key header."""
+        return self._admin_key is not None
+
+    def admin_headers(self, protocol: str = "http") -> dict[str, str] | None:
+        """Headers for this server's restricted APIs (None when they are open)."""
+        return admin_headers(self._admin_key, protocol=protocol) if self._admin_key is not None else None
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def _build_command(self, binary: Path) -> list[str]:
@@ -276,7 +381,13 @@ class TritonServer:
             backends = prepare_bundled_backends()
             cmd += [f"--backend-directory={backends}", f"--cache-directory={backends.parent / 'caches'}"]
         cmd += list(self.extra_args)
+        if self._admin_key is not None:
+            cmd += restricted_args(self._admin_key)
         return cmd
+
+    def _redacted(self, argv: Sequence[str]) -> list[str]:
+        key = self._admin_key
+        return [arg.replace(key, REDACTED) if key else arg for arg in argv]
 
     def start(self, timeout: float = 120) -> TritonServer:
         """Launch the server and wait until ``/v2/health/ready`` answers 200.
@@ -291,14 +402,15 @@ class TritonServer:
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"model repository {self.model_repository} is not a directory")
         binary = find_tritonserver(self.tritonserver)
-        self.command = self._build_command(binary)
+        self._argv = self._build_command(binary)
+        self.command = self._redacted(self._argv)
         if self._log_path is None:
             self._tmp_dir = Path(tempfile.mkdtemp(prefix="medops-triton-"))
             self._log_path = self._tmp_dir / "tritonserver.log"
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_handle = open(self._log_path, "wb")  # closed in stop()
         self.process = subprocess.Popen(
-            self.command,
+            self._argv,
             stdin=subprocess.DEVNULL,
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,

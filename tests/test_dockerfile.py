@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
@@ -73,6 +74,29 @@ def exec_form(args: str) -> list[str]:
 
 def stage(name: str) -> Stage:
     return next(s for s in parse()[1] if s.name == name)
+
+
+def same_words(argv: list[str]) -> list[str]:
+    """``argv`` with the whitespace inside each argument collapsed (line continuations, YAML folding)."""
+    return [" ".join(arg.split()) for arg in argv]
+
+
+def run_serve_command(tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, list[str] | None]:
+    """Run the serve stage's CMD (``/bin/sh -c ...``) with a stand-in ``tritonserver`` on ``PATH`` that records
+    the arguments it gets; returns the shell's result and those arguments (None: the server was not started)."""
+    (cmd,) = stage("serve").all("CMD")
+    argv = exec_form(cmd)
+    assert argv[:2] == ["/bin/sh", "-c"], argv
+    bin_dir, record = tmp_path / "bin", tmp_path / "argv.json"
+    bin_dir.mkdir(exist_ok=True)
+    record.unlink(missing_ok=True)
+    fake = bin_dir / "tritonserver"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
+    fake.chmod(0o755)
+    (tmp_path / "--load-model=x").touch()  # an unquoted --load-model=* would glob to this file
+    proc = subprocess.run(argv, cwd=tmp_path, env={"PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin", **env},
+                          capture_output=True, text=True, timeout=60)
+    return proc, (json.loads(record.read_text()) if record.is_file() else None)
 
 
 def hadolint() -> str:
@@ -179,7 +203,7 @@ def test_default_commands_are_valid_hydra_overrides(name: str, config: str) -> N
         assert cfg.trainer.accelerator == "gpu"
 
 
-def test_serve_stage_healthcheck_ports_and_triton_flags() -> None:
+def test_serve_stage_healthcheck_ports_and_triton_flags(tmp_path: Path) -> None:
     s = stage("serve")
     (health,) = s.all("HEALTHCHECK")
     assert "/v2/health/ready" in health and "--interval=" in health
@@ -187,9 +211,12 @@ def test_serve_stage_healthcheck_ports_and_triton_flags() -> None:
     assert probe[:2] == ["python3", "-c"]
     compile(probe[2], "<healthcheck>", "exec")
     assert set(" ".join(s.all("EXPOSE")).split()) == {"8000", "8001", "8002"}
-    (cmd,) = s.all("CMD")
-    server = exec_form(cmd)
-    assert server[0] == "tritonserver" and "--model-repository=/models" in server
+    proc, server = run_serve_command(tmp_path, {"MEDOPS_TRITON_ADMIN_KEY": "k" * 32})
+    assert proc.returncode == 0 and server is not None, proc.stderr
+    assert "--model-repository=/models" in server
+    # Secure Deployment Considerations: models load once at start, nothing polls the repository
+    assert "--model-control-mode=explicit" in server and "--load-model=*" in server
+    assert not any(arg.startswith(("--repository-poll-secs", "--model-control-mode=poll")) for arg in server)
     from serve.triton_server import TritonNotFound, find_tritonserver, server_env
 
     try:  # the Triton bundled in nvidia-pytriton (a project dependency) lists the flags it knows
@@ -200,8 +227,24 @@ def test_serve_stage_healthcheck_ports_and_triton_flags() -> None:
                            timeout=60)
     known = set(re.findall(r"^\s+(--[\w-]+)", usage.stdout + usage.stderr, flags=re.M))
     assert "--model-repository" in known
-    for flag in server[1:]:
+    for flag in server:
         assert flag.split("=")[0] in known, flag
+
+
+def test_serve_command_restricts_the_admin_apis_with_the_key_from_the_environment(tmp_path: Path) -> None:
+    from serve.triton_server import ADMIN_KEY_ENV, restricted_args
+
+    key = "0123456789abcdef-with:colon,comma=equals"
+    proc, server = run_serve_command(tmp_path, {ADMIN_KEY_ENV: key,
+                                                "MEDOPS_TRITON_EXTRA_ARGS": "--grpc-use-ssl=true --log-verbose=1"})
+    assert proc.returncode == 0 and server is not None, proc.stderr
+    # the same APIs behind the same header as `python -m serve start`, the key passed through verbatim
+    assert [a for a in server if "restricted" in a] == restricted_args(key)
+    assert server[-2:] == ["--grpc-use-ssl=true", "--log-verbose=1"]  # extra flags, one argument each
+    for env in ({}, {ADMIN_KEY_ENV: ""}, {ADMIN_KEY_ENV: "REPLACE-ME"}, {ADMIN_KEY_ENV: "x" * 15}):
+        proc, server = run_serve_command(tmp_path, env)
+        assert proc.returncode == 64 and server is None, (env, proc.stderr)
+        assert ADMIN_KEY_ENV in proc.stderr and "16+ characters" in proc.stderr
 
 
 def test_serve_stage_installs_what_the_python_backend_model_imports() -> None:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from datatools.validate_data import data_arguments, run_validation
 from datatools.validate_data import summary as validation_summary
 from medops import to_unit_range
+from medops.abnormal import abnormal_operating_point
 from medops.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
 from medops.datasets import positive_index
 from medops.metrics import choose_threshold, confusion_matrix, operating_point_figures, summary_metrics
@@ -156,6 +157,8 @@ def evaluate(
             "val": operating_point_figures(probs_val, y_val, thr, pos),
             "test": operating_point_figures(probs_test, y_test, thr, pos),
         }
+    if dm.abnormal is not None:  # multi-class with a declared abnormal set / ordinal cut-off
+        result["abnormal"] = abnormal_operating_point(probs_val, y_val, probs_test, y_test, names, dm.abnormal)
     log_final(loggers, result, plots, (probs_test, y_test), dm, step)
     return result
 

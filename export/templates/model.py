@@ -51,13 +51,14 @@ class TritonPythonModel:
         self.model_name = args.get("model_name", self.model_config.get("name", "model"))
         inputs = self.model_config["input"]
         outputs = self.model_config["output"]
-        if len(inputs) != 1 or len(outputs) != 1:
+        if len(inputs) != 1 or not outputs:
             raise pb_utils.TritonModelException(
-                f"{self.model_name}: expected exactly one input and one output in config.pbtxt, "
+                f"{self.model_name}: expected exactly one input and at least one output in config.pbtxt, "
                 f"got {len(inputs)} and {len(outputs)}"
             )
         self.input_name = inputs[0]["name"]
-        self.output_name = outputs[0]["name"]
+        # probabilities first; ood_score / ood_flag when the graph computes them (same names in the ONNX graph)
+        self.output_names = [o["name"] for o in outputs]
         self.input_dims = tuple(int(d) for d in inputs[0]["dims"])
 
         version_dir = os.path.join(args["model_repository"], args["model_version"])
@@ -90,7 +91,15 @@ class TritonPythonModel:
             self.monitor = None
             pb_utils.Logger.log_error(f"{self.model_name}: drift monitoring off: {type(exc).__name__}: {exc}")
         self.onnx_input = self.session.get_inputs()[0].name
-        self.onnx_output = self.session.get_outputs()[0].name
+        graph_outputs = [o.name for o in self.session.get_outputs()]
+        if len(self.output_names) == 1:  # a one-output config serves the graph's first output under its name
+            self.onnx_outputs = graph_outputs[:1]
+        else:
+            missing = [n for n in self.output_names if n not in graph_outputs]
+            if missing:
+                raise pb_utils.TritonModelException(
+                    f"{self.model_name}: outputs {missing} of config.pbtxt are not in {onnx_path} ({graph_outputs})")
+            self.onnx_outputs = list(self.output_names)
         pb_utils.Logger.log_info(
             f"{self.model_name} v{args['model_version']}: onnxruntime {onnxruntime.__version__} "
             f"providers in use: {', '.join(self.session.get_providers())} (requested: {', '.join(providers)})"
@@ -134,11 +143,12 @@ class TritonPythonModel:
             "share": ("medops_prediction_class_share", "share of predicted classes in the rolling window", gauge),
             "intensity": ("medops_input_intensity_mean", "mean input intensity [0, 1] in the rolling window", gauge),
             "checks": ("medops_drift_checks_total", "drift tests run on the rolling window", counter),
+            "ood": ("medops_ood_flagged_total", "images flagged out-of-distribution (ood_flag)", counter),
         }
         self.families = {k: pb_utils.MetricFamily(name=n, description=d, kind=kind)
                          for k, (n, d, kind) in families.items()}
         self.metrics = {k: self.families[k].Metric(labels=labels)
-                        for k in ("detected", "score", "window", "intensity", "checks")}
+                        for k in ("detected", "score", "window", "intensity", "checks", "ood")}
         features = sorted(f for f in profile["features"] if not f.startswith("image_"))  # raw sizes: offline only
         self.metrics["psi"] = {f: self.families["psi"].Metric(labels={**labels, "feature": f}) for f in features}
         self.metrics["p_value"] = {f: self.families["p_value"].Metric(labels={**labels, "feature": f})
@@ -151,10 +161,12 @@ class TritonPythonModel:
             f"{settings['window']}, test every {settings['every']} images once {settings['min_window']} are in)"
         )
 
-    def _observe(self, batch, probs):
+    def _observe(self, batch, probs, ood_flags=None):
         """Add a batch to the rolling window; re-test drift every ``every`` images and update the gauges."""
         m = self.monitor
         core = m["core"]
+        if ood_flags is not None:
+            self.metrics["ood"].increment(int(np.count_nonzero(ood_flags)))
         feats = {**core.image_features(batch), **core.prediction_features(probs, m["class_names"])}
         names = list(feats)
         for row in zip(*(feats[k] for k in names), strict=True):
@@ -217,8 +229,9 @@ class TritonPythonModel:
         if valid:
             batch = valid[0][1] if len(valid) == 1 else np.concatenate([a for _, a in valid], axis=0)
             try:
-                result = self.session.run([self.onnx_output], {self.onnx_input: batch})[0]
-                result = np.ascontiguousarray(result, dtype=np.float32)
+                results = [np.ascontiguousarray(r) for r in self.session.run(self.onnx_outputs,
+                                                                              {self.onnx_input: batch})]
+                result = results[0] = results[0].astype(np.float32, copy=False)
             except Exception as exc:  # report to every client instead of killing the stub
                 message = f"{self.model_name}: onnxruntime failed: {exc}"
                 for i, _ in valid:
@@ -226,14 +239,15 @@ class TritonPythonModel:
                 return responses
             if self.monitor is not None:
                 try:
-                    self._observe(batch, result)
+                    self._observe(batch, result, results[2] if len(results) > 2 else None)
                 except Exception as exc:  # monitoring must never cost a response
                     pb_utils.Logger.log_warn(f"{self.model_name}: drift monitoring failed: {exc}")
             start = 0
             for i, array in valid:
                 stop = start + array.shape[0]
-                out = pb_utils.Tensor(self.output_name, result[start:stop])
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
+                outs = [pb_utils.Tensor(name, values[start:stop])
+                        for name, values in zip(self.output_names, results, strict=True)]
+                responses[i] = pb_utils.InferenceResponse(output_tensors=outs)
                 start = stop
         return responses
 

@@ -170,3 +170,29 @@ def test_unknown_engine_is_refused(tmp_path: Path) -> None:
 
     assert main(["engines", "--quick", "--engines", "eager,warp-drive", "--out", str(tmp_path)]) == 1
     assert not (tmp_path / "engines.json").exists()
+
+
+def test_metrics_case_prints_numbers_for_every_size_and_operation(tmp_path: Path) -> None:
+    """``python -m bench metrics`` at tiny sizes: every printed time and peak memory is a number (never judged)."""
+    import math
+    import re
+
+    from bench.metrics import OPERATIONS
+
+    proc = subprocess.run([sys.executable, "-m", "bench", "metrics", "--quick", "--sizes", "300,1200", "--out",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    lines = re.findall(r"^metrics n=(\d+) (\w+): (\S+) s, peak (\S+) MiB$", proc.stdout, flags=re.MULTILINE)
+    assert {(int(n), op) for n, op, _, _ in lines} == {(n, op) for n in (300, 1200) for op in OPERATIONS}
+    for _, _, seconds, peak in lines:
+        assert math.isfinite(float(seconds)) and float(seconds) >= 0
+        assert math.isfinite(float(peak)) and float(peak) >= 0
+    data = load(tmp_path, "metrics")
+    assert len(data["rows"]) == 2 * len(OPERATIONS)
+    for row in data["rows"]:
+        assert isinstance(row["seconds"], float) and isinstance(row["peak_mib"], float)
+    for t in data["targets"]:
+        check_target(t)
+        assert isinstance(t["value"], float)
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "auroc_or_none" in proc.stdout and "peak" in proc.stdout  # the table was printed

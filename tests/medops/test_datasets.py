@@ -7,7 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medops.datasets import DataError, canonical_split, manifest_rows, npz_split, positive_index
+from medops.datasets import (
+    DataError,
+    SplitArrays,
+    canonical_split,
+    grouped_folds,
+    manifest_rows,
+    npz_split,
+    positive_index,
+    split_fold,
+)
 
 
 def test_the_positive_class_is_the_declared_finding() -> None:
@@ -47,3 +56,46 @@ def test_npz_split_adds_the_channel_and_names_the_splits_it_has(tmp_path: Path) 
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="not a readable .npz"):
         npz_split(tmp_path / "bad.npz", "train")
+
+
+def one_big_patient(n: int = 100, big: int = 30, seed: int = 0) -> tuple[np.ndarray, list[str | None]]:
+    """``n`` labels; patient ``p0`` has ``big`` of the samples, the others 1-3 each; two rows lack a patient."""
+    rng = np.random.default_rng(seed)
+    groups: list[str | None] = ["p0"] * big
+    while len(groups) < n:
+        groups += [f"p{len(groups)}"] * int(rng.integers(1, 4))
+    groups = groups[:n]
+    groups[-1] = groups[-2] = None
+    return rng.integers(0, 2, n), groups
+
+
+def test_grouped_folds_keep_every_patient_in_one_fold() -> None:
+    labels, groups = one_big_patient()
+    folds = grouped_folds(labels, groups, 5, seed=0)
+    assert folds.shape == (100,) and set(folds.tolist()) == set(range(5))
+    for patient in {g for g in groups if g is not None}:
+        assert len({int(folds[i]) for i, g in enumerate(groups) if g == patient}) == 1, patient
+    assert np.array_equal(folds, grouped_folds(labels, groups, 5, seed=0))  # seeded
+    assert not np.array_equal(folds, grouped_folds(labels, groups, 5, seed=1))
+    with pytest.raises(DataError, match="2 patient/study groups cannot make 3 folds"):
+        grouped_folds(np.array([0, 1, 0, 1]), ["a", "a", "b", "b"], 3, seed=0)
+
+
+def test_split_fold_uses_the_groups_and_keeps_them_aligned() -> None:
+    labels, groups = one_big_patient()
+    images = np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1)  # the pixel names the sample
+    data = SplitArrays(images={"train": images[:80], "val": images[80:], "test": images[:3]},
+                       labels={"train": labels[:80], "val": labels[80:], "test": labels[:3]},
+                       class_names=["a", "b"], source="mem", info={"group_column": "patient_id"},
+                       groups={"train": groups[:80], "val": groups[80:], "test": ["t", "t", "t"]})
+    seen = []
+    for fold in range(4):
+        out = split_fold(data, fold, 4, seed=7)
+        train, val = out.groups["train"], out.groups["val"]
+        assert not {g for g in train if g is not None} & {g for g in val if g is not None}
+        assert [groups[int(i)] for i in out.images["val"].reshape(-1)] == val  # groups follow their images
+        assert out.groups["test"] == ["t", "t", "t"] and out.info["fold_grouped_by"] == "patient_id"
+        seen += out.images["val"].reshape(-1).tolist()
+    assert sorted(seen) == list(range(100))
+    plain = SplitArrays(images=data.images, labels=data.labels, class_names=["a", "b"], source="mem")
+    assert split_fold(plain, 0, 4, seed=7).info["fold_grouped_by"] is None  # no groups: stratified by sample

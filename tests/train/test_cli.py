@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,15 +80,44 @@ def test_short_real_fit_improves_and_records_everything(tmp_path: Path, breastmn
 
 def test_multiclass_rgb_learns(tmp_path: Path, rgb_multiclass: Path) -> None:
     run_dir = tmp_path / "rgb"
-    run_cli(*FAST, f"data.path={rgb_multiclass}", "data.md5=false", "data.class_names=null", "data.name=rgb",
+    run_cli(*FAST, "data=medmnist", f"data.path={rgb_multiclass}", "data.md5=false", "data.name=rgb",
             "model.net.width=16", "trainer.max_epochs=6", "callbacks.ema.decay=0.8", "model.optimizer.lr=0.005",
-            "data.batch_size=16",
+            "data.batch_size=16", "data.ordinal_cutoff=1",
             run_dir=run_dir)
     record = json.loads((run_dir / "run.json").read_text())
-    assert record["data"]["channels"] == 3 and len(record["data"]["class_names"]) == 3
+    names = record["data"]["class_names"]
+    assert record["data"]["channels"] == 3 and len(names) == 3
     assert record["test"]["acc"] > 0.8, record["test"]
-    assert "threshold" not in record  # operating points are for binary tasks
+    assert "threshold" not in record  # the binary operating point is for binary tasks
     assert len(record["confusion_matrix"]) == 3
+    # the declared ordinal cut-off: class 1 and every later class are "abnormal", one decision on P(abnormal)
+    abnormal = record["abnormal"]
+    assert abnormal["classes"] == names[1:] and abnormal["normal_classes"] == names[:1]
+    assert record["data"]["abnormal"]["classes"] == names[1:] and record["data"]["modalities"] == []
+    assert 0 < abnormal["value"] < 1 and abnormal["test"]["auroc"] > 0.8
+    assert {"sensitivity", "specificity", "ppv", "npv"} <= set(abnormal["test"])
+    # export carries it to Triton's parameters, and serve predict decides with it
+    repo = tmp_path / "repo"
+    export = subprocess.run([sys.executable, "-m", "export", f"run={run_dir}", "name=rgb", f"model_repository={repo}",
+                             f"hydra.run.dir={tmp_path / 'export'}", "drift.enabled=false"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert export.returncode == 0, export.stderr[-3000:]
+    config = (repo / "rgb" / "config.pbtxt").read_text()
+    assert "abnormal_classes" in config and f"{abnormal['value']:.6f}" in config
+    from PIL import Image
+
+    image = tmp_path / "c2.png"
+    test = np.load(rgb_multiclass)
+    index = int(np.flatnonzero(test["test_labels"].reshape(-1) == 2)[0])
+    Image.fromarray(test["test_images"][index]).save(image)
+    from serve.client import open_backend
+    from serve.predict import predict_files
+
+    (result,) = predict_files([image], open_backend("local", model="rgb", model_repository=repo))
+    decision = result["decision"]
+    assert decision["abnormal_classes"] == names[1:] and decision["threshold"] == pytest.approx(abnormal["value"])
+    assert decision["p_abnormal"] == pytest.approx(sum(result["probabilities"][1:]), abs=1e-5)
+    assert decision["abnormal"] == (decision["p_abnormal"] >= decision["threshold"])
 
 
 def test_bad_data_fails_before_training_with_the_file_named(tmp_path: Path) -> None:

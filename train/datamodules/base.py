@@ -6,7 +6,9 @@ split, fingerprints the data and serves tensors in the model-input contract (flo
 
 k-fold cross-validation (``fold`` set): train and val are pooled and split into ``num_folds``
 stratified, seeded folds; fold ``fold`` becomes the validation split, the others the training split,
-and the test split is left untouched. The dataset fingerprint stays that of the data as loaded, so
+and the test split is left untouched. When the data has patient/study groups (a manifest's ``patient_id`` or
+``study_id`` column) the folds are grouped (scikit-learn's ``StratifiedGroupKFold``): every patient's images stay
+in one fold, so no patient is in both train and val. The dataset fingerprint stays that of the data as loaded, so
 every fold of a sweep records the same one.
 """
 
@@ -22,6 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from medops import to_unit_range
+from medops.abnormal import abnormal_indices
+from medops.abnormal import describe as describe_abnormal
 from medops.datasets import (
     SPLITS,
     SplitArrays,
@@ -32,6 +36,7 @@ from medops.datasets import (
     split_fold,
     validate_splits,
 )
+from medops.dicom import dicom_modality
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +62,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
         batch_size, num_workers, pin_memory: the loaders' settings.
         fold: ``None`` (default): the splits as loaded. An integer: k-fold cross-validation, this fold of
             the pooled train+val samples is the validation split and the other folds the training split
-            (test untouched).
+            (test untouched); with patient/study groups each group stays in one fold.
         num_folds: number of folds (>= 2) when ``fold`` is set.
-        fold_seed: seed of the stratified fold assignment (the same for every fold of a sweep).
+        fold_seed: seed of the (stratified, patient-grouped where groups exist) fold assignment (the same for
+            every fold of a sweep).
         positive_class: binary tasks: the clinically positive class (the finding, e.g. ``malignant``), by name or
             index; ``None``: class 1, the default for data that does not declare it (see
             :func:`medops.datasets.positive_index`).
@@ -74,9 +80,14 @@ class ImageClassificationDataModule(L.LightningDataModule):
         num_folds: int = 5,
         fold_seed: int = 0,
         positive_class: str | int | None = None,
+        modality: str | list[str] | None = None,
+        abnormal_classes: list[str | int] | None = None,
+        ordinal_cutoff: str | int | None = None,
     ) -> None:
         super().__init__()
         self.declared_positive = positive_class
+        self.declared_modality = [modality] if isinstance(modality, str) else list(modality or [])
+        self.declared_abnormal, self.ordinal_cutoff = list(abnormal_classes or []), ordinal_cutoff
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -115,6 +126,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             self.mean, self.std = channel_stats(data.images["train"])
             if len(data.class_names) == 2:
                 positive_index(data.class_names, self.declared_positive)  # a class the data lacks fails here
+            abnormal_indices(data.class_names, self.declared_abnormal, self.ordinal_cutoff)  # unknown class: fails here
             if len(data.class_names) == 2 and self.declared_positive is None:
                 log.warning("data.positive_class is not declared: class 1 (%s) is taken as the positive class (the "
                             "finding); set data.positive_class=<name> if that is wrong", data.class_names[1])
@@ -147,6 +159,21 @@ class ImageClassificationDataModule(L.LightningDataModule):
         names = self.class_names
         return names[positive_index(names, self.declared_positive)] if len(names) == 2 else None
 
+    @property
+    def abnormal(self) -> list[int] | None:
+        """Multi-class tasks: the declared abnormal classes (``abnormal_classes`` or ``ordinal_cutoff``) as indices."""
+        return abnormal_indices(self.class_names, self.declared_abnormal, self.ordinal_cutoff)
+
+    def modalities(self) -> list[str]:
+        """The DICOM Modality of the data: the declared ``modality``, else read from the DICOM files of a folder or
+        manifest (up to 200), else ``[]`` (unknown)."""
+        if self.declared_modality:
+            return sorted({str(m).upper() for m in self.declared_modality})
+        meta = self.file_meta() if hasattr(self, "file_meta") else {}
+        paths = [p for split in (meta.get("paths") or {}).values() for p in split]
+        found = {dicom_modality(p) for p in paths[:: max(1, len(paths) // 200)]}
+        return sorted(m for m in found if m)
+
     def class_counts(self, split: str = "train") -> list[int]:
         data = self.prepare()
         return np.bincount(data.labels[split], minlength=len(data.class_names)).tolist()
@@ -156,7 +183,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
         ``fingerprint`` is that of the data as loaded (the same for all folds of a cross-validation);
         ``split_fingerprint`` that of the splits this run used; ``fold``, ``num_folds`` and ``fold_seed``
-        say how they were made (``fold`` ``None``: the splits as loaded).
+        say how they were made (``fold`` ``None``: the splits as loaded); for a fold, ``fold_grouped_by`` names
+        the group column the folds kept together (``None``: folds by sample).
         """
         data = self.prepare()
         return {
@@ -174,6 +202,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
             "fold_seed": int(self.fold_seed),
             "positive_class": self.positive_class,
             "positive_class_declared": self.declared_positive is not None,
+            "abnormal": None if self.abnormal is None else describe_abnormal(data.class_names, self.abnormal),
+            "modalities": self.modalities(),
             **data.info,
         }
 
