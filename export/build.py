@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,6 +15,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 import medops.input_check as input_check
+import medops.integrity as integrity
 from export.drift_reference import write_drift_reference
 from export.model_card import build_card, render_markdown
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME, TemperatureScaled, export_onnx, opset_of
@@ -25,6 +27,7 @@ from export.tensorrt import build_engine, tensorrt_runner, tensorrt_unavailable_
 from medops.datasets import positive_index
 from medops.model_version import (
     INPUT_CHECK_FILE,
+    INTEGRITY_FILE,
     METADATA_FILE,
     METADATA_SCHEMA,
     MODEL_FILES,
@@ -174,10 +177,11 @@ def write_version(model_stage: Path, version_stage: Path, meta: dict[str, Any], 
     (version_stage / "config.pbtxt").write_text(text)
     (model_stage / "labels.txt").write_text("\n".join(class_names) + "\n")
     (version_stage / "labels.txt").write_text("\n".join(class_names) + "\n")
-    write_json(version_stage / METADATA_FILE, meta)
     card = build_card(meta)
     (version_stage / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     (version_stage / "MODEL_CARD.md").write_text(render_markdown(card))
+    # last: the SHA-256 of every file written above (and their HMAC with MEDOPS_MODEL_SIGNING_KEY), see medops.integrity
+    write_json(version_stage / METADATA_FILE, integrity.seal(version_stage, meta, os.environ.get(integrity.KEY_ENV)))
 
 
 def drift_profile(cfg: DictConfig, source: ExportSource, version_stage: Path, console: Console) -> dict[str, Any]:
@@ -322,6 +326,7 @@ def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, A
         if target == "python":
             shutil.copyfile(TEMPLATE, version_stage / "model.py")
             shutil.copyfile(input_check.__file__, version_stage / INPUT_CHECK_FILE)  # the value checks it runs
+            shutil.copyfile(integrity.__file__, version_stage / INTEGRITY_FILE)  # the file checks it runs at load
         elif target == "onnxruntime":
             pass  # Triton's onnxruntime backend reads model.onnx directly
         write_version(model_stage, version_stage, meta, cfg, source.class_names)

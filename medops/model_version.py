@@ -31,6 +31,7 @@ ONNX_FILE = "model.onnx"
 EMBEDDING_FILE = "embedding.onnx"
 DRIFT_REFERENCE_FILE = "drift_reference.npz"
 INPUT_CHECK_FILE = "input_check.py"  # medops/input_check.py, copied for the Triton Python-backend model
+INTEGRITY_FILE = "integrity.py"  # medops/integrity.py, copied for the Triton Python-backend model
 ROLLOUT_FILE = "rollout.json"
 HISTORY_FILE = "history.jsonl"
 MODEL_FILES = {"python": ONNX_FILE, "onnxruntime": ONNX_FILE, "tensorrt": "model.plan"}

@@ -84,7 +84,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     from serve.triton_server import TritonNotFound
 
     server = _make_server(args)
-    if server is None:
+    if server is None or not _verified(args.model_repository, args.load):
         return EXIT_INPUT
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -120,6 +120,37 @@ def cmd_start(args: argparse.Namespace) -> int:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _verified(repository: str, names: list[str] | None) -> bool:
+    """Every version Triton would load matches its recorded digests (and signature): else each refused version is
+    printed and ``start`` stops before Triton sees the repository."""
+    from serve.verify import check_repository, refused, signing_key
+
+    checks = check_repository(repository, names, signing_key(), allow_unsealed=True)
+    for line in refused(checks):
+        _error(f"{line} (python -m serve verify for details; re-export the version)")
+    unsealed = [f"{c.model} v{c.version}" for c in checks if not c.sealed]
+    if unsealed:
+        err.print(f"[yellow]warning[/yellow]: not verifiable (exported before versions were signed): "
+                  f"{', '.join(unsealed)}")
+    return all(c.ok for c in checks)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from serve.verify import check_repository, render, signing_key
+
+    key = signing_key()
+    checks = check_repository(args.model_repository, args.names or None, key)
+    if not checks:
+        _error(f"no model versions found in {args.model_repository} for {', '.join(args.names) or 'any model'}")
+        return EXIT_INPUT
+    out.print(render(checks, key))
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        err.print(f"{len(bad)} of {len(checks)} version(s) refused")
+        return EXIT_INPUT
+    return EXIT_OK
 
 
 def _make_server(args: argparse.Namespace) -> Any:
@@ -583,6 +614,16 @@ def _add_start_parser(sub: _Subparsers) -> None:
     start.set_defaults(func=cmd_start)
 
 
+def _add_verify_parser(sub: _Subparsers) -> None:
+    """``verify``: model versions against their recorded digests and signature."""
+    verify = sub.add_parser("verify", help="check that model versions are exactly what export wrote (and signed)",
+                            epilog="MEDOPS_MODEL_SIGNING_KEY (environment): also check each version's HMAC "
+                                   "signature, and refuse unsigned versions. Exit status 1 when a version is refused.")
+    verify.add_argument("names", nargs="*", metavar="NAME", help="model names (default: every model)")
+    verify.add_argument("--model-repository", default="model_repository", help="(default: model_repository)")
+    verify.set_defaults(func=cmd_verify)
+
+
 def _add_model_control_parsers(sub: _Subparsers) -> None:
     """``load`` and ``unload``: explicit model control on a running Triton."""
     for name, text in (("load", "load a model (explicit model control)"),
@@ -680,6 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "NVIDIA Triton: start the server, control models, predict, batch inference.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_start_parser(sub)
+    _add_verify_parser(sub)
     _add_model_control_parsers(sub)
     common = _backend_options()
     _add_predict_parser(sub, common)

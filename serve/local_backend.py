@@ -6,6 +6,7 @@ config), and the physical-core count they are sized by.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -25,6 +26,9 @@ from serve.contract import (
     operating_point_of,
     read_version_metadata,
 )
+from serve.verify import check_version, signing_key
+
+log = logging.getLogger(__name__)
 
 
 def physical_cores() -> int:
@@ -87,6 +91,12 @@ class LocalBackend:
         folder = model_version_dir(model_repository, name, version)
         if not (folder / ONNX_FILE).is_file():
             raise ServeError(f"{folder / ONNX_FILE} not found")
+        check = check_version(model_repository, name, int(folder.name), signing_key(), allow_unsealed=True)
+        if not check.ok:
+            log.error("%s v%s refused: %s", name, folder.name, "; ".join(check.problems))
+            raise ServeError(f"{name} v{folder.name} refused: {'; '.join(check.problems)} (re-export the version)")
+        if not check.sealed:
+            log.warning("%s v%s: not verifiable (exported before versions were signed)", name, folder.name)
         meta = read_version_metadata(folder)
         self.session = ort.InferenceSession(str(folder / ONNX_FILE), ort_session_options(),
                                             providers=["CPUExecutionProvider"])

@@ -86,13 +86,17 @@ def _package_files() -> list[Path]:
     return [path for package in PACKAGES if package != "bench" for path in sorted((REPO / package).rglob("*.py"))]
 
 
+# core modules export copies verbatim next to the served model.py (no package imports there)
+SELF_CONTAINED = {"medops/integrity.py", "medops/input_check.py", "medops/drift.py"}
+
+
 def test_every_shared_format_has_one_owner() -> None:
     """No stage spells a shared file or tensor name itself: it imports the owner's constant."""
     offenders = []
     for path in _package_files():
         rel = path.relative_to(REPO).as_posix()
-        if rel.startswith("export/templates/"):
-            continue  # the Triton model runs inside Triton, without the medops package
+        if rel.startswith("export/templates/") or rel in SELF_CONTAINED:
+            continue  # these run inside Triton's Python-backend stub, without the medops package
         for literal in _string_constants(path) & set(OWNED):
             if OWNED[literal] != rel:
                 offenders.append(f"{rel}: {literal!r} (owner: {OWNED[literal]})")

@@ -62,6 +62,7 @@ class TritonPythonModel:
         self.input_dims = tuple(int(d) for d in inputs[0]["dims"])
 
         version_dir = os.path.join(args["model_repository"], args["model_version"])
+        self._verify_files(version_dir, args["model_version"])
         onnx_path = os.path.join(version_dir, "model.onnx")
         if not os.path.isfile(onnx_path):
             raise pb_utils.TritonModelException(f"{self.model_name}: ONNX file not found: {onnx_path}")
@@ -104,6 +105,22 @@ class TritonPythonModel:
             f"{self.model_name} v{args['model_version']}: onnxruntime {onnxruntime.__version__} "
             f"providers in use: {', '.join(self.session.get_providers())} (requested: {', '.join(providers)})"
         )
+
+    def _verify_files(self, version_dir, version):
+        """Refuse to load a version whose files differ from the SHA-256 digests (and HMAC signature, with
+        MEDOPS_MODEL_SIGNING_KEY) export recorded in metadata.json: ``integrity.py`` is medops/integrity.py."""
+        path = os.path.join(version_dir, "integrity.py")
+        if not os.path.isfile(path):
+            pb_utils.Logger.log_warn(f"{self.model_name} v{version}: no integrity.py, files not verified (re-export)")
+            return
+        integrity = load_module(f"integrity_{self.model_name}_{version}", path)
+        problems = integrity.verify_version(version_dir, os.environ.get(integrity.KEY_ENV) or None)
+        if problems:
+            message = (f"{self.model_name} v{version} refused: its files are not what export wrote: "
+                       f"{'; '.join(problems)}")
+            pb_utils.Logger.log_error(message)
+            raise pb_utils.TritonModelException(message)
+        pb_utils.Logger.log_info(f"{self.model_name} v{version}: files verified against metadata.json")
 
     def _parameter(self, key, default):
         value = (self.model_config.get("parameters") or {}).get(key, {}).get("string_value", "")

@@ -320,3 +320,18 @@ def test_chatty_decoder_errors_and_warnings_are_not_passed_on(
     assert "cannot decode pixel data" in err.value.reason and "ValueError" in err.value.reason
     assert err.value.__cause__ is None and err.value.__suppress_context__
     _assert_private(err.value, records, caplog)
+
+
+def test_modality_is_read_from_the_header_only_for_dicom(tmp_path) -> None:
+    from PIL import Image
+
+    from medops.dicom import dicom_modality, modality_warning
+
+    ct, mr = DATA / "CT_small.dcm", DATA / "MR_small.dcm"
+    png = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+    assert (dicom_modality(ct), dicom_modality(mr), dicom_modality(png)) == ("CT", "MR", None)
+    assert modality_warning(ct, ["US"]) == ("DICOM Modality CT differs from the training data's (US): the model was "
+                                            "not trained on such images")
+    assert modality_warning(ct, ["ct", "MR"]) is None  # the training modality, any case
+    assert modality_warning(ct, []) is None and modality_warning(png, ["US"]) is None  # unknown / not DICOM

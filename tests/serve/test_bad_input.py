@@ -117,6 +117,9 @@ def test_unreadable_files_get_their_own_error(served, tmp_path: Path) -> None:
     buffer = io.StringIO()
     render_errors(results, Console(file=buffer, width=300))
     lines = buffer.getvalue().splitlines()
-    assert len(lines) == 4
+    assert len([line for line in lines if line.startswith("error: ")]) == 4
+    assert [line for line in lines if line.startswith("warning: ")] == [  # the CT slice to an ultrasound model
+        f"warning: {CT}: DICOM Modality CT differs from the training data's (US): the model was not trained on such "
+        "images"]
     for path in bad:
         assert any(line.startswith(f"error: {path}: ") for line in lines), (path, lines)

@@ -26,6 +26,7 @@ import yaml
 from tritonclient.utils import InferenceServerException
 
 import serve.triton_server as triton_server
+from medops.integrity import seal
 from medops.model_version import METADATA_SCHEMA
 from serve import rollout
 from serve.triton_server import (
@@ -150,6 +151,7 @@ def write_version_metadata(folder: Path, version: int) -> None:
     meta = {"schema": METADATA_SCHEMA, "name": MODEL, "version": version, "class_names": LABELS,
             "input": {"name": "image", "channels": 1, "size": 4, "window": None},
             "parity": [{"engine": "python", "passed": True, "max_abs_diff": 1e-7}]}
+    meta = seal(folder / str(version), meta)  # the file digests export records (serve start verifies them)
     (folder / str(version) / "metadata.json").write_text(json.dumps(meta))
 
 

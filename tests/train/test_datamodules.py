@@ -177,3 +177,16 @@ def test_download_verifies_md5(tmp_path: Path, breastmnist: Path, monkeypatch: p
     with pytest.raises(DataError, match="downloaded file has MD5 .* expected 750601b1f35ba3300ea97c75c52ff8f6"):
         MedMNISTDataModule(str(other), download=True).setup()
     assert not other.exists() and not other.with_suffix(".part").exists()
+
+
+def test_modality_is_read_from_dicom_files_or_declared(tmp_path: Path) -> None:
+    import shutil
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(6):
+            shutil.copy(REPO / "tests" / "data" / "CT_small.dcm", tmp_path / cls / f"{i}.dcm")
+    dm = FolderDataModule(str(tmp_path), image_size=16, val_fraction=0.34, test_fraction=0.34)
+    assert dm.summary()["modalities"] == ["CT"]
+    declared = FolderDataModule(str(tmp_path), image_size=16, val_fraction=0.34, test_fraction=0.34, modality="us")
+    assert declared.summary()["modalities"] == ["US"]  # declared wins, upper-case like DICOM's defined terms
