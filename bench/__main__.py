@@ -1,4 +1,6 @@
-"""``python -m bench [engines|pipeline|training|gpu|metrics|all] [--quick] [--out DIR] [--repeats N] [--threads N] ...``
+"""``python -m bench [CASE|all] [--quick] [--out DIR] [--repeats N] [--threads N] ...``
+
+CASE: engines, pipeline, training, training-cost, gpu or metrics.
 
 Each case prints its table (with the machine it ran on) and writes ``<case>.json`` and ``<case>.png`` into
 ``--out`` (default ``logs/bench/<timestamp>/``). ``--quick`` runs tiny sizes and few iterations (the tests use it);
@@ -41,14 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="CPU threads for torch, onnxruntime and Triton's model (default: physical cores)")
     parser.add_argument("--channels", type=_ints, default=None, help="engines: channel counts, e.g. 1,3")
     parser.add_argument("--sizes", type=_ints, default=None,
-                        help="engines/pipeline: image sizes, e.g. 28,64,224; metrics: numbers of predictions")
+                        help="engines/pipeline/training-cost: image sizes, e.g. 28,64,224; metrics: numbers of "
+                             "predictions")
     parser.add_argument("--batches", type=_ints, default=None, help="engines: batch sizes, e.g. 1,32")
     parser.add_argument("--concurrency", type=_ints, default=None, help="engines: Triton client threads, e.g. 1,4,16")
     parser.add_argument("--engines", default=None,
                         help="engines: comma-separated subset of eager,onnxruntime,triton-http,triton-grpc,"
                              "triton-grpc-shm")
     parser.add_argument("--archs", default=None, help="gpu: comma-separated architectures, e.g. resnet50,resnet18")
-    parser.add_argument("--images", type=int, default=None, help="pipeline/training: images per run")
+    parser.add_argument("--images", type=int, default=None, help="pipeline/training/training-cost: images per run")
     parser.add_argument("--min-seconds", type=float, default=None, help="engines: work per measurement")
     return parser
 
@@ -59,9 +62,11 @@ def _configs(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     from bench.metrics import MetricsConfig
     from bench.serve_batch import PipelineConfig
     from bench.training import TrainingConfig
+    from bench.training_cost import TrainingCostConfig
 
     configs: dict[str, Any] = {}
     for case, cls in (("engines", EnginesConfig), ("pipeline", PipelineConfig), ("training", TrainingConfig),
+                      ("training-cost", TrainingCostConfig),
                       ("gpu", GpuConfig), ("metrics", MetricsConfig)):
         cfg = cls.quick(threads) if args.quick else cls(threads=threads)
         names = {f.name for f in fields(cls)}

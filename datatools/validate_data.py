@@ -31,7 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from medops.datasets import SPLITS, DataError, FolderDataset, MedMNISTFile, SplitArrays, source_from_config
+from medops.datasets import (
+    SPLITS,
+    DataError,
+    FolderDataset,
+    MedMNISTFile,
+    SplitArrays,
+    label_counts,
+    source_from_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +420,7 @@ def check_corrupt(errors: list[tuple[str, str]], settings: dict[str, Any], warni
 def check_counts(data: SplitArrays, present: list[str], warnings: list[str]) -> dict[str, Any]:
     """Counts per split and class, totals and the class-imbalance ratio; warns about classes missing from a split."""
     names = data.class_names
-    counts = {s: np.bincount(data.labels[s], minlength=len(names)).tolist() for s in present}
+    counts = {s: label_counts(data.labels[s], len(names)) for s in present}  # multi-label: positives per label
     imbalance = {}
     for s in present:
         nz = [n for n in counts[s] if n > 0]
@@ -499,10 +507,17 @@ def _within_split_duplicates(present: list[str], hashes: dict[str, list[str]],
     return within
 
 
+def _label_text(data: SplitArrays, split: str, index: int) -> str:
+    """A sample's class name; multi-label: its labels joined with ``+`` (``none`` without any)."""
+    label = data.labels[split][index]
+    if np.ndim(label):
+        return "+".join(data.class_names[k] for k in np.flatnonzero(label)) or "none"
+    return data.class_names[int(label)]
+
+
 def _cross_split_duplicates(data: SplitArrays, where: dict[str, list[tuple[str, int]]], ids: dict[str, list[str]],
                             limit: int) -> dict[str, Any]:
     """Groups of identical images found in more than one split (leakage), with conflicting labels."""
-    names = data.class_names
     cross_groups = [h for h, locs in where.items() if len({s for s, _ in locs}) > 1]
     pair_counts: Counter[str] = Counter()
     conflicting = 0
@@ -512,11 +527,11 @@ def _cross_split_duplicates(data: SplitArrays, where: dict[str, list[tuple[str, 
         splits_here = sorted({s for s, _ in locs}, key=SPLITS.index)
         for a, b in combinations(splits_here, 2):
             pair_counts[f"{a}/{b}"] += 1
-        labels_here = {int(data.labels[s][i]) for s, i in locs}
+        labels_here = {_label_text(data, s, i) for s, i in locs}
         conflicting += len(labels_here) > 1
         if len(examples) < limit:
             examples.append({"images": [ids[s][i] for s, i in locs],
-                             "labels": [names[int(data.labels[s][i])] for s, i in locs]})
+                             "labels": [_label_text(data, s, i) for s, i in locs]})
     return {"groups": len(cross_groups), "images": int(sum(len(where[h]) for h in cross_groups)),
             "by_splits": dict(pair_counts), "conflicting_labels": int(conflicting), "examples": examples}
 
@@ -586,9 +601,8 @@ def _near_duplicate_pairs(data: SplitArrays, present: list[str],
 def _pair_record(data: SplitArrays, ids: dict[str, list[str]], a: str, b: str, res: dict[str, Any],
                  k: int) -> dict[str, Any]:
     i, j = int(res["i"][k]), int(res["j"][k])
-    names = data.class_names
     return {"a": ids[a][i], "b": ids[b][j], "split_a": a, "index_a": i, "split_b": b, "index_b": j,
-            "labels": [names[int(data.labels[a][i])], names[int(data.labels[b][j])]],
+            "labels": [_label_text(data, a, i), _label_text(data, b, j)],
             "hamming": int(res["hamming"][k]), "distance": int(res["hamming"][k]),
             "correlation": round(float(res["correlation"][k]), 4), "shift": [int(v) for v in res["shift"][k]]}
 
@@ -638,7 +652,9 @@ def check_near_duplicates(data: SplitArrays, present: list[str], hashes: dict[st
     conflicting = 0
     for key, r in found.items():
         a, b = key.split("/")
-        conflicting += int((data.labels[a][r["i"]] != data.labels[b][r["j"]])[r["confirmed"]].sum())
+        differ = data.labels[a][r["i"]] != data.labels[b][r["j"]]
+        differ = differ.any(axis=1) if differ.ndim == 2 else differ  # multi-label: any label differs
+        conflicting += int(differ[r["confirmed"]].sum())
     near.update(pairs=near["confirmed"], by_splits=by_splits, conflicting_labels=conflicting)
     if by_splits:
         msg = (f"{near['confirmed']} near-duplicate pairs across splits (pixel correlation >= {min_corr}; "

@@ -52,6 +52,12 @@ class EvalData:
 
 
 def _check_labels(labels: np.ndarray, class_names: list[str], source: str) -> None:
+    if labels.ndim == 2:  # multi-label: N x K of 0/1, one column per label the model knows
+        if labels.shape[1] != len(class_names) or not np.isin(labels, (0, 1)).all():
+            raise EvaluationError(f"{source}: multi-label labels of shape {list(labels.shape)} (values "
+                                  f"{sorted(np.unique(labels).tolist())[:5]}) do not fit the model's "
+                                  f"{len(class_names)} labels {class_names} (0/1 each)")
+        return
     bad = (labels < 0) | (labels >= len(class_names))
     if bad.any():
         raise EvaluationError(
@@ -137,8 +143,11 @@ def external_data(path: str, split: str, source: Any, wanted: list[str]) -> Eval
 
 
 def predict(module: Any, images: np.ndarray, batch_size: int = 256, device: str = "auto") -> np.ndarray:
-    """Softmax probabilities (float64 N x K) of uint8 N x C x H x W images."""
+    """Class probabilities (float64 N x K; softmax, or one sigmoid per label for a multi-label module) of uint8
+    N x C x H x W images."""
     import torch
+
+    from train.module import probabilities
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -147,7 +156,7 @@ def predict(module: Any, images: np.ndarray, batch_size: int = 256, device: str 
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(to_unit_range(images[start : start + batch_size])).to(dev)
-            out.append(module(x).float().softmax(-1).cpu().numpy())
+            out.append(probabilities(module(x), getattr(module, "task", "multiclass")).cpu().numpy())
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0, module.hparams["num_classes"]))
 
 
@@ -156,7 +165,9 @@ def write_predictions(path: Path, P: np.ndarray, y: np.ndarray, names: list[str]
         w = csv.writer(fh)
         w.writerow(["index", "label", *[f"p_{n}" for n in names]])
         for i, (row, label) in enumerate(zip(P, y, strict=True)):
-            w.writerow([i, int(label), *[repr(float(v)) for v in row]])
+            # multi-label: the 0/1 label vector as the names of the labels present, joined by "+"
+            text = "+".join(names[k] for k in np.flatnonzero(label)) if np.ndim(label) else int(label)
+            w.writerow([i, text, *[repr(float(v)) for v in row]])
     return path
 
 
@@ -224,19 +235,42 @@ def predict_both(cfg: DictConfig, source: Any, onnx_model: dict[str, Any] | None
 
 
 def calibrate(cfg: DictConfig, P_val_raw: np.ndarray, P_raw: np.ndarray, val: EvalData,
-              ev: EvalData) -> tuple[_Probabilities, dict[str, Any]]:
-    """A temperature fitted on validation (``calibrate=true``), the scaled probabilities and the calibration figures."""
-    from medops.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
+              ev: EvalData, task: str | None = None) -> tuple[_Probabilities, dict[str, Any]]:
+    """A temperature fitted on validation (``calibrate=true``), the scaled probabilities and the calibration figures.
 
-    temperature = fit_temperature(P_val_raw, val.labels) if cfg.calibrate else None
+    Multi-label: one temperature shared by every label's sigmoid logit, and the figures of every (image, label) pair
+    as a binary prediction (:func:`medops.calibration.label_columns`)."""
+    from medops.calibration import apply_temperature, label_columns, sigmoid_temperature
+
+    if task == "multilabel":
+        (Pv, yv), (Pe, ye) = label_columns(P_val_raw, val.labels), label_columns(P_raw, ev.labels)
+        temperature, calibration = _calibration(cfg, Pv, yv, Pe, ye)
+        scale = sigmoid_temperature
+    else:
+        temperature, calibration = _calibration(cfg, P_val_raw, val.labels, P_raw, ev.labels)
+        scale = apply_temperature
+    P_val = scale(P_val_raw, temperature) if temperature else P_val_raw
+    P = scale(P_raw, temperature) if temperature else P_raw
+    return _Probabilities(P_val_raw, P_raw, P_val, P, temperature), calibration
+
+
+def _calibration(cfg: DictConfig, P_val_raw: np.ndarray, y_val: np.ndarray, P_raw: np.ndarray,
+                 y: np.ndarray) -> tuple[float | None, dict[str, Any]]:
+    """The temperature (or None) and the calibration figures of class probabilities with integer labels."""
+    from medops.calibration import apply_temperature, ece_consistency, expected_calibration_error, fit_temperature, nll
+
+    temperature = fit_temperature(P_val_raw, y_val) if cfg.calibrate else None
     P_val = apply_temperature(P_val_raw, temperature) if temperature else P_val_raw
     P = apply_temperature(P_raw, temperature) if temperature else P_raw
-    calibration: dict[str, Any] = {"ece": expected_calibration_error(P_raw, ev.labels), "nll": nll(P_raw, ev.labels)}
+    calibration: dict[str, Any] = {"ece": expected_calibration_error(P_raw, y), "nll": nll(P_raw, y)}
     if temperature:
-        calibration |= {"temperature": temperature, "ece_calibrated": expected_calibration_error(P, ev.labels),
-                        "nll_calibrated": nll(P, ev.labels),
-                        "val_nll": nll(P_val_raw, val.labels), "val_nll_calibrated": nll(P_val, val.labels)}
-    return _Probabilities(P_val_raw, P_raw, P_val, P, temperature), calibration
+        calibration |= {"temperature": temperature, "ece_calibrated": expected_calibration_error(P, y),
+                        "nll_calibrated": nll(P, y),
+                        "val_nll": nll(P_val_raw, y_val), "val_nll_calibrated": nll(P_val, y_val)}
+    consistency = ece_consistency(P, y)  # the ECE a perfectly calibrated model shows on this many images
+    calibration |= {"ece_if_calibrated_median": consistency["null_median"],
+                    "ece_if_calibrated_p95": consistency["null_p95"], "ece_consistency_p_value": consistency["p_value"]}
+    return temperature, calibration
 
 
 def choose_operating_point(cfg: DictConfig, probs: _Probabilities, val: EvalData, names: list[str],
@@ -309,6 +343,61 @@ def draw_figures(cfg: DictConfig, source: Any, ev: EvalData, names: list[str], p
     }
 
 
+def single_label_evaluation(cfg: DictConfig, source: Any, probs: _Probabilities, val: EvalData, ev: EvalData,
+                            pos: int, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Path],
+                                                                dict[str, Any], dict[str, Any] | None]:
+    """Binary, multi-class and ordinal models: the evaluation (ordinal: plus ``qwk`` and ``mae`` with bootstrap
+    intervals), operating point, figures, subgroups and the declared abnormal set."""
+    names = source.class_names
+    threshold, op = choose_operating_point(cfg, probs, val, names, pos)
+    evaluation, subgroups = compute_metrics(cfg, probs.ev, ev, names, threshold, pos)
+    if getattr(source.module, "task", None) == "ordinal":
+        evaluation["metrics"] |= ordinal_entries(cfg, probs.ev, ev.labels)
+    abnormal = abnormal_evaluation(cfg, source, probs, val, ev, names)
+    if abnormal:
+        op["abnormal"] = {k: abnormal[k] for k in ("classes", "indices", "normal_classes", "method", "value")}
+    plots = draw_figures(cfg, source, ev, names, probs, evaluation, threshold, pos, out_dir)
+    return evaluation, op, plots, subgroups, abnormal
+
+
+def ordinal_entries(cfg: DictConfig, P: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Ordinal models: the quadratic-weighted kappa ``qwk`` and mean absolute grade error ``mae`` at the arg-max
+    grade, each with a stratified bootstrap interval."""
+    from medops.metrics import bootstrap_ci, ordinal_metrics
+
+    out: dict[str, Any] = {}
+    for name in ("qwk", "mae"):
+        value = ordinal_metrics(P, y)[name]
+        ci, reason = bootstrap_ci(P, y, lambda p, t, n=name: ordinal_metrics(p, t)[n], n_resamples=int(cfg.n_resamples),
+                                  seed=int(cfg.seed), alpha=float(cfg.alpha), return_reason=True)
+        out[name] = {"value": None if np.isnan(value) else float(value), "ci_low": ci[0] if ci else None,
+                     "ci_high": ci[1] if ci else None, "note": None if ci else reason}
+    return out
+
+
+def multilabel_evaluation(cfg: DictConfig, probs: _Probabilities, val: EvalData, ev: EvalData, names: list[str],
+                          out_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Path]]:
+    """Multi-label models: one threshold per label chosen on validation (``threshold.method``), the macro metrics
+    with image-level bootstrap intervals and the per-label figures at those thresholds, the per-label ROC and the
+    reliability diagram of every (image, label) pair. No confusion matrix, subgroups or explanation maps."""
+    from medops.calibration import label_columns
+    from medops.metrics import evaluate_multilabel, label_thresholds
+    from medops.plots import plot_reliability, plot_roc
+
+    thresholds = label_thresholds(probs.val, val.labels, str(cfg.threshold.method), float(cfg.threshold.target))
+    evaluation = evaluate_multilabel(probs.ev, ev.labels, names, thresholds, int(cfg.n_resamples), int(cfg.seed),
+                                     float(cfg.alpha))
+    op = {"method": f"{cfg.threshold.method}_per_label", "threshold": None, "chosen_on": "val",
+          "label_thresholds": dict(zip(names, evaluation["thresholds"], strict=True)),
+          "temperature": probs.temperature}
+    curves = {"model": label_columns(probs.raw, ev.labels)}
+    if probs.temperature:
+        curves[f"T={probs.temperature:.2f}"] = label_columns(probs.ev, ev.labels)
+    plots = {"ROC per label": plot_roc(probs.ev, ev.labels, names, out_dir / "roc.png", f"ROC per label, {cfg.split}"),
+             "Reliability diagram (every image and label)": plot_reliability(curves, out_dir / "reliability.png")}
+    return evaluation, op, plots
+
+
 def write_outputs(result: dict[str, Any], plots: dict[str, Path], P: np.ndarray, ev: EvalData, source: Any,
                   run_dir: Path, out_dir: Path, onnx_model: dict[str, Any] | None) -> None:
     """``predictions_<split>.csv``, ``evaluation.json``, ``report.html`` and (checkpoints only) the run's
@@ -336,23 +425,25 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     pos = _positive_index(cfg, source, names)
     val, ev = load_datasets(cfg, source, wanted)
     P_val_raw, P_raw = predict_both(cfg, source, onnx_model, val, ev)
-    probs, calibration = calibrate(cfg, P_val_raw, P_raw, val, ev)
-    threshold, op = choose_operating_point(cfg, probs, val, names, pos)
-    evaluation, subgroups = compute_metrics(cfg, probs.ev, ev, names, threshold, pos)
-    abnormal = abnormal_evaluation(cfg, source, probs, val, ev, names)
-    if abnormal:
-        op["abnormal"] = {k: abnormal[k] for k in ("classes", "indices", "normal_classes", "method", "value")}
-    plots = draw_figures(cfg, source, ev, names, probs, evaluation, threshold, pos, out_dir)
-    from evaluation.explain import explanation_summary
+    task = getattr(source.module, "task", None) or ("binary" if len(names) == 2 else "multiclass")
+    probs, calibration = calibrate(cfg, P_val_raw, P_raw, val, ev, task)
+    if task == "multilabel":
+        evaluation, op, plots = multilabel_evaluation(cfg, probs, val, ev, names, out_dir)
+        subgroups, abnormal, explanations = {}, None, None
+    else:
+        evaluation, op, plots, subgroups, abnormal = single_label_evaluation(cfg, source, probs, val, ev, pos, out_dir)
+        from evaluation.explain import explanation_summary
+
+        explanations = explanation_summary(out_dir / "explanations.npz")
     result = {
-        "run": str(run_dir), "checkpoint": str(source.checkpoint), "split": str(cfg.split),
+        "run": str(run_dir), "checkpoint": str(source.checkpoint), "split": str(cfg.split), "task": task,
         "model": onnx_model and {k: str(v) for k, v in onnx_model.items()},
         "data": {"source": ev.source, "external": bool(cfg.dataset), "n": int(len(ev.labels)),
                  "val_source": val.source, "n_val": int(len(val.labels))},
         "class_names": names, "operating_point": op, "evaluation": evaluation, "calibration": calibration,
         "abnormal": abnormal,
         "subgroups": subgroups, "plots": {name: p.name for name, p in plots.items()},
-        "explanations": explanation_summary(out_dir / "explanations.npz"),
+        "explanations": explanations,
         "config": OmegaConf.to_container(cfg, resolve=False),
     }
     write_outputs(result, plots, probs.ev, ev, source, run_dir, out_dir, onnx_model)

@@ -75,6 +75,39 @@ def _abnormal_section(abnormal: dict[str, Any] | None) -> str:
             + _metrics_table(abnormal["evaluation"]["metrics"]))
 
 
+def _counts(result: dict[str, Any]) -> str:
+    """``class counts {...}``, or for a multi-label evaluation ``positives per label {...}``."""
+    ev = result["evaluation"]
+    if "label_counts" in ev:
+        return f"positives per label {dict(zip(result['class_names'], ev['label_counts'], strict=True))}"
+    return f"class counts {dict(zip(result['class_names'], ev['class_counts'], strict=True))}"
+
+
+def _label_thresholds_section(op: dict[str, Any]) -> str:
+    """Multi-label: one threshold per label, chosen on validation."""
+    cells = ", ".join(f"{html.escape(str(k))} &ge; {v:.4f}" for k, v in op["label_thresholds"].items())
+    return (f"<h2>Operating points</h2><p>Multi-label: one threshold per label, method <b>"
+            f"{html.escape(str(op['method']))}</b>, chosen on the validation split and applied unchanged here"
+            f"{' to temperature-scaled probabilities' if op.get('temperature') else ''}: {cells}. The metrics below "
+            "are the means over the labels.</p>")
+
+
+def _per_class_section(ev: dict[str, Any]) -> str:
+    """The per-class table (one-vs-rest), or for a multi-label evaluation the per-label one at its threshold."""
+    if "per_label" in ev:
+        keys = ("positives", "threshold", "auroc", "sensitivity", "specificity", "precision", "f1")
+        rows = "".join(f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(v[k])}</td>" for k in keys) + "</tr>"
+                       for c, v in ev["per_label"].items())
+        head = "".join(f"<th>{k}</th>" for k in keys)
+        return f"<h3>Per label</h3><table><tr><th>label</th>{head}</tr>{rows}</table>"
+    per_class = "".join(
+        f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(v[k])}</td>" for k in
+                                                   ("support", "precision", "recall", "specificity", "f1", "auroc_ovr"))
+        + "</tr>" for c, v in ev["per_class"].items())
+    return ("<h3>Per class</h3><table><tr><th>class</th><th>support</th><th>precision</th><th>recall</th>"
+            f"<th>specificity</th><th>F1</th><th>AUROC (OvR)</th></tr>{per_class}</table>")
+
+
 def write_html_report(result: dict[str, Any], plots: dict[str, Path], path: Path) -> Path:
     """One self-contained HTML page: the operating point, metrics with CIs, calibration, the explanation sanity
     check, plots and subgroups."""
@@ -90,9 +123,11 @@ def write_html_report(result: dict[str, Any], plots: dict[str, Path], path: Path
         f"<p>Run <code>{html.escape(str(result['run']))}</code>, "
         f"checkpoint <code>{html.escape(result['checkpoint'])}</code>"
         f"<br>Data: <code>{html.escape(result['data']['source'])}</code>, split <b>{html.escape(result['split'])}</b>, "
-        f"{ev['n']} samples, class counts {dict(zip(result['class_names'], ev['class_counts'], strict=True))}</p>",
+        f"{ev['n']} samples, {_counts(result)}</p>",
     ]
-    if op.get("threshold") is not None:
+    if op.get("label_thresholds"):
+        parts.append(_label_thresholds_section(op))
+    elif op.get("threshold") is not None:
         target = f" (target {op['target']})" if op["method"] == "sensitivity" else ""
         parts.append(
             f"<h2>Operating point</h2><p>Threshold {op['threshold']:.4f} on P({html.escape(op['positive_class'])}), "
@@ -103,13 +138,8 @@ def write_html_report(result: dict[str, Any], plots: dict[str, Path], path: Path
     else:
         parts.append("<h2>Operating point</h2><p>Multi-class: the arg-max class.</p>")
     parts += [f"<h2>Metrics ({html.escape(result['split'])})</h2>", _metrics_table(ev["metrics"])]
+    parts.append(_per_class_section(ev))
     parts.append(_abnormal_section(result.get("abnormal")))
-    per_class = "".join(
-        f"<tr><td>{html.escape(c)}</td>" + "".join(f"<td>{_fmt(v[k])}</td>" for k in
-                                                   ("support", "precision", "recall", "specificity", "f1", "auroc_ovr"))
-        + "</tr>" for c, v in ev["per_class"].items())
-    parts.append("<h3>Per class</h3><table><tr><th>class</th><th>support</th><th>precision</th><th>recall</th>"
-                 f"<th>specificity</th><th>F1</th><th>AUROC (OvR)</th></tr>{per_class}</table>")
     if cal:
         rows = "".join(f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>" for k, v in cal.items())
         parts.append(f"<h2>Calibration</h2><table>{rows}</table>")

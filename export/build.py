@@ -50,7 +50,10 @@ def input_contract(source: ExportSource) -> dict[str, Any]:
         "name": INPUT_NAME, "dtype": "FP32", "layout": "NCHW", "shape": [-1, c, h, w], "channels": c, "size": h,
         "range": "[0, 1] = uint8 intensity / 255 (medops.preprocess)",
         "normalisation": f"inside the graph: (x - {list(hp['mean'])}) / {list(hp['std'])}",
-        "output": f"{OUTPUT_NAME} FP32 [-1, {hp['num_classes']}], softmax over classes in labels.txt order",
+        "output": f"{OUTPUT_NAME} FP32 [-1, {hp['num_classes']}], "
+                  + ("one sigmoid per label (multi-label; they do not sum to 1)" if hp.get("task") == "multilabel"
+                     else "softmax over classes") + " in labels.txt order",
+        "task": hp.get("task") or ("binary" if hp["num_classes"] == 2 else "multiclass"),
         # DICOM windowing used in training ([center, width]); null: each file's own window, else min-max
         "window": ((source.record.get("config") or {}).get("data") or {}).get("window"),
         # DICOM Modality of the training data (declared data.modality, or read from its DICOM files); [] unknown
@@ -138,6 +141,10 @@ def triton_parameters(meta: dict[str, Any]) -> dict[str, str]:
     if abnormal.get("value") is not None:
         params |= {"abnormal_classes": json.dumps(abnormal["classes"]),
                    "abnormal_threshold": f"{abnormal['value']:.6f}"}
+    params["task"] = str(meta["input"].get("task") or "")
+    labels = op.get("label_thresholds") or (meta["metrics"].get("labels") or {}).get("thresholds")
+    if labels:  # multi-label: each label's threshold chosen on validation (evaluation's, else training's)
+        params["label_thresholds"] = json.dumps(labels)
     if meta["input"].get("window"):
         params["window"] = json.dumps(list(meta["input"]["window"]))
     if meta["input"].get("modalities"):
@@ -242,8 +249,8 @@ def build_metadata(cfg: DictConfig, source: ExportSource, name: str, version: in
         "model": {"arch": source.hparams.get("net", {}).get("arch"),
                   "parameters": sum(p.numel() for p in source.module.net.parameters())},
         "data": record.get("data") or {},
-        "metrics": {k: record.get(k) for k in ("val", "test", "confusion_matrix", "threshold", "calibration",
-                                               "abnormal")},
+        "metrics": {k: record.get(k) for k in ("task", "val", "test", "confusion_matrix", "threshold", "calibration",
+                                               "abnormal", "labels")},
         "lineage": lineage(source, cfg),
         "versions": package_versions(EXPORT_PACKAGES),
         "max_batch_size": cfg.max_batch_size,

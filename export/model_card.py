@@ -94,7 +94,7 @@ def render_markdown(card: dict[str, Any]) -> str:
               "## Evaluation data", "", f"- Test split of the same source, images per class: {ed['counts']}", "",
               "## Metrics (best checkpoint)", "", "| metric | val | test |", "|---|---|---|"]
     val, test = card["metrics"]["val"] or {}, card["metrics"]["test"] or {}
-    for key in ("auroc", "acc", "precision", "recall", "f1", "loss"):
+    for key in ("auroc", "acc", "precision", "recall", "f1", "qwk", "mae", "loss"):  # qwk, mae: ordinal tasks
         if key in val or key in test:
             lines.append(f"| {key} | {_fmt(val.get(key))} | {_fmt(test.get(key))} |")
     per_class = card["metrics"]["per_class_test"]
@@ -167,10 +167,16 @@ def _positive_and_calibration(metrics: dict[str, Any]) -> list[str]:
                       "and the operating point are for it."]
     cal = metrics.get("calibration") or {}
     test = cal.get("test") or {}
+    consistency = test.get("consistency") or {}
+    noise = (f" A perfectly calibrated model with these probabilities would show a test ECE of "
+             f"{_fmt(consistency.get('null_median'))} (median; 95th percentile {_fmt(consistency.get('null_p95'))}) on "
+             f"these {consistency.get('n')} images; it would reach the observed ECE in "
+             f"{consistency['p_value']:.0%} of such test sets."
+             if consistency else "")
     if cal.get("temperature"):
         lines += ["", f"Calibration: temperature scaling fitted on validation (T = {cal['temperature']:.3f}, inside "
                       f"the exported graph); test ECE {_fmt(test.get('ece_before'))} before, "
-                      f"{_fmt(test.get('ece_after'))} after (15 bins)."]
+                      f"{_fmt(test.get('ece_after'))} after (15 bins).{noise}"]
     elif test:
         lines += ["", f"Calibration: not calibrated (`calibrate=false`); test ECE {_fmt(test.get('ece_before'))}."]
     return lines

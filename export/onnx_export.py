@@ -1,4 +1,6 @@
-"""PyTorch -> ONNX with a dynamic batch axis; the graph holds normalisation and the softmax."""
+"""PyTorch -> ONNX with a dynamic batch axis; the graph holds normalisation and the output activation: the softmax
+over the classes, or for a multi-label network (``net.task == "multilabel"``, set by :mod:`train.module`) one sigmoid
+per label. Either way the output is ``probabilities`` FP32 [N, K]."""
 
 from __future__ import annotations
 
@@ -19,15 +21,34 @@ for _noisy in ("onnx_ir", "onnxscript", "torch.onnx", "torch._export", "torch.ex
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 
+def output_task(net: nn.Module) -> str:
+    """The task ``net`` was trained for: its ``task`` attribute (set by :class:`train.module.ClassificationModule`),
+    looked up through wrappers such as :class:`TemperatureScaled`; ``multiclass`` (softmax) when none says."""
+    current: nn.Module | None = net
+    while current is not None:
+        task = getattr(current, "task", None)
+        if isinstance(task, str):
+            return task
+        current = getattr(current, "net", None)
+    return "multiclass"
+
+
+def activate(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Probabilities of logits: one sigmoid per label for ``multilabel``, else the softmax over the classes."""
+    return logits.float().sigmoid() if task == "multilabel" else logits.float().softmax(dim=-1)
+
+
 class ProbabilityModel(nn.Module):
-    """The exported graph: raw [0, 1] image -> normalisation -> network -> class probabilities."""
+    """The exported graph: raw [0, 1] image -> normalisation -> network -> class probabilities (multi-label: one
+    sigmoid per label)."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
+        self.output_task = output_task(net)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net(image).float().softmax(dim=-1)
+        return activate(self.net(image), self.output_task)
 
 
 class TemperatureScaled(nn.Module):
@@ -55,6 +76,7 @@ class ScoredModel(nn.Module):
         scale = 1.0
         if isinstance(net, TemperatureScaled):
             net, scale = net.net, float(net.inv_temperature)
+        self.output_task = output_task(net)
         self.body, self.head = without_last_linear(net), last_linear(net)
         self.register_buffer("inv_temperature", torch.tensor(scale, dtype=torch.float32))
         self.register_buffer("factor", torch.tensor(profile.factor, dtype=torch.float32))
@@ -63,7 +85,7 @@ class ScoredModel(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         features = self.body(image).float().flatten(1)
-        probs = (self.head(features).float() * self.inv_temperature).softmax(dim=-1)
+        probs = activate(self.head(features).float() * self.inv_temperature, self.output_task)
         z = features @ self.factor
         squared = ((z.unsqueeze(1) - self.centres.unsqueeze(0)) ** 2).sum(dim=-1)
         score = squared.min(dim=1, keepdim=True).values.sqrt()

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.onnx_export import activate, output_task
+
 
 class ParityError(RuntimeError):
     """The exported model disagrees with the checkpoint beyond the tolerance."""
@@ -45,11 +47,13 @@ def parity_batch_sizes(max_batch_size: int, requested: Sequence[int | str] = (1,
 
 
 def torch_probabilities(net: nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """The checkpoint's probabilities: softmax, or one sigmoid per label for a multi-label network."""
+    task = output_task(net)
     net = net.eval().cpu().float()
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            out.append(net(torch.from_numpy(images[i : i + batch_size])).float().softmax(-1).numpy())
+            out.append(activate(net(torch.from_numpy(images[i : i + batch_size])), task).numpy())
     return np.concatenate(out)
 
 

@@ -81,3 +81,37 @@ def fit_temperature(P_val: Any, y_val: Any, logits: Any = None) -> float:
     return float(np.exp(res.x))
 
 
+
+
+def ece_consistency(P: Any, y: Any, n_bins: int = 15, n_draws: int = 1000, seed: int = 0) -> dict[str, float]:
+    """How large the ECE of ``P`` would be if ``P`` were perfectly calibrated (consistency resampling, Bröcker &
+    Smith, Weather and Forecasting 2007): labels are drawn from ``P`` itself ``n_draws`` times and the ECE of each
+    draw computed. With a few hundred images a perfectly calibrated model still shows an ECE of several points;
+    ``p_value`` is the share of draws whose ECE reaches the observed one (small: miscalibrated beyond sampling
+    noise), ``null_median``/``null_p95`` the ECE such a model shows typically / at most in 95 % of test sets."""
+    P = np.asarray(P, dtype=np.float64)
+    observed = expected_calibration_error(P, y, n_bins)
+    n_draws = n_draws if len(P) <= 20000 else min(n_draws, 100)  # each draw is O(n)
+    rng = np.random.default_rng(seed)
+    cumulative = np.cumsum(P / P.sum(axis=1, keepdims=True), axis=1)
+    null = np.empty(n_draws)
+    for i in range(n_draws):
+        draws = (rng.random((len(P), 1)) > cumulative).sum(axis=1).clip(0, P.shape[1] - 1)
+        null[i] = expected_calibration_error(P, draws, n_bins)
+    return {"ece": observed, "null_median": float(np.median(null)), "null_p95": float(np.quantile(null, 0.95)),
+            "p_value": float((np.sum(null >= observed) + 1) / (n_draws + 1)), "n": int(len(P)), "n_draws": n_draws}
+
+
+def label_columns(P: Any, Y: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A multi-label task (``P`` [N, K] one sigmoid probability per label, ``Y`` [N, K] of 0/1) as N*K binary
+    predictions ``[1 - p, p]`` with 0/1 labels, so that every function here applies to it unchanged: ECE and NLL
+    over all (image, label) pairs, and :func:`fit_temperature` fits one temperature shared by all labels'
+    sigmoid logits (``softmax(log [1 - p, p] / T)[1] == sigmoid(logit(p) / T)``)."""
+    p = np.asarray(P, dtype=np.float64).reshape(-1)
+    return np.c_[1.0 - p, p], np.asarray(Y).astype(np.int64).reshape(-1)
+
+
+def sigmoid_temperature(P: Any, T: float) -> np.ndarray:
+    """``sigmoid(logit(P) / T)`` element-wise: a multi-label task's probabilities [N, K] at temperature ``T``."""
+    P = np.asarray(P, dtype=np.float64)
+    return apply_temperature(np.c_[1.0 - P.reshape(-1), P.reshape(-1)], T)[:, 1].reshape(P.shape)

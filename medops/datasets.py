@@ -32,9 +32,66 @@ class DataError(ValueError):
     """Bad input data, found before training starts; the message names the source and the problem."""
 
 
+TASKS = ("binary", "multiclass", "ordinal", "multilabel")
+# MedMNIST v2 files whose classes are ordered grades (``auto`` trains them as ordinal): RetinaMNIST's 5 DR grades
+ORDINAL_MEDMNIST = ("retinamnist",)
+
+
+def is_multilabel(labels: np.ndarray) -> bool:
+    """True for an N x K (K > 1) label array: one 0/1 column per label (MedMNIST ChestMNIST's format)."""
+    return np.asarray(labels).ndim == 2 and np.asarray(labels).shape[1] > 1
+
+
+def resolve_task(declared: str | None, data: SplitArrays) -> str:
+    """The task of ``data``: ``declared`` (``data.task``) checked against the labels, or for ``auto``/``None``:
+    ``multilabel`` for N x K labels (K > 1), ``ordinal`` for a known ordinal MedMNIST file (RetinaMNIST),
+    else ``binary`` for 2 classes and ``multiclass`` for more. Raises :class:`DataError` when the declared
+    task does not fit the labels."""
+    task = str(declared or "auto").lower()
+    multi = is_multilabel(data.labels["train"])
+    if task == "auto":
+        if multi:
+            return "multilabel"
+        if data.info.get("ordinal"):
+            return "ordinal"
+        return "binary" if len(data.class_names) == 2 else "multiclass"
+    if task not in TASKS:
+        raise DataError(f"data.task={declared!r}: choose auto, {', '.join(TASKS)}")
+    if multi != (task == "multilabel"):
+        found = f"N x {data.labels['train'].shape[1]} multi-label" if multi else "single-label (one class per image)"
+        raise DataError(f"{data.source}: data.task={task} but the labels are {found}: set data.task=auto or "
+                        f"{'multilabel' if multi else 'binary, multiclass or ordinal'}")
+    if task == "binary" and len(data.class_names) != 2:
+        raise DataError(f"{data.source}: data.task=binary but the data has {len(data.class_names)} classes")
+    if task in ("multiclass", "ordinal") and len(data.class_names) < 3:
+        raise DataError(f"{data.source}: data.task={task} needs at least 3 classes, the data has "
+                        f"{len(data.class_names)} (use binary)")
+    return task
+
+
+def label_counts(labels: np.ndarray, num_classes: int) -> list[int]:
+    """Samples per class (single-label), or positives per label (N x K multi-label)."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2:
+        return labels.astype(np.int64).sum(axis=0).tolist()
+    return np.bincount(labels.astype(np.int64), minlength=num_classes).tolist()
+
+
+def stratification_key(labels: np.ndarray, min_count: int = 2) -> np.ndarray:
+    """One integer stratum per sample: the label itself (single-label), or for N x K multi-label the label set
+    (the row's 0/1 pattern), label sets with fewer than ``min_count`` samples pooled into one stratum (-1)."""
+    labels = np.asarray(labels)
+    if labels.ndim < 2:
+        return labels.reshape(-1).astype(np.int64)
+    _, key, counts = np.unique(labels.astype(np.int64), axis=0, return_inverse=True, return_counts=True)
+    key = key.reshape(-1).astype(np.int64)
+    return np.where(counts[key] < min_count, -1, key)
+
+
 @dataclass
 class SplitArrays:
-    """Images (N x H x W x C, uint8) and labels (N, int64) of each split, with class names.
+    """Images (N x H x W x C, uint8) and labels (N, int64; multi-label: N x K of 0/1) of each split, with class
+    (label) names.
 
     ``groups``: per split, the patient/study id of every sample (``None`` where a row has none), aligned with
     ``labels``; empty when the source has no group column. k-fold cross-validation keeps each group in one fold.
@@ -118,6 +175,10 @@ def validate_splits(data: SplitArrays) -> None:
             raise DataError(f"{data.source}: {split} images have dtype {images.dtype}; expected uint8")
         if len(images) == 0:
             raise DataError(f"{data.source}: split {split!r} is empty")
+        if labels.ndim == 2:  # multi-label: N x K of 0/1, one column per label
+            _check_multilabel(data, split, labels, len(images))
+            shapes.add(images.shape[1:])
+            continue
         if labels.shape != (len(images),):
             raise DataError(
                 f"{data.source}: {split} has {len(images)} images but labels of shape {labels.shape}"
@@ -131,6 +192,18 @@ def validate_splits(data: SplitArrays) -> None:
         shapes.add(images.shape[1:])
     if len(shapes) != 1:
         raise DataError(f"{data.source}: splits disagree on image shape: {sorted(shapes)}")
+
+
+def _check_multilabel(data: SplitArrays, split: str, labels: np.ndarray, n: int) -> None:
+    """N x K multi-label labels: K columns for the K label names, every value 0 or 1."""
+    if labels.shape != (n, len(data.class_names)):
+        raise DataError(f"{data.source}: {split} has {n} images but multi-label labels of shape {labels.shape}; "
+                        f"expected ({n}, {len(data.class_names)}) for the labels {data.class_names}")
+    bad = (labels != 0) & (labels != 1)
+    if bad.any():
+        row, col = (int(v[0]) for v in np.nonzero(bad))
+        raise DataError(f"{data.source}: {split} multi-label value {labels[row, col]} at index {row}, label "
+                        f"{data.class_names[col]!r} is not 0 or 1")
 
 
 def fingerprint_of(data: SplitArrays) -> str:
@@ -232,20 +305,21 @@ def split_fold(data: SplitArrays, fold: int, num_folds: int, seed: int) -> Split
     labels = np.concatenate([data.labels["train"], data.labels["val"]])
     if len(labels) < num_folds:
         raise DataError(f"{data.source}: {len(labels)} train+val samples cannot make {num_folds} folds")
-    counts = np.bincount(labels, minlength=len(data.class_names))
+    counts = np.asarray(label_counts(labels, len(data.class_names)))
     rare = [data.class_names[c] for c in np.flatnonzero(counts < num_folds)]
     if rare:
-        log.warning("%s: classes %s have fewer than %d train+val samples; some validation folds lack them",
-                    data.source, rare, num_folds)
+        log.warning("%s: %s %s have fewer than %d train+val samples; some validation folds lack them",
+                    data.source, "labels" if labels.ndim == 2 else "classes", rare, num_folds)
+    strata = stratification_key(labels, num_folds)  # multi-label: the label set (rare sets pooled)
     pooled = [*data.groups.get("train", []), *data.groups.get("val", [])]
     grouped = len(pooled) == len(labels) and any(g is not None for g in pooled)
     if grouped:
         try:
-            folds = grouped_folds(labels, pooled, num_folds, seed)
+            folds = grouped_folds(strata, pooled, num_folds, seed)
         except DataError as exc:
             raise DataError(f"{data.source}: {exc}") from None
     else:
-        folds = stratified_folds(labels, num_folds, seed)
+        folds = stratified_folds(strata, num_folds, seed)
     val, train = np.flatnonzero(folds == fold), np.flatnonzero(folds != fold)
     groups = {"train": [pooled[i] for i in train], "val": [pooled[i] for i in val],
               "test": list(data.groups.get("test", []))} if len(pooled) == len(labels) else {}
@@ -474,20 +548,24 @@ def load_medmnist_npz(path: str | Path, class_names: list[str] | None = None) ->
     for split in SPLITS:
         imgs, labs = npz_split(path, split)
         assert labs is not None  # the keys were checked above
-        if labs.ndim == 2 and labs.shape[1] > 1:
-            raise DataError(
-                f"{path}: {split}_labels has shape {labs.shape}: multi-label datasets (e.g. ChestMNIST) are not "
-                "supported by single-label classification"
-            )
-        labs = labs.reshape(-1)
-        if not np.issubdtype(labs.dtype, np.integer):
+        if not is_multilabel(labs):  # N x K (K > 1): multi-label (ChestMNIST), kept as N x K of 0/1
+            labs = labs.reshape(-1)
+        if not (np.issubdtype(labs.dtype, np.integer) or labs.dtype == np.bool_):
             raise DataError(f"{path}: {split}_labels has dtype {labs.dtype}; expected integer class indices")
         images[split], labels[split] = imgs, labs.astype(np.int64)
-    num_classes = int(max(int(labels[s].max(initial=0)) for s in SPLITS)) + 1
+    if len({labels[s].ndim for s in SPLITS}) > 1 or len({labels[s].shape[1:] for s in SPLITS}) > 1:
+        raise DataError(f"{path}: the splits' labels disagree in shape: "
+                        f"{ {s: list(labels[s].shape) for s in SPLITS} }")
+    if is_multilabel(labels["train"]):
+        num_classes = int(labels["train"].shape[1])
+    else:
+        num_classes = int(max(int(labels[s].max(initial=0)) for s in SPLITS)) + 1
     # with configured names, a label beyond them is reported by validate_splits (file, split, index)
     names = list(class_names) if class_names else [str(i) for i in range(max(num_classes, 2))]
-    return SplitArrays(images, labels, names, source=str(path), info={"format": "medmnist", "md5": file_md5(path),
-                                     "licence": "CC BY 4.0" if path.stem in OFFICIAL_MD5 else None})
+    info = {"format": "medmnist", "md5": file_md5(path), "licence": "CC BY 4.0" if path.stem in OFFICIAL_MD5 else None}
+    if path.stem.split("_")[0] in ORDINAL_MEDMNIST:
+        info["ordinal"] = True  # ordered grades: data.task=auto trains it as ordinal
+    return SplitArrays(images, labels, names, source=str(path), info=info)
 
 
 class FolderDataset:

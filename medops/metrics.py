@@ -2,7 +2,10 @@
 
 ``P`` is an ``N x K`` array of class probabilities and ``y`` the ``N`` integer labels. Binary tasks
 (``K == 2``) threshold ``P[:, positive_class]``; multi-class tasks take the arg-max and average the
-per-class figures (macro, one-vs-rest for AUROC and average precision).
+per-class figures (macro, one-vs-rest for AUROC and average precision). Ordinal (graded) tasks add the
+quadratic-weighted kappa (:func:`ordinal_metrics`); multi-label tasks (``Y`` N x K of 0/1, ``P`` one sigmoid
+probability per label) have their own per-label figures and thresholds (:func:`label_figures`,
+:func:`label_thresholds`, :func:`multilabel_summary`).
 """
 
 from __future__ import annotations
@@ -382,3 +385,131 @@ def summary_metrics(P: Any, y: Any) -> dict[str, float]:
 
     return {"acc": float(tp.sum() / max(cm.sum(), 1)), "auroc": auroc(P, y), "precision": macro(f["precision"]),
             "recall": macro(f["recall"]), "f1": macro(f["f1"])}
+
+
+def quadratic_weighted_kappa(y: Any, pred: Any, num_classes: int) -> float:
+    """Cohen's kappa with quadratic weights (scikit-learn) between true and predicted grades: 1 for perfect
+    agreement, 0 for chance; an error of two grades costs four times one of one grade. NaN without samples."""
+    from sklearn.metrics import cohen_kappa_score
+
+    y, pred = np.asarray(y, dtype=np.int64).reshape(-1), np.asarray(pred, dtype=np.int64).reshape(-1)
+    if not len(y):
+        return float("nan")
+    if len(np.unique(np.r_[y, pred])) < 2:  # one grade everywhere: kappa is 0/0
+        return 1.0 if np.array_equal(y, pred) else float("nan")
+    return float(cohen_kappa_score(y, pred, labels=list(range(num_classes)), weights="quadratic"))
+
+
+def ordinal_metrics(P: Any, y: Any) -> dict[str, float]:
+    """Ordinal (graded) tasks at the arg-max grade: quadratic-weighted kappa ``qwk`` and the mean absolute grade
+    error ``mae``."""
+    P, y = _as_arrays(P, y)
+    pred = P.argmax(1)
+    return {"qwk": quadratic_weighted_kappa(y, pred, P.shape[1]),
+            "mae": float(np.abs(pred - y).mean()) if len(y) else float("nan")}
+
+
+def _multilabel_arrays(P: Any, Y: Any) -> tuple[np.ndarray, np.ndarray]:
+    P, Y = np.asarray(P, dtype=np.float64), np.asarray(Y).astype(np.int64)
+    if P.ndim != 2 or P.shape != Y.shape:
+        raise ValueError(f"multi-label probabilities of shape {P.shape} do not fit labels of shape {Y.shape}")
+    return P, Y
+
+
+def label_figures(P: Any, Y: Any, thresholds: Sequence[float] | float = 0.5) -> dict[str, np.ndarray]:
+    """Per label of a multi-label task: AUROC (NaN for a label without both values), and at ``thresholds`` (one per
+    label, or one for all) accuracy, sensitivity (recall), specificity, precision, F1, and the positive count."""
+    P, Y = _multilabel_arrays(P, Y)
+    thr = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (P.shape[1],))
+    pred, pos = P >= thr[None, :], Y == 1
+    tp, fp = (pred & pos).sum(0).astype(float), (pred & ~pos).sum(0).astype(float)
+    fn, tn = (~pred & pos).sum(0).astype(float), (~pred & ~pos).sum(0).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "auroc": np.array([binary_auroc(P[:, k], pos[:, k]) for k in range(P.shape[1])]),
+            "acc": (tp + tn) / np.maximum(len(P), 1),
+            "sensitivity": np.where(tp + fn > 0, tp / (tp + fn), np.nan),
+            "specificity": np.where(tn + fp > 0, tn / (tn + fp), np.nan),
+            "precision": np.where(tp + fp > 0, tp / (tp + fp), np.nan),
+            "f1": np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan),
+            "positives": pos.sum(0).astype(float),
+        }
+
+
+def multilabel_summary(P: Any, Y: Any) -> dict[str, float]:
+    """The run record's headline figures of a multi-label task, each the macro mean over the labels at 0.5 (as
+    torchmetrics' ``Multilabel*`` with ``average="macro"``): ``acc``, ``auroc`` (labels with both values only),
+    ``precision``, ``recall`` and ``f1`` (an undefined ratio counts as 0)."""
+    f = label_figures(P, Y, 0.5)
+    return {"acc": _macro(list(f["acc"])), "auroc": _macro(list(f["auroc"])),
+            "precision": float(np.nan_to_num(f["precision"]).mean()),
+            "recall": float(np.nan_to_num(f["sensitivity"]).mean()), "f1": float(np.nan_to_num(f["f1"]).mean())}
+
+
+def label_thresholds(P_val: Any, Y_val: Any, method: str = "youden", target: float = 0.95) -> list[float | None]:
+    """One operating point per label of a multi-label task, chosen on validation with :func:`choose_threshold`
+    (``youden``: Youden's J); ``None`` for a label without both values in the validation data (use 0.5)."""
+    P, Y = _multilabel_arrays(P_val, Y_val)
+    out: list[float | None] = []
+    for k in range(P.shape[1]):
+        if Y[:, k].min() == Y[:, k].max():
+            out.append(None)
+            continue
+        out.append(choose_threshold(np.c_[1 - P[:, k], P[:, k]], Y[:, k], method, target, positive_class=1))
+    return out
+
+
+def per_label(P: Any, Y: Any, names: Sequence[str], thresholds: Sequence[float | None]) -> dict[str, Any]:
+    """``{label: {auroc, sensitivity, specificity, precision, f1, positives, threshold}}`` at each label's
+    threshold (0.5 where it has none)."""
+    thr = [0.5 if t is None else float(t) for t in thresholds]
+    f = label_figures(P, Y, thr)
+    return {str(name): {"threshold": thr[k], "positives": int(f["positives"][k]),
+                        **{m: _clean(f[m][k]) for m in ("auroc", "sensitivity", "specificity", "precision", "f1")}}
+            for k, name in enumerate(names)}
+
+
+def task_summary(P: Any, y: Any, task: str | None = None) -> dict[str, float]:
+    """:func:`summary_metrics` for the task: multi-label :func:`multilabel_summary`; ordinal adds
+    :func:`ordinal_metrics` (``qwk``, ``mae``)."""
+    if task == "multilabel":
+        return multilabel_summary(P, y)
+    out = summary_metrics(P, y)
+    return out | ordinal_metrics(P, y) if task == "ordinal" else out
+
+
+def evaluate_multilabel(P: Any, Y: Any, names: Sequence[str], thresholds: Sequence[float | None],
+                        n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+    """A multi-label task's figures as :func:`evaluate_predictions` gives them for one label: every headline metric
+    (the macro mean over the labels; AUROC over the labels with both values; the others at each label's threshold,
+    0.5 where it has none) as ``{value, ci_low, ci_high, note}`` with an image-level bootstrap interval (images
+    resampled with replacement; their label sets kept together), plus the per-label figures (:func:`per_label`)."""
+    P, Y = _multilabel_arrays(P, Y)
+    thr = [0.5 if t is None else float(t) for t in thresholds]
+    keys = {"auroc": "auroc", "accuracy": "acc", "sensitivity": "sensitivity", "specificity": "specificity",
+            "precision": "precision", "f1": "f1"}
+
+    def macros(p: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        f = label_figures(p, y, thr)
+        return {name: _macro(list(f[key])) for name, key in keys.items()}
+
+    rng = np.random.default_rng(seed)
+    resamples = n_resamples if len(P) >= MIN_PER_CLASS else 0
+    draws = [macros(P[i], Y[i]) for i in (rng.integers(0, len(P), len(P)) for _ in range(resamples))]
+    point = macros(P, Y) if len(P) else {}
+    metrics: dict[str, Any] = {}
+    for name in keys:
+        value = _clean(point[name]) if point else None
+        entry: dict[str, Any] = {"value": value, "ci_low": None, "ci_high": None, "note": None}
+        values = np.array([d[name] for d in draws], dtype=np.float64)
+        values = values[~np.isnan(values)]
+        if value is None:
+            entry["note"] = "undefined: no label has both values" if len(P) else "no samples"
+        elif len(values) < max(10, n_resamples // 2):
+            entry["note"] = "no bootstrap interval (too few images or resamples)"
+        else:
+            low, high = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+            entry["ci_low"], entry["ci_high"] = float(low), float(high)
+        metrics[name] = entry
+    return {"n": int(len(P)), "label_counts": Y.sum(0).astype(int).tolist(), "metrics": metrics,
+            "per_label": per_label(P, Y, names, thresholds), "thresholds": thr}

@@ -47,12 +47,14 @@ class OODProfile:
 def fit_gaussians(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Class means [K, D] and the factor L of the shared Ledoit-Wolf precision (``P = L L^T``).
 
-    Classes without a training image get no mean (K counts the classes present).
+    Classes without a training image get no mean (K counts the classes present). Multi-label labels (N x K of
+    0/1) have no class per image: one Gaussian for all images (K = 1).
     """
     from sklearn.covariance import LedoitWolf
 
     emb = np.asarray(embeddings, dtype=np.float64)
-    labels = np.asarray(labels).reshape(-1)
+    labels = np.asarray(labels)
+    labels = np.zeros(len(labels), dtype=np.int64) if labels.ndim == 2 and labels.shape[1] > 1 else labels.reshape(-1)
     if emb.ndim != 2 or len(emb) != len(labels) or len(emb) < 2:
         raise ValueError(f"need >= 2 embeddings [N, D] with N labels, got {list(emb.shape)} and {len(labels)}")
     classes = np.unique(labels)

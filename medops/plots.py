@@ -29,19 +29,22 @@ def _plt():
 def plot_roc(P: np.ndarray, y: np.ndarray, class_names: Sequence[str], path: Path, title: str = "ROC",
              threshold: float | None = None, positive_class: int = 1) -> Path:
     """ROC curve of the positive class (binary) or one-vs-rest curves (multi-class), AUROC in the legend;
-    with ``threshold`` (binary) the operating point is marked."""
-    P, y = np.asarray(P, dtype=np.float64), np.asarray(y).reshape(-1)
+    with ``threshold`` (binary) the operating point is marked. Multi-label (``y`` N x K of 0/1): one curve per
+    label."""
+    P, y = np.asarray(P, dtype=np.float64), np.asarray(y)
+    multilabel = y.ndim == 2
+    y = y if multilabel else y.reshape(-1)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-    classes = [positive_class] if P.shape[1] == 2 else range(P.shape[1])
+    classes = [positive_class] if P.shape[1] == 2 and not multilabel else range(P.shape[1])
     for c in classes:
-        is_c = y == c
+        is_c = y[:, c] == 1 if multilabel else y == c
         if not is_c.any() or is_c.all():
             continue
         fpr, tpr, _ = roc_curve(P[:, c], is_c)
         ax.plot(fpr, tpr, lw=2, label=f"{class_names[c]} (AUC {binary_auroc(P[:, c], is_c):.3f})")
-    if threshold is not None and P.shape[1] == 2:
+    if threshold is not None and P.shape[1] == 2 and not multilabel:
         pos = y == positive_class
         pred = P[:, positive_class] >= threshold
         if pos.any() and (~pos).any():

@@ -290,7 +290,11 @@ def server_context(args: argparse.Namespace) -> Iterator[str]:
     if args.backend == "local":
         raise ServeError("--start-server needs --backend http or grpc (the local backend runs no server)")
     from serve.triton_server import TritonNotFound, TritonServer, free_port, generate_admin_key
+    from serve.verify import check_repository, refused, signing_key
 
+    bad = refused(check_repository(args.model_repository, [args.model], signing_key(), allow_unsealed=True))
+    if bad:
+        raise ServeError("; ".join(bad) + " (python -m serve verify for details; re-export the version)")
     # only inference is needed: the admin APIs get a random key that is never shown, so nobody can use them
     server = TritonServer(args.model_repository, http_port=free_port(), grpc_port=free_port(),
                           metrics_port=free_port(), tritonserver=args.tritonserver, model_control="explicit",

@@ -49,7 +49,7 @@ from medops.run_record import RunRecordError, read_record
 from serve.client import TritonBackend
 from serve.contract import Backend, ModelInfo, ServeError, infer_outputs
 from serve.inputs import InputItem, load_item, parse_label
-from serve.predict import ood_fields
+from serve.predict import label_thresholds, ood_fields
 
 __all__ = [
     "BatchSummary",
@@ -185,6 +185,7 @@ class _Writer:
     def __init__(self, path: Path, columns: list[str], info: ModelInfo) -> None:
         self.info = info
         self.width = len(info.class_names)
+        self.thresholds = label_thresholds(info)  # multi-label: each label's threshold; None otherwise
         new = not path.exists() or path.stat().st_size == 0
         self.fh = path.open("a", newline="", encoding="utf-8")
         self.writer = csv.writer(self.fh)
@@ -202,7 +203,8 @@ class _Writer:
         warnings = [w for w in (modality_warning(item.path, self.info.modalities) if item.path else None,) if w]
         if ood.get("ood_flag"):
             warnings.append("out of distribution (ood_score above the validation threshold)")
-        self.writer.writerow([item.key, item.path or "", self.label_text(item.label), self.info.class_names[index],
+        predicted = self.info.class_names[index] if self.thresholds is None else label_set(probs, self.thresholds)
+        self.writer.writerow([item.key, item.path or "", self.label_text(item.label), predicted,
                               index, *(format(float(p), ".9g") for p in probs), self.info.name, self.info.version,
                               ood.get("ood_score", ""), {True: "1", False: "0"}.get(ood.get("ood_flag"), ""),
                               "; ".join(warnings), ""])
@@ -216,6 +218,15 @@ class _Writer:
 
     def close(self) -> None:
         self.fh.close()
+
+
+NO_LABEL = "(none)"  # multi-label: no label at or above its threshold
+
+
+def label_set(probs: np.ndarray, thresholds: dict[str, float]) -> str:
+    """A multi-label prediction for the CSV: the labels at or above their thresholds joined by ``+``, or ``(none)``."""
+    present = [name for (name, t), p in zip(thresholds.items(), probs, strict=True) if p >= t]
+    return "+".join(present) or NO_LABEL
 
 
 def read_predictions(out_csv: str | Path, class_names: Sequence[str]) -> list[dict[str, str]]:
@@ -249,7 +260,11 @@ def _complete(row: dict[str, str], class_names: Sequence[str]) -> bool:
         index = int(row["predicted_index"])
     except ValueError:
         return False
-    return bool(row["model"]) and 0 <= index < len(probs) and row["predicted"] == class_names[index]
+    if not (row["model"] and 0 <= index < len(probs)):
+        return False
+    if row["predicted"] == class_names[index]:
+        return True
+    return row["predicted"] == NO_LABEL or set(row["predicted"].split("+")) <= set(class_names)  # multi-label
 
 
 def _prepare_csv(path: Path, columns: list[str], class_names: Sequence[str], resume: bool) -> set[str]:

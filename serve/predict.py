@@ -30,6 +30,7 @@ from serve.contract import Backend, ModelInfo, infer_outputs
 
 __all__ = [
     "failed",
+    "label_thresholds",
     "predict_files",
     "read_input",
     "render_errors",
@@ -64,6 +65,38 @@ def top_k_classes(probabilities: np.ndarray, class_names: Sequence[str], k: int)
 
 def _class_name(class_names: Sequence[str], index: int) -> str:
     return str(class_names[index]) if index < len(class_names) else str(index)
+
+
+def model_task(info: ModelInfo) -> str:
+    """The task the served model was trained for (``binary``, ``multiclass``, ``ordinal`` or ``multilabel``): from
+    the version's metadata (local backend) or its Triton ``task`` parameter; by class count when neither says."""
+    meta = info.extra.get("metadata") or {}
+    params = info.extra.get("parameters") or {}
+    task = ((meta.get("input") or {}).get("task") or (meta.get("metrics") or {}).get("task")
+            or (meta.get("data") or {}).get("task") or params.get("task"))
+    return str(task) if task else ("binary" if len(info.class_names) == 2 else "multiclass")
+
+
+def label_thresholds(info: ModelInfo) -> dict[str, float] | None:
+    """A multi-label model's threshold per label, chosen on validation: by ``evaluation.evaluate`` (the version's
+    operating point) or else at training (``labels.thresholds`` of the run), from the metadata or the Triton
+    ``label_thresholds`` parameter; 0.5 for a label without one. ``None`` for other tasks."""
+    if model_task(info) != "multilabel":
+        return None
+    meta = info.extra.get("metadata") or {}
+    chosen = ((meta.get("operating_point") or {}).get("label_thresholds")
+              or ((meta.get("metrics") or {}).get("labels") or {}).get("thresholds"))
+    if not chosen and (info.extra.get("parameters") or {}).get("label_thresholds"):
+        chosen = json.loads(info.extra["parameters"]["label_thresholds"])
+    chosen = chosen or {}
+    return {str(name): float(chosen.get(str(name), 0.5)) for name in info.class_names}
+
+
+def label_decision(probs: np.ndarray, thresholds: dict[str, float]) -> dict[str, Any]:
+    """A multi-label result: every label's probability against its threshold, and the labels at or above it."""
+    rows = [{"label": name, "probability": float(p), "threshold": t, "present": bool(p >= t)}
+            for (name, t), p in zip(thresholds.items(), probs, strict=True)]
+    return {"labels": [r["label"] for r in rows if r["present"]], "per_label": rows}
 
 
 def predict_files(paths: Iterable[str | os.PathLike[str]], backend: Backend, top_k: int = 3) -> list[dict[str, Any]]:
@@ -106,7 +139,8 @@ def prediction_result(path: str, outputs: dict[str, np.ndarray], info: ModelInfo
         "version": str(info.version),
         "latency_ms": round(latency_ms, 3),
     }
-    decision = operating_point_decision(probs, info)
+    thresholds = label_thresholds(info)
+    decision = label_decision(probs, thresholds) if thresholds else operating_point_decision(probs, info)
     if decision is not None:
         result["decision"] = decision
     result |= ood_fields(outputs, 0)
@@ -174,23 +208,41 @@ def render_table(results: Sequence[dict[str, Any]], info: ModelInfo, backend_lab
     has_ood = any("ood_score" in r for r in results)
     if has_ood:
         table.add_column("OOD score", justify="right")
+    multilabel = any("per_label" in (r.get("decision") or {}) for r in results)
+    if multilabel:  # every label with its threshold; the labels at or above it are marked present
+        table.add_column("threshold", justify="right")
+        table.add_column("present")
     for result in results:
         if "error" in result:  # reported on its own line by render_errors
             continue
-        top = result["top"]
+        top = _table_entries(result)
         for rank, entry in enumerate(top, start=1):
             first = rank == 1
+            bold = entry.get("present", first)
             cells = [
                 escape(result["path"]) if first else "",
                 str(rank),
-                f"[bold]{escape(entry['class'])}[/bold]" if first else escape(entry["class"]),
+                f"[bold]{escape(entry['class'])}[/bold]" if bold else escape(entry["class"]),
                 f"{entry['probability']:.4f}",
                 f"{result['latency_ms']:.1f}" if first else "",
             ]
             if has_ood:
                 cells.append(ood_cell(result) if first else "")
+            if multilabel:
+                cells += [f"{entry['threshold']:.4f}" if "threshold" in entry else "",
+                          ("yes" if entry["present"] else "no") if "present" in entry else ""]
             table.add_row(*cells, end_section=rank == len(top))
     return table
+
+
+def _table_entries(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of one file: its top classes, or for a multi-label model every label, most probable first."""
+    per_label = (result.get("decision") or {}).get("per_label")
+    if not per_label:
+        return list(result["top"])
+    rows = [{"class": r["label"], "probability": r["probability"], "threshold": r["threshold"],
+             "present": r["present"]} for r in per_label]
+    return sorted(rows, key=lambda r: -r["probability"])
 
 
 def ood_cell(result: dict[str, Any]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import logging
 import os
@@ -25,14 +27,30 @@ from datatools.validate_data import data_arguments, run_validation
 from datatools.validate_data import summary as validation_summary
 from medops import to_unit_range
 from medops.abnormal import abnormal_operating_point
-from medops.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
+from medops.calibration import (
+    apply_temperature,
+    ece_consistency,
+    expected_calibration_error,
+    fit_temperature,
+    label_columns,
+    nll,
+    sigmoid_temperature,
+)
 from medops.datasets import positive_index
-from medops.metrics import choose_threshold, confusion_matrix, operating_point_figures, summary_metrics
+from medops.metrics import (
+    choose_threshold,
+    confusion_matrix,
+    label_thresholds,
+    operating_point_figures,
+    per_label,
+    task_summary,
+)
 from medops.plots import plot_confusion, plot_roc
 from medops.run_record import new_record, write_record
 from train.datamodules import DataError, ImageClassificationDataModule
 from train.loggers import wandb_run_info
 from train.module import ClassificationModule, count_parameters
+from train.recipe import MonitorFallback, Recipe, fit_length, note_fallback, plan, print_recipe
 from train.wandb_report import log_checkpoint_artifact, log_evaluation, run_name
 
 log = logging.getLogger(__name__)
@@ -84,13 +102,18 @@ def instantiate_list(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
 
 
-def build_module(cfg: DictConfig, dm: ImageClassificationDataModule) -> ClassificationModule:
+def build_module(cfg: DictConfig, dm: ImageClassificationDataModule, recipe: Recipe | None = None
+                 ) -> ClassificationModule:
     """The LightningModule of ``cfg.model`` (its ``_target_``, instantiated as a partial), completed with what the
-    data says: classes, channels, size and the training split's normalisation statistics."""
+    data says: classes, channels, size, the training split's normalisation statistics, the task where the module
+    takes one, and the class weights the recipe chose (``model.loss.class_weights: auto``)."""
+    recipe = recipe or plan(cfg, dm)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model_cfg, dict)
     compile_net = bool(model_cfg.pop("compile", False))
+    model_cfg["loss"] = {**(model_cfg.get("loss") or {}), "class_weights": recipe.class_weights}
     factory = hydra.utils.instantiate(model_cfg, _partial_=True, _convert_="all")
+    data_args: dict[str, Any] = {"task": recipe.task} if "task" in inspect.signature(factory.func).parameters else {}
     module = factory(
         num_classes=dm.num_classes,
         in_channels=dm.channels,
@@ -99,6 +122,7 @@ def build_module(cfg: DictConfig, dm: ImageClassificationDataModule) -> Classifi
         std=dm.std,
         class_names=dm.class_names,
         class_counts=dm.class_counts("train"),
+        **data_args,
     )
     if compile_net:
         module.net.compile()
@@ -107,7 +131,8 @@ def build_module(cfg: DictConfig, dm: ImageClassificationDataModule) -> Classifi
 
 def predict_split(trainer: L.Trainer, module: ClassificationModule, dm: ImageClassificationDataModule,
                   split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities [N, classes] and labels [N] of a split, as numpy arrays."""
+    """Probabilities [N, classes] (multi-label: one sigmoid per label) and labels [N] (multi-label: [N, K] of 0/1)
+    of a split, as numpy arrays."""
     probs = torch.cat(trainer.predict(module, dataloaders=dm.predict_split_dataloader(split)))  # type: ignore[arg-type]
     return probs.float().numpy(), dm.datasets[split].labels.numpy()
 
@@ -120,7 +145,8 @@ def evaluate(
 
     The figures, the operating point and the plots come from the same code as the clinical evaluation report
     (:mod:`medops.metrics`, :mod:`medops.plots`); the loss from the module. The metrics go to the run's loggers at
-    the fit's last ``step`` (as ``test/*`` and ``best_val/*``).
+    the fit's last ``step`` (as ``test/*`` and ``best_val/*``). Task-aware (``task`` in the record): ordinal runs add
+    ``qwk`` and ``mae``; multi-label runs record per-label figures and thresholds under ``labels``.
     """
     module = ClassificationModule.load_from_checkpoint(best_path, map_location="cpu", weights_only=False)
     trainer = L.Trainer(
@@ -129,55 +155,94 @@ def evaluate(
     )
     loss = {"val": trainer.validate(module, datamodule=dm, verbose=False)[0]["val/loss"],
             "test": trainer.test(module, datamodule=dm, verbose=False)[0]["test/loss"]}
-    names = dm.class_names
+    task = module.task
     (raw_val, y_val), (raw_test, y_test) = (predict_split(trainer, module, dm, s) for s in ("val", "test"))
-    calibration = calibrate(cfg, (raw_val, y_val), (raw_test, y_test))
+    calibration = calibrate(cfg, (raw_val, y_val), (raw_test, y_test), task)
     temperature = calibration.get("temperature") or 1.0
-    probs_val, probs_test = apply_temperature(raw_val, temperature), apply_temperature(raw_test, temperature)
-    confusion = confusion_matrix(y_test, probs_test.argmax(1), len(names))
-    pos = positive_index(names, dm.positive_class) if len(names) == 2 else None
-    plots = {
-        "roc": plot_roc(probs_test, y_test, names, out_dir / "roc_test.png", "ROC, test split",
-                        positive_class=1 if pos is None else pos),
-        "confusion_matrix": plot_confusion(confusion, names, out_dir / "confusion_test.png",
-                                           "Confusion, test split (arg-max decision)"),
-    }
+    scale = sigmoid_temperature if task == "multilabel" else apply_temperature
+    val, test = (scale(raw_val, temperature), y_val), (scale(raw_test, temperature), y_test)
     result: dict[str, Any] = {
-        "val": {**summary_metrics(probs_val, y_val), "loss": float(loss["val"])},
-        "test": {**summary_metrics(probs_test, y_test), "loss": float(loss["test"])},
-        "confusion_matrix": confusion.tolist(),
+        "task": task,
+        "val": {**task_summary(*val, task), "loss": float(loss["val"])},
+        "test": {**task_summary(*test, task), "loss": float(loss["test"])},
         "calibration": calibration,
-        "plots": {k: p.name for k, p in plots.items()},
     }
+    decisions = multilabel_results if task == "multilabel" else single_label_results
+    plots = decisions(result, dm, val, test, out_dir)
+    result["plots"] = {k: p.name for k, p in plots.items()}
+    log_final(loggers, result, plots, test, dm, step)
+    return result
+
+
+def single_label_results(result: dict[str, Any], dm: ImageClassificationDataModule, val: tuple[np.ndarray, np.ndarray],
+                         test: tuple[np.ndarray, np.ndarray], out_dir: Path) -> dict[str, Path]:
+    """Binary, multi-class and ordinal runs: the confusion matrix, the binary operating point (Youden's J on val)
+    and a declared abnormal set into ``result``; returns the ROC and confusion plots."""
+    (probs_val, y_val), (probs_test, y_test) = val, test
+    names = dm.class_names
+    confusion = confusion_matrix(y_test, probs_test.argmax(1), len(names))
+    pos = positive_index(names, dm.positive_class) if result["task"] == "binary" else None
+    result["confusion_matrix"] = confusion.tolist()
     if pos is not None:
         thr = choose_threshold(probs_val, y_val, "youden", positive_class=pos)
         result["threshold"] = {
             "method": "youden_j_on_val", "positive_class": names[pos], "positive_index": pos, "value": thr,
-            "calibrated": bool(calibration.get("temperature")),
+            "calibrated": bool(result["calibration"].get("temperature")),
             "val": operating_point_figures(probs_val, y_val, thr, pos),
             "test": operating_point_figures(probs_test, y_test, thr, pos),
         }
     if dm.abnormal is not None:  # multi-class with a declared abnormal set / ordinal cut-off
         result["abnormal"] = abnormal_operating_point(probs_val, y_val, probs_test, y_test, names, dm.abnormal)
-    log_final(loggers, result, plots, (probs_test, y_test), dm, step)
-    return result
+    return {
+        "roc": plot_roc(probs_test, y_test, names, out_dir / "roc_test.png", "ROC, test split",
+                        positive_class=1 if pos is None else pos),
+        "confusion_matrix": plot_confusion(confusion, names, out_dir / "confusion_test.png",
+                                           "Confusion, test split (arg-max decision)"),
+    }
 
 
-def calibrate(cfg: DictConfig, val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]
-              ) -> dict[str, Any]:
+def multilabel_results(result: dict[str, Any], dm: ImageClassificationDataModule, val: tuple[np.ndarray, np.ndarray],
+                       test: tuple[np.ndarray, np.ndarray], out_dir: Path) -> dict[str, Path]:
+    """Multi-label runs: one threshold per label chosen on val (Youden's J; 0.5 for a label with one value in val),
+    and each label's AUROC, sensitivity, specificity, precision and F1 at it on val and test, into
+    ``result["labels"]``; returns the per-label ROC plot."""
+    names = dm.class_names
+    thresholds = label_thresholds(*val)
+    result["labels"] = {
+        "method": "youden_j_per_label_on_val", "calibrated": bool(result["calibration"].get("temperature")),
+        "names": list(names),
+        "thresholds": {n: (0.5 if t is None else t) for n, t in zip(names, thresholds, strict=True)},
+        "chosen_on_val": [n for n, t in zip(names, thresholds, strict=True) if t is not None],
+        "val": per_label(*val, names, thresholds), "test": per_label(*test, names, thresholds),
+    }
+    return {"roc": plot_roc(test[0], test[1], names, out_dir / "roc_test.png", "ROC per label, test split")}
+
+
+def calibrate(cfg: DictConfig, val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+              task: str | None = None) -> dict[str, Any]:
     """Temperature scaling fitted on the validation split (``calibrate: true``, the default), with the expected
-    calibration error (15 bins) and NLL of both splits before and after; the temperature goes into the export."""
+    calibration error (15 bins) and NLL of both splits before and after; the temperature goes into the export.
+
+    Multi-label runs fit one temperature shared by all labels' sigmoid logits (``sigmoid(logit / T)``), and the
+    ECE and NLL are those of every (image, label) pair as a binary prediction
+    (:func:`medops.calibration.label_columns`).
+    """
+    if task == "multilabel":
+        val, test = label_columns(*val), label_columns(*test)
     temperature = fit_temperature(*val) if cfg.get("calibrate", True) else None
 
-    def figures(P: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        out = {"ece_before": expected_calibration_error(P, y), "nll_before": nll(P, y)}
+    def figures(P: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        out: dict[str, Any] = {"ece_before": expected_calibration_error(P, y), "nll_before": nll(P, y)}
         if temperature:
             scaled = apply_temperature(P, temperature)
             out |= {"ece_after": expected_calibration_error(scaled, y), "nll_after": nll(scaled, y)}
+        # the ECE a perfectly calibrated model with these probabilities would show on this many images
+        out["consistency"] = ece_consistency(apply_temperature(P, temperature) if temperature else P, y)
         return out
 
-    return {"method": "temperature scaling fitted on val (NLL)" if temperature else None, "temperature": temperature,
-            "val": figures(*val), "test": figures(*test)}
+    method = None if not temperature else ("one temperature on the sigmoid logits of every label, fitted on val (NLL)"
+                                           if task == "multilabel" else "temperature scaling fitted on val (NLL)")
+    return {"method": method, "temperature": temperature, "val": figures(*val), "test": figures(*test)}
 
 
 def log_final(loggers: list[Logger], result: dict[str, Any], plots: dict[str, Path],
@@ -186,16 +251,22 @@ def log_final(loggers: list[Logger], result: dict[str, Any], plots: dict[str, Pa
     final = {f"test/{k}": v for k, v in result["test"].items()}
     final |= {f"best_val/{k}": v for k, v in result["val"].items()}
     calibration = result.get("calibration") or {}
-    final |= {f"calibration/test_{k}": v for k, v in (calibration.get("test") or {}).items()}
+    test_calibration = calibration.get("test") or {}
+    final |= {f"calibration/test_{k}": v for k, v in test_calibration.items() if isinstance(v, float)}
+    if test_calibration.get("consistency"):  # ECE a perfectly calibrated model would show on the test split
+        final["calibration/test_ece_if_calibrated_median"] = test_calibration["consistency"]["null_median"]
     if calibration.get("temperature"):
         final["calibration/temperature"] = calibration["temperature"]
+    for name, figures in ((result.get("labels") or {}).get("test") or {}).items():  # multi-label: per label
+        final |= {f"test_label/{name}/{k}": v for k, v in figures.items() if isinstance(v, float)}
     named = {"positive_class": result["threshold"]["positive_class"]} if result.get("threshold") else {}
     for lg in loggers:
         lg.log_metrics(final, step=step)
         if isinstance(lg, WandbLogger):
             lg.log_image("test/plots", [str(p) for p in plots.values()], caption=list(plots))
-            log_evaluation(lg.experiment, torch.from_numpy(test[0]), torch.from_numpy(test[1]), dm.class_names,
-                           torch.from_numpy(to_unit_range(dm.datasets["test"].images.numpy())))
+            if result.get("task") != "multilabel":  # the prediction table is per class (arg-max)
+                log_evaluation(lg.experiment, torch.from_numpy(test[0]), torch.from_numpy(test[1]), dm.class_names,
+                               torch.from_numpy(to_unit_range(dm.datasets["test"].images.numpy())))
             lg.experiment.summary.update({**final, **named})
 
 
@@ -292,9 +363,20 @@ def without_logger_callbacks(callbacks: list[Callback]) -> list[Callback]:
     return kept
 
 
-def build_trainer(cfg: DictConfig, loggers: list[Logger]) -> tuple[L.Trainer, dict[str, Any]]:
-    """The Lightning Trainer of ``cfg.trainer`` (precision resolved, callbacks attached) and its resolved config."""
-    callbacks: list[Callback] = instantiate_list(cfg.get("callbacks"))
+def build_trainer(cfg: DictConfig, loggers: list[Logger], recipe: Recipe | None = None
+                  ) -> tuple[L.Trainer, dict[str, Any]]:
+    """The Lightning Trainer of ``cfg.trainer`` (precision resolved, callbacks attached) and its resolved config.
+
+    The callbacks monitor the recipe's metric (``${recipe.monitor}``/``${recipe.mode}`` resolved to its choice),
+    with a fallback where the module does not log it; the epochs are set afterwards (:func:`train.recipe.fit_length`).
+    """
+    run_cfg = copy.deepcopy(cfg)
+    with open_dict(run_cfg):
+        run_cfg.recipe = {**(run_cfg.get("recipe") or {}), "monitor": recipe.monitor if recipe else "val/auroc",
+                          "mode": recipe.mode if recipe else "max"}
+    callbacks: list[Callback] = instantiate_list(run_cfg.get("callbacks"))
+    if callbacks and recipe and recipe.monitor_fallback:
+        callbacks.insert(0, MonitorFallback(recipe.monitor_fallback))
     if not loggers:
         callbacks = without_logger_callbacks(callbacks)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -309,8 +391,10 @@ def build_trainer(cfg: DictConfig, loggers: list[Logger]) -> tuple[L.Trainer, di
 
 
 def start_record(cfg: DictConfig, out_dir: Path, dm: ImageClassificationDataModule, data_validation: dict[str, Any],
-                 module: ClassificationModule, trainer_cfg: dict[str, Any]) -> dict[str, Any]:
-    """The run record of a run about to fit: config, data summary and validation, model and trainer settings."""
+                 module: ClassificationModule, trainer_cfg: dict[str, Any], recipe: Recipe | None = None
+                 ) -> dict[str, Any]:
+    """The run record of a run about to fit: config, data summary and validation, model and trainer settings, and
+    what the recipe's rules chose for this data (``recipe``)."""
     record = new_record(out_dir, run_id=out_dir.name, environment=environment())
     record["config"] = OmegaConf.to_container(cfg, resolve=True)
     record["config"]["data"].pop("validation", None)  # keeps the data config instantiable (export, serve)
@@ -318,7 +402,10 @@ def start_record(cfg: DictConfig, out_dir: Path, dm: ImageClassificationDataModu
     record["data_validation"] = data_validation
     record["model"] = {"arch": module.hparams.net.get("arch"), "parameters": count_parameters(module.net)}
     record["trainer"] = {"precision": str(trainer_cfg["precision"]), "accelerator": trainer_cfg.get("accelerator"),
-                         "devices": trainer_cfg.get("devices"), "strategy": str(trainer_cfg.get("strategy", "auto"))}
+                         "devices": trainer_cfg.get("devices"), "strategy": str(trainer_cfg.get("strategy", "auto")),
+                         "max_epochs": recipe.epochs if recipe and recipe.epochs else trainer_cfg.get("max_epochs")}
+    if recipe is not None:
+        record["recipe"] = recipe.as_record()
     return record
 
 
@@ -367,11 +454,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     dm, data_validation = prepare_data(cfg, out_dir)
-    module = build_module(cfg, dm)
+    recipe = plan(cfg, dm)  # class weights and model-selection metric for this data
+    module = build_module(cfg, dm, recipe)
     name_wandb_run(cfg, dm, module)
     loggers: list[Logger] = instantiate_list(cfg.get("logger"))
-    trainer, trainer_cfg = build_trainer(cfg, loggers)
-    record = start_record(cfg, out_dir, dm, data_validation, module, trainer_cfg)
+    trainer, trainer_cfg = build_trainer(cfg, loggers, recipe)
+    fit_length(recipe, cfg, trainer, dm)  # epochs from the step budget, patience, cost estimate
+    if trainer.is_global_zero:
+        print_recipe(recipe)
+    record = start_record(cfg, out_dir, dm, data_validation, module, trainer_cfg, recipe)
     for lg in loggers:
         lg.log_hyperparams({**record["config"], "data_summary": record["data"], "git": record["git"]})
     if trainer.is_global_zero:
@@ -388,6 +479,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return {}
     best_path, results = fitted(trainer)
     record.update(results, resumed_from=ckpt_path)
+    note_fallback(record, trainer)
     write_record(record, out_dir)
 
     if cfg.get("test", True) and best_path and not trainer.interrupted:

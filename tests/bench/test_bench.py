@@ -196,3 +196,31 @@ def test_metrics_case_prints_numbers_for_every_size_and_operation(tmp_path: Path
         assert isinstance(t["value"], float)
     assert (tmp_path / "metrics.png").read_bytes()[:8] == PNG_SIGNATURE
     assert "auroc_or_none" in proc.stdout and "peak" in proc.stdout  # the table was printed
+
+
+def test_training_cost_case_measures_and_estimates_by_the_recipe_rule(tmp_path: Path) -> None:
+    """``python -m bench training-cost --quick``: images/s of a real fit, and the fit time for 546, 5,000 and 50,000
+    training images that train/recipe.py's step-budget rule gives (the same functions the training run uses)."""
+    from train.recipe import resolve_epochs, train_batches
+
+    proc = subprocess.run([sys.executable, "-m", "bench", "training-cost", "--quick", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert "Expected fit time" in proc.stdout and "train images/s" in proc.stdout
+    data = load(tmp_path, "training-cost")
+    cfg = data["config"]
+    (row,) = data["rows"]  # quick: 28 px, float32
+    assert (row["size"], row["precision"]) == (28, "32-true") and row["runs"] == cfg["repeats"]
+    assert row["train_images_per_s"] > 0 and row["eval_images_per_s"] > 0
+    assert row["steps_per_epoch"] == cfg["images"] // cfg["batch_size"]
+    assert data["flops_per_image_forward"]["28"] > 0
+    estimates = {e["train_images"]: e for e in data["estimates"]}
+    assert set(estimates) == set(cfg["datasets"])
+    for n, e in estimates.items():
+        per_epoch = train_batches(n, cfg["batch_size"])
+        epochs, _ = resolve_epochs(cfg["steps"], per_epoch, cfg["min_epochs"], e["max_epochs"])
+        assert (e["steps_per_epoch"], e["epochs"], e["steps"]) == (per_epoch, epochs, epochs * per_epoch)
+        assert e["seconds"] == pytest.approx(e["steps"] * cfg["batch_size"] / row["train_images_per_s"]
+                                             + epochs * e["val_images"] / row["eval_images_per_s"])
+    assert estimates[50000]["epochs"] == cfg["min_epochs"]  # a large dataset: at least min_epochs passes
+    assert (tmp_path / "training-cost.png").read_bytes()[:8] == PNG_SIGNATURE

@@ -36,3 +36,18 @@ def test_temperature_scaling_fixes_overconfidence():
     assert abs(T - 1 / 0.4) < 0.4  # recovers the sharpening it has to undo
     assert nll(apply_temperature(over, T), y) < nll(over, y)
     assert expected_calibration_error(apply_temperature(over, T), y) < expected_calibration_error(over, y)
+
+
+def test_ece_consistency_separates_sampling_noise_from_miscalibration() -> None:
+    from medops.calibration import ece_consistency
+
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0.05, 0.95, 150)
+    P = np.stack([1 - p, p], axis=1)
+    calibrated = (rng.random(150) < p).astype(int)  # labels drawn from the probabilities themselves
+    fair = ece_consistency(P, calibrated, n_draws=400)
+    assert fair["null_median"] > 0.02  # 150 images: even a perfect model shows several points of ECE
+    assert fair["p_value"] > 0.05
+    overconfident = np.stack([1 - p.round(), p.round()], axis=1).clip(0.001, 0.999)  # said 0/1, true rate p
+    bad = ece_consistency(overconfident, calibrated, n_draws=400)
+    assert bad["p_value"] < 0.01 and bad["ece"] > bad["null_p95"]

@@ -6,6 +6,7 @@ No torch: the classifier is built with onnx.helper. The module-scoped server is 
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import socket
 import stat
@@ -27,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
 import medops.input_check as input_check
+import medops.integrity as integrity
 from medops.triton_config import build_model_config, render_model_config
 from serve.triton_server import (
     TritonNotFound,
@@ -75,6 +77,9 @@ def write_model(repo: Path, name: str = "tiny", model_py: str | None = None) -> 
     if model_py is None:
         shutil.copy(TEMPLATE, folder / "1" / "model.py")
         shutil.copy(input_check.__file__, folder / "1" / "input_check.py")  # as export writes it
+        shutil.copy(integrity.__file__, folder / "1" / "integrity.py")
+        meta = integrity.seal(folder / "1", {"name": name, "version": 1})  # the file digests export records
+        (folder / "1" / "metadata.json").write_text(json.dumps(meta))
     else:
         (folder / "1" / "model.py").write_text(model_py)
     return folder
@@ -210,7 +215,7 @@ def _fake_pb_utils(log: list[str]) -> types.ModuleType:
     module.InferenceResponse = _FakeResponse
     module.TritonError = _FakeError
     module.TritonModelException = RuntimeError
-    module.Logger = types.SimpleNamespace(log_info=log.append)
+    module.Logger = types.SimpleNamespace(log_info=log.append, log_warn=log.append, log_error=log.append)
     module.get_input_tensor_by_name = lambda request, name: request.get(name)
     return module
 
@@ -238,6 +243,7 @@ def test_template_batches_valid_requests_and_rejects_bad_ones(tmp_path: Path, mo
         }
     )
     assert any("providers in use: CPUExecutionProvider" in line for line in log)
+    assert "tiny v1: files verified against metadata.json" in log
     calls = []
     real_run = model.session.run
     model.session = types.SimpleNamespace(run=lambda *a: calls.append(a[1]["image"].shape) or real_run(*a))

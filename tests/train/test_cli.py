@@ -75,7 +75,10 @@ def test_short_real_fit_improves_and_records_everything(tmp_path: Path, breastmn
     cal = record["calibration"]
     assert cal["temperature"] > 0 and record["threshold"]["calibrated"]
     assert cal["val"]["nll_after"] <= cal["val"]["nll_before"] + 1e-9  # fitted to minimise validation NLL
-    assert set(cal["test"]) == {"ece_before", "ece_after", "nll_before", "nll_after"}
+    assert set(cal["test"]) == {"ece_before", "ece_after", "nll_before", "nll_after", "consistency"}
+    consistency = cal["test"]["consistency"]  # what a perfectly calibrated model would show on 64 test images
+    assert consistency["ece"] == pytest.approx(cal["test"]["ece_after"])
+    assert 0 < consistency["null_median"] <= consistency["null_p95"] and 0 < consistency["p_value"] <= 1
 
 
 def test_multiclass_rgb_learns(tmp_path: Path, rgb_multiclass: Path) -> None:

@@ -75,13 +75,16 @@ def test_labels_out_of_range(tmp_path: Path, bad_label: int) -> None:
         dm.setup()
 
 
-def test_multilabel_rejected(tmp_path: Path) -> None:
+def test_multilabel_read_as_such_and_refused_for_a_single_label_task(tmp_path: Path) -> None:
     path = tmp_path / "multilabel.npz"
     arrays = {f"{s}_images": np.zeros((4, 28, 28), np.uint8) for s in ("train", "val", "test")}
-    arrays |= {f"{s}_labels": np.zeros((4, 14), np.uint8) for s in ("train", "val", "test")}
+    arrays |= {f"{s}_labels": np.eye(14, dtype=np.uint8)[:4] for s in ("train", "val", "test")}
     np.savez(path, **arrays)
+    dm = MedMNISTDataModule(str(path))  # data.task=auto: N x 14 labels are multi-label (ChestMNIST's format)
+    dm.setup()
+    assert dm.task == "multilabel" and dm.num_classes == 14 and dm.datasets["train"].labels.shape == (4, 14)
     with pytest.raises(DataError, match="multi-label"):
-        MedMNISTDataModule(str(path)).setup()
+        MedMNISTDataModule(str(path), task="multiclass").setup()
 
 
 def test_image_size_mismatch_between_splits(tmp_path: Path) -> None:

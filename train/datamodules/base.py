@@ -32,7 +32,9 @@ from medops.datasets import (
     channel_stats,
     check_fold,
     fingerprint_of,
+    label_counts,
     positive_index,
+    resolve_task,
     split_fold,
     validate_splits,
 )
@@ -42,7 +44,8 @@ log = logging.getLogger(__name__)
 
 
 class ArrayDataset(Dataset):
-    """Serves (float32 C x H x W in [0, 1], int64 label) pairs from uint8 N x H x W x C arrays."""
+    """Serves (float32 C x H x W in [0, 1], int64 label) pairs from uint8 N x H x W x C arrays (multi-label: the
+    label is the int64 0/1 vector of the K labels)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
         self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # uint8 NCHW view
@@ -69,6 +72,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
         positive_class: binary tasks: the clinically positive class (the finding, e.g. ``malignant``), by name or
             index; ``None``: class 1, the default for data that does not declare it (see
             :func:`medops.datasets.positive_index`).
+        task: ``auto`` (default): multi-label for N x K labels, ordinal for a known ordinal MedMNIST file
+            (RetinaMNIST), else binary or multi-class by the class count; or declared: ``binary``, ``multiclass``,
+            ``ordinal`` (ordered grades) or ``multilabel`` (see :func:`medops.datasets.resolve_task`). The resolved
+            task is :attr:`task` and goes into :meth:`summary` (the run record) and the checkpoint.
     """
 
     def __init__(
@@ -83,8 +90,11 @@ class ImageClassificationDataModule(L.LightningDataModule):
         modality: str | list[str] | None = None,
         abnormal_classes: list[str | int] | None = None,
         ordinal_cutoff: str | int | None = None,
+        task: str | None = "auto",
     ) -> None:
         super().__init__()
+        self.declared_task = task
+        self.task = ""  # resolved by prepare(): binary, multiclass, ordinal or multilabel
         self.declared_positive = positive_class
         self.declared_modality = [modality] if isinstance(modality, str) else list(modality or [])
         self.declared_abnormal, self.ordinal_cutoff = list(abnormal_classes or []), ordinal_cutoff
@@ -117,6 +127,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
             check_fold(self.fold, self.num_folds)  # before loading: a bad setting fails fast
             data = self.load()
             validate_splits(data)
+            self.task = resolve_task(self.declared_task, data)
             self.fingerprint = fingerprint_of(data)
             self.split_fingerprint = self.fingerprint
             if self.fold is not None:
@@ -124,10 +135,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
                 validate_splits(data)
                 self.split_fingerprint = fingerprint_of(data)
             self.mean, self.std = channel_stats(data.images["train"])
-            if len(data.class_names) == 2:
+            if self.task == "binary":
                 positive_index(data.class_names, self.declared_positive)  # a class the data lacks fails here
-            abnormal_indices(data.class_names, self.declared_abnormal, self.ordinal_cutoff)  # unknown class: fails here
-            if len(data.class_names) == 2 and self.declared_positive is None:
+            if self.task != "multilabel":
+                abnormal_indices(data.class_names, self.declared_abnormal, self.ordinal_cutoff)  # unknown: fails here
+            elif self.declared_abnormal or self.ordinal_cutoff is not None:
+                log.warning("data.abnormal_classes/ordinal_cutoff apply to multi-class data; ignored for multi-label")
+            if self.task == "binary" and self.declared_positive is None:
                 log.warning("data.positive_class is not declared: class 1 (%s) is taken as the positive class (the "
                             "finding); set data.positive_class=<name> if that is wrong", data.class_names[1])
             self.datasets = {s: ArrayDataset(data.images[s], data.labels[s]) for s in SPLITS}
@@ -155,13 +169,16 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     @property
     def positive_class(self) -> str | None:
-        """The clinically positive class of a binary task by name (``None`` for more classes)."""
+        """The clinically positive class of a binary task by name (``None`` for other tasks)."""
         names = self.class_names
-        return names[positive_index(names, self.declared_positive)] if len(names) == 2 else None
+        return names[positive_index(names, self.declared_positive)] if self.task == "binary" else None
 
     @property
     def abnormal(self) -> list[int] | None:
         """Multi-class tasks: the declared abnormal classes (``abnormal_classes`` or ``ordinal_cutoff``) as indices."""
+        self.prepare()
+        if self.task == "multilabel":
+            return None
         return abnormal_indices(self.class_names, self.declared_abnormal, self.ordinal_cutoff)
 
     def modalities(self) -> list[str]:
@@ -175,8 +192,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
         return sorted(m for m in found if m)
 
     def class_counts(self, split: str = "train") -> list[int]:
+        """Samples per class; multi-label: positives per label."""
         data = self.prepare()
-        return np.bincount(data.labels[split], minlength=len(data.class_names)).tolist()
+        return label_counts(data.labels[split], len(data.class_names))
 
     def summary(self) -> dict[str, Any]:
         """What the run record stores about the data: source, geometry, classes, counts, stats, fingerprint.
@@ -192,7 +210,9 @@ class ImageClassificationDataModule(L.LightningDataModule):
             "image_size": data.image_size,
             "channels": data.channels,
             "class_names": data.class_names,
+            "task": self.task,
             "counts": {s: self.class_counts(s) for s in SPLITS},
+            "sizes": {s: int(len(data.labels[s])) for s in SPLITS},
             "mean": self.mean,
             "std": self.std,
             "fingerprint": self.fingerprint,
