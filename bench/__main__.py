@@ -1,6 +1,6 @@
 """``python -m bench [CASE|all] [--quick] [--out DIR] [--repeats N] [--threads N] ...``
 
-CASE: engines, pipeline, training, training-cost, gpu or metrics.
+CASE: engines, pipeline, training, training-cost, gpu, metrics, latency or int8.
 
 Each case prints its table (with the machine it ran on) and writes ``<case>.json`` and ``<case>.png`` into
 ``--out`` (default ``logs/bench/<timestamp>/``). ``--quick`` runs tiny sizes and few iterations (the tests use it);
@@ -53,12 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--archs", default=None, help="gpu: comma-separated architectures, e.g. resnet50,resnet18")
     parser.add_argument("--images", type=int, default=None, help="pipeline/training/training-cost: images per run")
     parser.add_argument("--min-seconds", type=float, default=None, help="engines: work per measurement")
+    parser.add_argument("--export", default=None,
+                        help="engines/latency/int8: an exported version folder (model_repository/<name>/<version>); "
+                             "latency/int8 default: the newest of model_repository/breastmnist")
+    parser.add_argument("--int8-export", default=None, help="int8: the INT8 version folder of the same model")
+    parser.add_argument("--write-config", default=None,
+                        help="latency: write the chosen dynamic batcher settings to this JSON (export reads "
+                             "conf/triton_batcher.json)")
     return parser
 
 
 def _configs(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     from bench.engines import EnginesConfig
     from bench.gpu import GpuConfig
+    from bench.int8 import Int8Config
+    from bench.latency import LatencyConfig
     from bench.metrics import MetricsConfig
     from bench.serve_batch import PipelineConfig
     from bench.training import TrainingConfig
@@ -67,14 +76,16 @@ def _configs(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     configs: dict[str, Any] = {}
     for case, cls in (("engines", EnginesConfig), ("pipeline", PipelineConfig), ("training", TrainingConfig),
                       ("training-cost", TrainingCostConfig),
-                      ("gpu", GpuConfig), ("metrics", MetricsConfig)):
+                      ("gpu", GpuConfig), ("metrics", MetricsConfig), ("latency", LatencyConfig),
+                      ("int8", Int8Config)):
         cfg = cls.quick(threads) if args.quick else cls(threads=threads)
         names = {f.name for f in fields(cls)}
         overrides = {"repeats": args.repeats, "channels": args.channels, "sizes": args.sizes,
                      "batches": args.batches, "concurrency": args.concurrency, "images": args.images,
                      "min_seconds": args.min_seconds,
                      "engines": args.engines.split(",") if args.engines else None,
-                     "archs": args.archs.split(",") if args.archs else None}
+                     "archs": args.archs.split(",") if args.archs else None, "export": args.export,
+                     "int8_export": args.int8_export, "write_config": args.write_config}
         for key, value in overrides.items():
             if value is not None and key in names:
                 setattr(cfg, key, value)

@@ -58,11 +58,14 @@ class EnginesConfig:
     preferred_batch_sizes: list[int] = field(default_factory=lambda: [8, 16, 32])
     max_queue_delay_us: int = 2000
     python_shm_bytes: int = 64 * 2**20  # Triton Python backend's default shared-memory region per model
+    served: bool = True  # also the served-efficiency figures with Triton pinned to its own cores (bench/served.py)
+    server_cpu_count: int = 1  # CPUs for the pinned server (the last ones); the clients get the others
+    export: str | None = None  # an exported version folder (<repository>/<name>/<version>) measured by `served` too
 
     @classmethod
     def quick(cls, threads: int) -> EnginesConfig:
         return cls(channels=[1], sizes=[28], batches=[1, 4], concurrency=[1, 2], repeats=2, threads=threads,
-                   min_seconds=0.2, min_calls=2, peak_matmul_size=512, peak_repeats=3)
+                   min_seconds=0.2, min_calls=2, peak_matmul_size=512, peak_repeats=3, max_requests=200)
 
     @property
     def reference_batch(self) -> int:
@@ -187,7 +190,7 @@ class ClientThreads:
 
     def __init__(self) -> None:
         self.threads: list[ThreadPoolExecutor] = []
-        self.senders: dict[tuple[int, str, int, int, int], TritonSender] = {}
+        self.senders: dict[tuple[int, str, str, int, int, int], TritonSender] = {}
 
     def _thread(self, i: int) -> ThreadPoolExecutor:
         while len(self.threads) <= i:
@@ -198,9 +201,9 @@ class ClientThreads:
         """Senders for ``engine``/``model``/batch on threads 0..count-1 (created and warmed up once)."""
         out = []
         for i in range(count):
-            key = (i, engine, model.channels, model.size, len(x))
+            key = (i, engine, model.name, model.channels, model.size, len(x))
             if key not in self.senders:
-                tag = f"{engine[7:].replace('-', '_')}_{model.channels}_{model.size}_{len(x)}_{i}"
+                tag = f"{engine[7:].replace('-', '_')}_{model.name}_{len(x)}_{i}"
 
                 def make(tag: str = tag) -> TritonSender:
                     sender = TritonSender(engine, server, model, x, tag)
@@ -268,6 +271,11 @@ def _shm_batches(cfg: EnginesConfig) -> list[int]:
 
 
 def run(cfg: EnginesConfig, out_dir: Path, info: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The engines case: in-process and shared-core Triton figures, then the pinned served-efficiency figures.
+
+    Longer than 60 lines: one try/finally owns the Triton server, the client threads and the work folder, so that
+    every exit path stops and removes them; splitting it would spread that ownership over several functions.
+    """
     import onnxruntime as ort
     import torch
 
@@ -351,6 +359,14 @@ def run(cfg: EnginesConfig, out_dir: Path, info: dict[str, Any], log: Callable[[
                     f"{e} b{b} {per_rep[(e, c, s, b, 1)][-1]['images_per_s']:.1f}/s"
                     for b in cfg.batches for e in cfg.engines if (e, c, s, b, 1) in per_rep))
         rows, ratios = _rows(cfg, models, per_rep, peaks)
+        served = None
+        server_args = list(server.command[1:]) if server else None  # the shared-core server, before it stops
+        if cfg.served:
+            clients.close()
+            if server is not None:
+                server.stop()
+                server = None
+            served = _served(cfg, models, work, log)
         result = {
             **common.header("engines", info, asdict(cfg)),
             "peak": {"peak_flops": common.median([p["peak_flops"] for p in peaks]), "runs": peaks,
@@ -361,8 +377,9 @@ def run(cfg: EnginesConfig, out_dir: Path, info: dict[str, Any], log: Callable[[
             "max_abs_diff_vs_eager": agreement,
             "rows": rows,
             "ratios": ratios,
-            "targets": _targets(cfg, rows, ratios),
-            "triton": {"server_args": list(server.command[1:]) if server else None,
+            "targets": _targets(cfg, rows, ratios) + _served_targets(served),
+            "served": served,
+            "triton": {"server_args": server_args,
                        "dynamic_batching": {"max_batch_size": cfg.max_batch_size,
                                             "preferred_batch_sizes": cfg.preferred_batch_sizes,
                                             "max_queue_delay_us": cfg.max_queue_delay_us}},
@@ -374,6 +391,31 @@ def run(cfg: EnginesConfig, out_dir: Path, info: dict[str, Any], log: Callable[[
         shutil.rmtree(work, ignore_errors=True)
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def _served(cfg: EnginesConfig, models: dict[tuple[int, int], Model], work: Path,
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """Served efficiency (``bench/served.py``) of the bench's models and, with ``cfg.export``, an exported version."""
+    from bench import served
+
+    repo = work / "model_repository"
+    chosen = [served.ServedModel(m.name, f"{cfg.arch} {m.channels} ch {m.size} px", m.channels, m.size, m.onnx_path)
+              for m in models.values()]
+    if cfg.export:
+        chosen.insert(0, served.export_model_copy(Path(cfg.export), repo))
+    return served.run_served(chosen, repo, cfg, log)
+
+
+def _served_targets(served: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Served ÷ in-process >= 0.90 with the server on its own cores, per model and request size."""
+    if not served or served.get("pinned_skipped"):
+        return []
+    cpus = (f"server CPU {','.join(map(str, served['server_cpus']))}, clients "
+            f"{','.join(map(str, served['client_cpus']))}")
+    return [common.target(f"Triton served / in-process onnxruntime b{served['reference_batch']} ({cpus}), "
+                          f"requests of {r['request_batch']}, c{served['concurrency']}, {r['model']}",
+                          r["served_over_in_process"], 0.90)
+            for r in served["rows"] if r["layout"] == "pinned"]
 
 
 def _rows(cfg: EnginesConfig, models: dict[tuple[int, int], Model],

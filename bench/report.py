@@ -105,12 +105,80 @@ def targets_table(result: dict[str, Any]) -> Table | None:
     return table
 
 
-TABLES = {"engines": engines_table, "pipeline": pipeline_table, "training": training_table, "gpu": gpu_table}
+def served_table(result: dict[str, Any]) -> Table | None:
+    """Served efficiency (bench/served.py): the pinned layout first, the shared-core one as the second line."""
+    served = result.get("served")
+    if not served:
+        return None
+    pinned = (f"pinned: Triton on CPU {','.join(map(str, served['server_cpus']))}, clients on CPU "
+              f"{','.join(map(str, served['client_cpus']))}" if served.get("server_cpus") else
+              f"pinned: skipped ({served.get('pinned_skipped')})")
+    table = Table(title=f"Served efficiency, Triton {served['protocol']}, {served['concurrency']} client threads; "
+                        f"{pinned}; shared: server and clients on every core. Served / in-process = Triton images/s "
+                        f"over onnxruntime in this process, batch {served['reference_batch']}, same threads, same "
+                        "cores (median of per-run ratios)")
+    for col in ("layout", "model", "request", "served img/s", "in-process img/s", "served / in-process",
+                "client CPU ms/req", "queue ms", "compute in / infer / out ms", "mean batch", "p50 / p99 ms"):
+        table.add_column(col, justify="left" if col in ("layout", "model") else "right")
+    for r in sorted(served["rows"], key=lambda r: (r["model"], r["request_batch"], r["layout"] != "pinned")):
+        table.add_row(r["layout"], r["model"], f"{r['request_batch']} img", _f(r["images_per_s"]),
+                      _f(r["ort_images_per_s"]), _f(r["served_over_in_process"], ".2f"),
+                      _f(r["client_cpu_ms_per_request"], ".2f"), _f(r["queue_ms"], ".2f"),
+                      f"{_f(r['compute_input_ms'], '.2f')} / {_f(r['compute_infer_ms'], '.2f')} / "
+                      f"{_f(r['compute_output_ms'], '.2f')}", _f(r["mean_batch"]),
+                      f"{_f(r['p50_ms'])} / {_f(r['p99_ms'])}")
+    return table
+
+
+def latency_table(result: dict[str, Any]) -> Table:
+    choice = result["choice"]
+    table = Table(title=f"Latency under load, {result['model']}: one-image requests, open loop "
+                        f"({result['config']['arrival']} arrivals, {result['config']['seconds']:g} s per load), Triton "
+                        f"on CPU {result['placement']['server_cpus']}, load generator on "
+                        f"{result['placement']['client_cpus']}; maximum throughput "
+                        f"{result['max_throughput_per_s']:.0f} requests/s. Chosen: max_queue_delay "
+                        f"{choice['max_queue_delay_us']} us, preferred sizes "
+                        f"{choice['preferred_batch_sizes'] or 'none'}")
+    for col in ("max_queue_delay us", "preferred", "load", "offered /s", "achieved /s", "p50 ms", "p95 ms", "p99 ms",
+                "send lag p99 ms", "errors"):
+        table.add_column(col, justify="right")
+    for cand in result["candidates"]:
+        c = cand["candidate"]
+        for pt in cand["points"]:
+            table.add_row(str(c["max_queue_delay_us"]), str(c["preferred_batch_sizes"] or "-"),
+                          f"{pt['fraction']:.0%}", _f(pt["offered_per_s"], ".0f"), _f(pt["achieved_per_s"], ".0f"),
+                          _f(pt["p50_ms"]), _f(pt["p95_ms"]), _f(pt["p99_ms"]), _f(pt["send_lag_p99_ms"]),
+                          str(int(pt["errors"])))
+    return table
+
+
+def int8_table(result: dict[str, Any]) -> Table:
+    cfg = result["config"]
+    table = Table(title=f"INT8 (QDQ, per-channel) vs FP32, onnxruntime in-process, {cfg['threads']} thread(s): median "
+                        f"of {cfg['repeats']} interleaved runs")
+    for col in ("model", "batch", "FP32 img/s", "INT8 img/s", "INT8 / FP32", "max |prob diff|", "size FP32 / INT8",
+                "clinical gate (export)"):
+        table.add_column(col, justify="left" if col in ("model", "clinical gate (export)") else "right")
+    for r in result["rows"]:
+        g = r.get("gate")
+        gate = (f"AUROC {g['auroc_fp32']:.4f}->{g['auroc_int8']:.4f}, acc {g['accuracy_fp32']:.3f}->"
+                f"{g['accuracy_int8']:.3f}, same decision {g['decision_agreement']:.1%}" if g else "-")
+        table.add_row(r["model"], str(r["batch"]), _f(r["fp32"]["images_per_s"]), _f(r["int8"]["images_per_s"]),
+                      _f(r["int8_over_fp32"], ".2f"), _f(r["max_abs_prob_diff"], ".2e"),
+                      f"{r['fp32_bytes'] / 2**20:.1f} / {r['int8_bytes'] / 2**20:.1f} MiB", gate)
+    return table
+
+
+TABLES = {"engines": engines_table, "pipeline": pipeline_table, "training": training_table, "gpu": gpu_table,
+          "latency": latency_table, "int8": int8_table}
 
 
 def print_result(console: Console, result: dict[str, Any]) -> None:
     print(result["machine_line"], flush=True)  # plain print: never wrapped or styled
     console.print(TABLES[result["case"]](result))
+    served = served_table(result) if result["case"] == "engines" else None
+    if served is not None:
+        console.print(served)
     targets = targets_table(result)
     if targets is not None:
         console.print(targets)
@@ -126,7 +194,10 @@ def _figure(n: int, width: float = 6.0, height: float = 4.0, cols: int | None = 
     cols = cols or n
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
-    return fig, [ax for row in axes for ax in row][:n]
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.axis("off")
+    return fig, flat[:n]
 
 
 def _save(fig: Any, path: Path, title: str) -> Path:
@@ -163,7 +234,10 @@ def engines_chart(result: dict[str, Any], path: Path) -> Path:
     cfg = result["config"]
     top = max(cfg["concurrency"])
     panels = [(c, b) for c in cfg["channels"] for b in cfg["batches"]]
-    fig, axes = _figure(len(panels), cols=len(cfg["batches"]))
+    served = result.get("served")
+    fig, axes = _figure(len(panels) + (1 if served else 0), cols=len(cfg["batches"]))
+    if served:
+        _served_panel(axes.pop(), served)
     for ax, (c, b) in zip(axes, panels, strict=True):
         groups = [f"{s} px" for s in cfg["sizes"]]
         series: dict[str, list[float | None]] = {}
@@ -177,6 +251,26 @@ def engines_chart(result: dict[str, Any], path: Path) -> Path:
         _bars(ax, groups, series, "images/s")
         ax.set_title(f"{c} channel(s), batch {b} (Triton: requests of {b} from {top} client threads)", fontsize=9)
     return _save(fig, path, result["machine_line"])
+
+
+def _served_panel(ax: Any, served: dict[str, Any]) -> None:
+    """Served / in-process per model and request size, pinned and shared, with the 0.90 goal."""
+    keys = sorted({(r["model"], r["request_batch"]) for r in served["rows"]})
+    series = {}
+    for layout in ("pinned", "shared"):
+        values = [next((r["served_over_in_process"] for r in served["rows"] if r["layout"] == layout
+                        and (r["model"], r["request_batch"]) == k), None) for k in keys]
+        if any(v is not None for v in values):
+            series[layout] = values
+    short = [m.replace(" (random weights)", "").replace("export ", "").replace(" 1 ch ", " ").replace(" 3 ch ", " 3ch ")
+             for m, _ in keys]
+    _bars(ax, [f"{m}\n{b} img/req" for m, (_, b) in zip(short, keys, strict=True)], series,
+          f"Triton / in-process onnxruntime b{served['reference_batch']}")
+    ax.axhline(0.9, color="red", ls=":", lw=1)
+    ax.tick_params(axis="x", labelsize=6, labelrotation=30)
+    cpus = (f"pinned: server CPU {served['server_cpus']}, clients {served['client_cpus']}"
+            if served.get("server_cpus") else "pinned: skipped")
+    ax.set_title(f"served efficiency, {served['concurrency']} gRPC clients ({cpus}); dotted: goal 0.90", fontsize=8)
 
 
 def pipeline_chart(result: dict[str, Any], path: Path) -> Path:
@@ -211,4 +305,52 @@ def gpu_chart(result: dict[str, Any], path: Path) -> Path:
     return _save(fig, path, result["machine_line"])
 
 
-CHARTS = {"engines": engines_chart, "pipeline": pipeline_chart, "training": training_chart, "gpu": gpu_chart}
+def latency_chart(result: dict[str, Any], path: Path) -> Path:
+    """Latency percentiles and achieved throughput against offered load, one line per batcher candidate."""
+    fig, axes = _figure(2, width=6.5, height=4.5)
+    chosen = result["choice"]
+    for cand in result["candidates"]:
+        c = cand["candidate"]
+        is_chosen = (c["max_queue_delay_us"], c["preferred_batch_sizes"]) == (chosen["max_queue_delay_us"],
+                                                                             chosen["preferred_batch_sizes"])
+        label = (f"delay {c['max_queue_delay_us']} us, preferred {c['preferred_batch_sizes'] or 'none'}"
+                 + (" (chosen)" if is_chosen else ""))
+        pts = [p for p in cand["points"] if p["p50_ms"] is not None]
+        x = [p["offered_per_s"] for p in pts]
+        line = axes[0].plot(x, [p["p99_ms"] for p in pts], marker="o", lw=2.5 if is_chosen else 1.2,
+                            label=f"p99, {label}")[0]
+        axes[0].plot(x, [p["p50_ms"] for p in pts], ls="--", marker=".", color=line.get_color(), lw=1,
+                     label=f"p50, {label}")
+        axes[1].plot(x, [p["achieved_per_s"] for p in pts], marker="o", color=line.get_color(), label=label)
+    top = result["max_throughput_per_s"]
+    for ax in axes:
+        ax.axvline(0.8 * top, color="grey", ls=":", lw=1)
+        ax.set_xlabel("offered load (one-image requests/s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    low = chosen.get("low_load_p50_ms")
+    if low:
+        axes[0].axhline(4 * low, color="red", ls=":", lw=1, label="goal: 4 x p50 at low load")
+        axes[0].legend(fontsize=6)
+    axes[0].set_ylabel("latency (ms)")
+    axes[0].set_yscale("log")
+    axes[0].set_title(f"latency vs offered load; dotted: 80 % of max ({top:.0f}/s)", fontsize=9)
+    axes[1].plot([0, 1.1 * top], [0, 1.1 * top], color="black", lw=0.8, ls="--", label="achieved = offered")
+    axes[1].set_ylabel("achieved throughput (requests/s)")
+    axes[1].set_title("achieved vs offered throughput", fontsize=9)
+    axes[1].legend(fontsize=6)
+    return _save(fig, path, f"{result['model']}. {result['machine_line']}")
+
+
+def int8_chart(result: dict[str, Any], path: Path) -> Path:
+    rows = result["rows"]
+    fig, axes = _figure(1, width=8.0)
+    groups = [f"{r['model']}\nbatch {r['batch']}" for r in rows]
+    _bars(axes[0], groups, {"FP32": [r["fp32"]["images_per_s"] for r in rows],
+                            "INT8": [r["int8"]["images_per_s"] for r in rows]}, "images/s (onnxruntime, in-process)")
+    axes[0].tick_params(axis="x", labelsize=6)
+    return _save(fig, path, result["machine_line"])
+
+
+CHARTS = {"engines": engines_chart, "pipeline": pipeline_chart, "training": training_chart, "gpu": gpu_chart,
+          "latency": latency_chart, "int8": int8_chart}

@@ -178,23 +178,40 @@ def gradcam(
     ``captum.attr.LayerGradCam`` gives ReLU(sum_k w_k A_k), w_k the spatial mean of d logit / d A_k; it is
     upsampled bilinearly to the input size (``LayerAttribution.interpolate``) and divided by its maximum, so
     each map's maximum is 1 (a map with no positive evidence stays 0).
+
+    A deep ensemble (:class:`train.models.Ensemble`; its logit is the mean of the members' logits) gets the mean of
+    its members' gradient-weighted maps before the ReLU: the Grad-CAM of the mean logit, each member explained on
+    the image as given (not its mirror) at its own last stage, and the target the ensemble's predicted class.
     """
     net = _unwrap(net)
     if isinstance(layer, str):
         layer = net.get_submodule(layer)
-    explainer = LayerGradCam(net, layer if layer is not None else find_target_layer(net))
     device = _device_of(net)
     x_all = _as_batch(images, device)
     cls_all = _targets(target_class, len(x_all), _logits(net, x_all))
+    ensemble = net[1] if isinstance(net, nn.Sequential) and len(net) == 2 and hasattr(net[1], "member_logits") \
+        else None
+    if not len(x_all):
+        return np.zeros((0, *x_all.shape[-2:]), np.float32)
+    if ensemble is None or layer is not None:
+        cams = _gradcam_maps(net, layer if layer is not None else find_target_layer(net), x_all, cls_all)
+    else:
+        members = [nn.Sequential(net[0], member) for member in ensemble.members]
+        cams = torch.stack([_gradcam_maps(m, find_target_layer(m), x_all, cls_all) for m in members]).mean(0)
+    cams = LayerAttribution.interpolate(F.relu(cams), tuple(x_all.shape[-2:]), "bilinear")
+    return _normalise(F.relu(cams[:, 0])).cpu().numpy().astype(np.float32)
+
+
+def _gradcam_maps(net: nn.Module, layer: nn.Module, x_all: torch.Tensor, cls_all: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM maps ``[N, 1, h, w]`` of ``layer`` at its own resolution, before the ReLU."""
+    explainer = LayerGradCam(net, layer)
     out_maps = []
-    with _EvalMode(net), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+    with _EvalMode(net), torch.enable_grad(), torch.autocast(x_all.device.type, enabled=False):
         for start in range(0, len(x_all), _BATCH):
             x = x_all[start : start + _BATCH].clone().requires_grad_(True)  # grads flow even if weights frozen
-            cam = explainer.attribute(x, target=cls_all[start : start + _BATCH], relu_attributions=True)
-            cam = LayerAttribution.interpolate(cam.detach().float(), tuple(x.shape[-2:]), "bilinear")
-            out_maps.append(_normalise(F.relu(cam[:, 0])))
-    return torch.cat(out_maps).cpu().numpy().astype(np.float32) if out_maps else np.zeros((0, *x_all.shape[-2:]),
-                                                                                             np.float32)
+            cam = explainer.attribute(x, target=cls_all[start : start + _BATCH], relu_attributions=False)
+            out_maps.append(cam.detach().float())
+    return torch.cat(out_maps)
 
 
 def occlusion_geometry(height: int, width: int) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from export.model_card import build_card, render_markdown
 from export.onnx_export import INPUT_NAME, OUTPUT_NAME, TemperatureScaled, export_onnx, opset_of
 from export.ood_profile import check_ood_graph, fit_ood
 from export.parity import ParityError, check_parity, onnxruntime_runner, parity_batch_sizes, torch_probabilities
+from export.quantize import check_quantize_option, quantize_version
 from export.repository import next_version, staged_version, validate_model_name
 from export.source import ExportError, ExportSource, held_out_images, load_source, sha256_file
 from export.tensorrt import build_engine, tensorrt_runner, tensorrt_unavailable_reason
@@ -36,10 +37,11 @@ from medops.model_version import (
 )
 from medops.ood import OODProfile
 from medops.run_record import OPERATING_POINT_FILE, git_info, package_versions, read_operating_point
-from medops.triton_config import build_model_config, render_model_config
+from medops.triton_config import build_model_config, dynamic_batching_settings, render_model_config
 
 log = logging.getLogger(__name__)
 TEMPLATE = Path(__file__).parent / "templates" / "model.py"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # relative triton.batcher_file paths start here
 EXPORT_PACKAGES = ("torch", "onnx", "onnxscript", "onnxruntime", "tensorrt", "tritonclient", "lightning")
 
 
@@ -170,10 +172,15 @@ def write_version(model_stage: Path, version_stage: Path, meta: dict[str, Any], 
     """config.pbtxt and labels.txt (model root, a copy of the config in the version), metadata and model card."""
     c, h, _ = meta["input"]["shape"][1:]
     tcfg = cfg.triton
+    # from the latency-under-load sweep (triton.batcher_file, python -m bench latency --write-config) unless set
+    batcher = tcfg.get("batcher_file")
+    batcher = CONF_DIR / batcher if batcher and not Path(batcher).is_absolute() else batcher
+    preferred, delay, _ = dynamic_batching_settings(tcfg.get("preferred_batch_sizes"),
+                                                    tcfg.get("max_queue_delay_us"), batcher)
     config = build_model_config(
         meta["name"], meta["target"], channels=c, image_size=h, num_classes=len(class_names),
-        max_batch_size=cfg.max_batch_size, preferred_batch_sizes=list(tcfg.preferred_batch_sizes),
-        max_queue_delay_us=tcfg.max_queue_delay_us, instance_kind=resolve_instance_kind(tcfg.instance_kind,
+        max_batch_size=cfg.max_batch_size, preferred_batch_sizes=preferred,
+        max_queue_delay_us=delay, instance_kind=resolve_instance_kind(tcfg.instance_kind,
                                                                                         meta["target"]),
         instance_count=tcfg.instance_count, versions_to_serve=tcfg.versions_to_serve,
         parameters=triton_parameters(meta), input_name=INPUT_NAME, output_name=OUTPUT_NAME,
@@ -247,7 +254,9 @@ def build_metadata(cfg: DictConfig, source: ExportSource, name: str, version: in
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "class_names": source.class_names, "input": input_contract(source),
         "model": {"arch": source.hparams.get("net", {}).get("arch"),
-                  "parameters": sum(p.numel() for p in source.module.net.parameters())},
+                  "parameters": sum(p.numel() for p in source.module.net.parameters()),
+                  "members": int(source.hparams.get("net", {}).get("members", 1)),
+                  "tta": source.hparams.get("net", {}).get("tta", "none")},
         "data": record.get("data") or {},
         "metrics": {k: record.get(k) for k in ("task", "val", "test", "confusion_matrix", "threshold", "calibration",
                                                "abnormal", "labels")},
@@ -312,6 +321,7 @@ def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, A
     """Run one export as configured; returns the version's metadata. Raises before anything is published."""
     console = console or Console()
     name, target, repository, version, trt_reason = check_destination(cfg)
+    quantize = check_quantize_option(cfg)  # None (FP32) or int8
     source = resolve_source(cfg, console)
     images = held_out_images(source, split=cfg.parity.split, limit=cfg.parity.max_images, data_path=cfg.parity.data)
     operating_point, evaluation = clinical_evaluation(source)
@@ -322,12 +332,16 @@ def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, A
 
     with staged_version(repository, name, version) as (model_stage, version_stage):
         onnx_path, sizes = write_onnx(cfg, net, source, version_stage, reference, images, meta, console, ood)
-        if target == "tensorrt" or (cfg.tensorrt.enabled in ("auto", True) and trt_reason is None):
+        if target == "tensorrt" or (cfg.tensorrt.enabled in ("auto", True) and trt_reason is None and not quantize):
             meta["parity"].append(write_tensorrt(cfg, onnx_path, version_stage, source, reference, images, sizes,
                                                  console))
         else:
-            meta["tensorrt"] = f"skipped: {trt_reason or 'tensorrt.enabled=false'}"
-            console.print(f"TensorRT skipped: {trt_reason or 'tensorrt.enabled=false'}")
+            why = trt_reason or ('quantize=int8' if quantize else 'tensorrt.enabled=false')
+            meta["tensorrt"] = f"skipped: {why}"
+            console.print(f"TensorRT skipped: {why}")
+        # the clinical INT8 gate (export/quantize.py) replaces the parity-checked FP32 model.onnx, or raises
+        meta["precision"] = (quantize_version(cfg, source, onnx_path, operating_point, console) if quantize
+                             else {"precision": "fp32"})
         if cfg.drift.enabled:
             meta["drift"] = drift_profile(cfg, source, version_stage, console)
         if target == "python":

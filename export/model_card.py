@@ -36,12 +36,21 @@ def per_class_figures(confusion: list[list[int]] | None, class_names: list[str])
     return rows
 
 
+def architecture(model: dict[str, Any]) -> str:
+    """The architecture as a reader wants it: ``resnet18``, or ``deep ensemble of 3 x resnet18, ... one graph``."""
+    arch, members, tta = model.get("arch"), int(model.get("members") or 1), model.get("tta") or "none"
+    if members == 1 and tta == "none":
+        return str(arch)
+    views = "" if tta == "none" else ", test-time augmentation: mean with the horizontal mirror"
+    return f"deep ensemble of {members} x {arch} (mean of the members' logits{views}; one graph)"
+
+
 def build_card(meta: dict[str, Any]) -> dict[str, Any]:
     """The model card as a JSON-able dict, from the version's metadata."""
     data = meta.get("data") or {}
     return {
         "model_details": {
-            "name": meta["name"], "version": meta["version"], "architecture": meta["model"]["arch"],
+            "name": meta["name"], "version": meta["version"], "architecture": architecture(meta["model"]),
             "parameters": meta["model"].get("parameters"), "created": meta["created"],
             "format": meta["target"], "license_of_training_data": data.get("licence"),
         },
@@ -57,15 +66,33 @@ def build_card(meta: dict[str, Any]) -> dict[str, Any]:
                     "operating_point": meta["metrics"].get("threshold"),
                     "positive_class": data.get("positive_class"),
                     "calibration": meta["metrics"].get("calibration"),
-                    "abnormal": meta["metrics"].get("abnormal")},
+                    "abnormal": meta["metrics"].get("abnormal"), "labels": meta["metrics"].get("labels")},
         "clinical_evaluation": meta.get("evaluation"),
         "out_of_distribution": meta.get("ood"),
         "calibrated_operating_point": meta.get("operating_point"),
         "parity": meta["parity"],
+        "precision": meta.get("precision"),
         "monitoring": meta.get("drift"),
         "limitations": LIMITATIONS,
         "lineage": meta["lineage"],
     }
+
+
+def precision_line(precision: dict[str, Any] | None) -> str:
+    """The precision of a version, for the model card and the export output: FP32, or INT8 with its method,
+    calibration and the clinical gate's figures (``metadata.json`` ``precision``, written by export/quantize.py);
+    versions exported before precision was recorded are FP32."""
+    if not precision or precision.get("precision") != "int8":
+        return "Precision: FP32 (float32 weights and activations)."
+    g, cal, lim = precision["gate"], precision["calibration"], precision["limits"]
+    kept = ", ".join(precision["keep_float"]) or "nothing"
+    return (f"Precision: INT8 (QDQ, per-channel int8 weights, "
+            f"{precision['activations']} activations; calibrated on {cal['images']} "
+            f"{cal['split']} images, {precision['method']}; kept in float: {kept}; gate on {g['images']} test images "
+            f"against FP32: AUROC {g['auroc_fp32']:.4f} -> {g['auroc_int8']:.4f} ({g['auroc_diff']:+.4f}, limit "
+            f"{lim['auroc']}), accuracy {g['accuracy_fp32']:.4f} -> {g['accuracy_int8']:.4f} "
+            f"({g['accuracy_diff']:+.4f}, limit {lim['accuracy']}), same decision ({g['decision']}) for "
+            f"{g['decision_agreement']:.2%} of images (limit {lim['decision_agreement']:.0%})).")
 
 
 def _fmt(value: Any) -> str:
@@ -80,6 +107,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"# Model card: {d['name']} v{d['version']}", "",
         "## Model details", "",
         f"- Architecture: {d['architecture']} ({_fmt(d['parameters'])} parameters), format `{d['format']}`",
+        f"- {precision_line(card.get('precision'))}",
         f"- Created: {d['created']}",
         f"- Training data licence: {_fmt(d['license_of_training_data'])}", "",
         "## Intended use", "", card["intended_use"], "",
@@ -109,6 +137,7 @@ def render_markdown(card: dict[str, Any]) -> str:
                       f"accuracy {_fmt(op['test']['acc'])}, sensitivity {_fmt(op['test']['sensitivity'])}, "
                       f"specificity {_fmt(op['test']['specificity'])}."]
     lines += _abnormal(card["metrics"].get("abnormal"))
+    lines += _label_thresholds(card["metrics"].get("labels"))
     lines += render_evaluation(card.get("clinical_evaluation"), card.get("calibrated_operating_point"))
     lines += ["", "## Export parity", ""]
     lines += [f"- {p['engine']}: max |prob diff| {p['max_abs_diff']:.2e} (tolerance {p['tolerance']:.0e}), "
@@ -129,6 +158,23 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines += ["", "## Limitations", ""] + [f"- {item}" for item in card["limitations"]]
     lines += ["", "## Lineage", ""] + [f"- {k}: `{_fmt(v)}`" for k, v in card["lineage"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _label_thresholds(labels: dict[str, Any] | None) -> list[str]:
+    """Multi-label versions: every label's threshold (chosen on validation) and its test figures at it."""
+    if not labels or not labels.get("thresholds"):
+        return []
+    chosen, test = set(labels.get("chosen_on_val") or []), labels.get("test") or {}
+    lines = ["", f"Per-label decisions ({labels.get('method')}; a label is reported present when its probability is at "
+                 "or above its threshold; 0.5 where validation held only one value of the label):", "",
+             "| label | threshold | chosen on | test AUROC | sensitivity | specificity | precision | positives |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, thr in labels["thresholds"].items():
+        f = test.get(name) or {}
+        lines.append(f"| {name} | {thr:.4f} | {'val' if name in chosen else 'default 0.5'} | {_fmt(f.get('auroc'))} | "
+                     f"{_fmt(f.get('sensitivity'))} | {_fmt(f.get('specificity'))} | {_fmt(f.get('precision'))} | "
+                     f"{_fmt(f.get('positives'))} |")
+    return lines
 
 
 def _abnormal(abnormal: dict[str, Any] | None) -> list[str]:

@@ -14,6 +14,7 @@ import torch
 from medops import to_unit_range
 from medops.run_record import SCHEMA, RunRecordError, read_record, record_path
 from medops.run_record import latest_run as latest
+from train.models import for_export
 from train.module import ClassificationModule
 
 
@@ -177,7 +178,24 @@ def load_source(run: str | None = None, checkpoint: str | None = None, log_dir: 
         module = ClassificationModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False)
     except Exception as exc:  # shapes that do not fit the architecture, missing keys...
         raise ExportError(f"{ckpt}: weights do not fit a {ckpt_arch} network ({type(exc).__name__}: {exc})") from exc
-    return ExportSource(module.eval(), ckpt, record)
+    module.eval()
+    module.net = fused_network(module.net, (int(hp["in_channels"]), int(hp["image_size"]), int(hp["image_size"])))
+    return ExportSource(module, ckpt, record)
+
+
+def fused_network(net: torch.nn.Module, input_shape: tuple[int, int, int], tolerance: float = 1e-4) -> torch.nn.Module:
+    """An ensemble network (:class:`train.models.Ensemble`) in the one-head form export needs (its last linear layer
+    is the ensemble's head, its penultimate features the members' averaged features), checked to give the same
+    logits as the trained form; other networks unchanged."""
+    fused = for_export(net)
+    if fused is net:
+        return net
+    x = torch.rand(8, *input_shape)
+    with torch.no_grad():
+        diff = float((net.eval()(x).float() - fused.eval()(x).float()).abs().max())
+    if diff > tolerance:
+        raise ExportError(f"the fused ensemble differs from the trained one by {diff:.2e} (> {tolerance:g})")
+    return fused
 
 
 def held_out_images(source: ExportSource, split: str = "test", limit: int = 256,

@@ -1,4 +1,17 @@
-"""DICOM reading: modality LUT (e.g. Hounsfield units), VOI windowing, 8-bit output.
+"""DICOM reading: decoding of every common transfer syntax, colour, modality LUT, VOI LUT, 8-bit output.
+
+Decoding is pydicom's (:func:`pydicom.pixels.get_decoder`, one frame at a time) with the pixel-data plugins that
+pyproject.toml declares (pylibjpeg with libjpeg and openjpeg: JPEG baseline/extended 12-bit/lossless, JPEG-LS,
+JPEG 2000; RLE is pydicom's own). The image pipeline follows PS3.3 C.11 with pydicom's functions:
+
+* colour: RGB as is; YBR_FULL / YBR_FULL_422 are converted to RGB by pydicom 3 while decoding and YBR_ICT /
+  YBR_RCT by the JPEG 2000 decoder (the decoder reports the colour space it returns, so nothing is converted
+  twice); PALETTE COLOR through :func:`pydicom.pixels.apply_color_lut`; more than 8 bits scaled to 0..255;
+* greyscale: Modality LUT (:func:`pydicom.pixels.apply_modality_lut`: the Modality LUT Sequence or Rescale
+  Slope/Intercept, also from an enhanced multi-frame file's functional groups), then VOI
+  (:func:`pydicom.pixels.apply_voi_lut`): the caller's ``window=`` if given (LINEAR), else the file's VOI LUT
+  Sequence, else its first Window Center/Width with its VOI LUT Function (LINEAR, LINEAR_EXACT, SIGMOID), else
+  the image's min-max; the VOI output range is 0..255; MONOCHROME1 is inverted after VOI.
 
 PRIVACY: nothing raised, warned or logged here may contain header values other than
 technical ones (frame counts, photometric interpretation, transfer syntax). pydicom's own
@@ -9,52 +22,58 @@ pydicom warnings are silenced while a file is read.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi_lut,
+    as_pixel_options,
+    convert_color_space,
+    get_decoder,
+)
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medops.deid import quiet_pydicom
 from medops.errors import ImageReadError
 
-try:  # pydicom >= 3
-    from pydicom.pixels import apply_modality_lut as _apply_modality_lut
-    from pydicom.pixels import pixel_array as _pixel_array
-except ImportError:  # pragma: no cover - pydicom 2.x
-    from pydicom.pixel_data_handlers.util import apply_modality_lut as _apply_modality_lut
-
-    _pixel_array = None
-
-__all__ = ["apply_window", "dicom_modality", "modality_warning", "read_dicom"]
+__all__ = ["VOI_FUNCTIONS", "apply_window", "dicom_modality", "modality_warning", "read_dicom"]
 
 _GREY = frozenset({"MONOCHROME1", "MONOCHROME2"})
 _COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT"})
+_PALETTE = "PALETTE COLOR"
 # Defined terms of (0028,0004); only these are ever echoed in an error message.
-_KNOWN_PI = _GREY | _COLOUR | {"PALETTE COLOR", "YBR_PARTIAL_420", "YBR_PARTIAL_422", "HSV", "ARGB", "CMYK"}
+_KNOWN_PI = _GREY | _COLOUR | {_PALETTE, "YBR_PARTIAL_420", "YBR_PARTIAL_422", "HSV", "ARGB", "CMYK"}
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")  # (0028,1056) defined terms; absent or other: LINEAR
 
 
-def apply_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Linear VOI windowing (DICOM PS3.3 C.11.2.1.2) of ``values`` to uint8 0..255.
+def apply_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """VOI windowing (DICOM PS3.3 C.11.2.1.2) of ``values`` to uint8 0..255, by pydicom's ``apply_voi_lut``.
 
-    ``x <= c - 0.5 - (w-1)/2`` -> 0; ``x > c - 0.5 + (w-1)/2`` -> 255; otherwise
-    ``((x - (c - 0.5)) / (w - 1) + 0.5) * 255``, rounded. NaN maps to 0.
-    Raises ValueError if ``width < 1`` or either parameter is not finite.
+    LINEAR: ``x <= c - 0.5 - (w-1)/2`` -> 0; ``x > c - 0.5 + (w-1)/2`` -> 255; otherwise
+    ``((x - (c - 0.5)) / (w - 1) + 0.5) * 255``, rounded. LINEAR_EXACT: the same with ``c`` and ``w``;
+    SIGMOID: ``255 / (1 + exp(-4 (x - c) / w))``; any other ``function`` is LINEAR (the standard's default).
+    NaN maps to 0. Raises ValueError if the width is below 1 (LINEAR) or not positive (the others), or either
+    parameter is not finite.
     """
-    center, width = _check_window(center, width)
+    function = function if function in VOI_FUNCTIONS else "LINEAR"
+    center, width = _check_window(center, width, function)
     x = np.asarray(values, dtype=np.float64)
-    c0 = center - 0.5
-    if width == 1.0:
-        y = np.where(x <= c0, 0.0, 255.0)
-    else:
-        with np.errstate(invalid="ignore"):
-            y = np.clip(((x - c0) / (width - 1.0) + 0.5) * 255.0, 0.0, 255.0)
+    view = Dataset()  # VOI output range 0..255: unsigned 8-bit, no rescale (PS3.3 C.11.2.1.2)
+    view.PhotometricInterpretation, view.BitsStored, view.PixelRepresentation = "MONOCHROME2", 8, 0
+    view.WindowCenter, view.WindowWidth, view.VOILUTFunction = center, width, function
+    with np.errstate(invalid="ignore", over="ignore"):
+        y = apply_voi_lut(x, view, prefer_lut=False)
     y = np.where(np.isnan(x), 0.0, y)
-    return np.rint(y).astype(np.uint8)
+    return np.rint(np.clip(y, 0.0, 255.0)).astype(np.uint8)
 
 
 def dicom_modality(path: str | os.PathLike[str]) -> str | None:
@@ -90,12 +109,11 @@ def read_dicom(
 ) -> np.ndarray:
     """Read a DICOM file as an HxWxC uint8 array (C = 1 for greyscale, 3 for colour).
 
-    Greyscale: modality LUT (RescaleSlope/Intercept, e.g. to Hounsfield units), then
-    linear windowing with ``window=(center, width)`` if given, else the file's first
-    WindowCenter/WindowWidth, else the image's min-max; MONOCHROME1 is inverted after
-    windowing. Colour (RGB, YBR converted to RGB) is returned without windowing.
-    Multi-frame files need ``frame`` (0-based). Raises ImageReadError on any failure,
-    ValueError for an invalid ``window``.
+    Greyscale: Modality LUT (e.g. to Hounsfield units), then VOI: ``window=(center, width)`` (LINEAR) if given,
+    else the file's VOI LUT Sequence, else its first WindowCenter/WindowWidth with its VOILUTFunction, else the
+    image's min-max; MONOCHROME1 is inverted after VOI. Colour (RGB; YBR and PALETTE COLOR converted to RGB) is
+    returned without windowing. Multi-frame files need ``frame`` (0-based; only that frame is decoded).
+    Raises ImageReadError on any failure, ValueError for an invalid ``window``.
     """
     if window is not None:
         window = _check_window(*window)
@@ -117,15 +135,15 @@ def _read(path: str, window: tuple[float, float] | None, frame: int | None) -> n
         raise ImageReadError(path, "DICOM file has no pixel data")
     pi = _photometric(path, ds)
     index = _frame_index(path, _number_of_frames(path, ds), frame)
-    arr = _decode(path, ds, index)
-    if pi in _COLOUR:
-        out = _colour_to_uint8(path, ds, arr)
+    arr, decoded_pi = _decode(path, ds, index)
+    if pi == _PALETTE:
+        out = _palette_to_uint8(path, ds, arr)
+    elif pi in _COLOUR:
+        out = _colour_to_uint8(path, ds, arr, decoded_pi)
     else:
         if arr.ndim != 2:
             raise ImageReadError(path, f"expected single-sample greyscale pixel data, got shape {arr.shape}")
-        values = _modality_lut(ds, arr, index)
-        center, width = window or _header_window(ds, index) or _minmax_window(values)
-        out = apply_window(values, center, width)
+        out = _voi_to_uint8(ds, _modality_lut(ds, arr, index), index, window)
         if pi == "MONOCHROME1":
             out = 255 - out
         out = out[:, :, None]
@@ -150,9 +168,11 @@ def _dcmread(path: str) -> Dataset:
 
 def _photometric(path: str, ds: Dataset) -> str:
     pi = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
-    if pi in _GREY or pi in _COLOUR:
+    if pi in _GREY or pi in _COLOUR or pi == _PALETTE:
         return pi
-    shown = repr(pi) if pi in _KNOWN_PI else ("missing" if not pi else "unrecognised")
+    if not pi:
+        raise ImageReadError(path, "no PhotometricInterpretation: pixel data without an Image Pixel module")
+    shown = repr(pi) if pi in _KNOWN_PI else "unrecognised"
     raise ImageReadError(path, f"unsupported PhotometricInterpretation ({shown})")
 
 
@@ -181,33 +201,45 @@ def _frame_index(path: str, n_frames: int, frame: int | None) -> int:
     return frame
 
 
-def _decode(path: str, ds: Dataset, index: int) -> np.ndarray:
+def _pixel_array(ds: Dataset, *, index: int) -> tuple[np.ndarray, str]:
+    """Frame ``index`` decoded by pydicom (YBR_FULL* converted to RGB), and the photometric interpretation of what
+    the decoder returned (``RGB`` after a YBR conversion or a JPEG 2000 multiple-component transform)."""
+    if not getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID"):  # no meta (ACR-NEMA style): as read
+        implicit, little = ds.original_encoding
+        ds.file_meta = getattr(ds, "file_meta", FileMetaDataset())
+        ds.file_meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                          ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+    arr, props = decoder.as_array(ds, index=index, validate=True, **as_pixel_options(ds))
+    return arr, str(props.get("photometric_interpretation", ds.PhotometricInterpretation))
+
+
+def _decode(path: str, ds: Dataset, index: int) -> tuple[np.ndarray, str]:
+    ts = _transfer_syntax(ds)
+    if ts is not None and ts[1]:
+        _check_decoder(path, ds, ts[0])
     try:
-        if _pixel_array is not None:
-            return _pixel_array(ds, index=index)  # decodes only that frame; YBR_FULL* -> RGB
-        return _decode_pydicom2(ds, index)  # pragma: no cover
+        return _pixel_array(ds, index=index)
     except Exception as exc:
-        ts = _transfer_syntax(ds)
         if ts is not None and ts[1]:
-            reason = (
-                f"cannot decode compressed pixel data ({ts[0]}): no working decoder plugin "
-                f"(e.g. pylibjpeg, gdcm) or corrupt data ({type(exc).__name__})"
-            )
+            reason = (f"cannot decode compressed pixel data ({ts[0]}): corrupt, or a variant the installed "
+                      f"decoders reject ({type(exc).__name__})")
         else:
             reason = f"cannot decode pixel data: corrupt or truncated ({type(exc).__name__})"
         raise ImageReadError(path, reason) from None
 
 
-def _decode_pydicom2(ds: Dataset, index: int) -> np.ndarray:  # pragma: no cover - pydicom 2.x only
-    from pydicom.pixel_data_handlers.util import convert_color_space
-
-    pi = str(ds.PhotometricInterpretation)
-    arr = ds.pixel_array
-    if _number_of_frames("", ds) > 1:
-        arr = arr[index]
-    if pi.startswith("YBR_FULL") and str(ds.PhotometricInterpretation).startswith("YBR_FULL"):
-        arr = convert_color_space(arr, pi, "RGB")
-    return arr
+def _check_decoder(path: str, ds: Dataset, ts_name: str) -> None:
+    """An error naming what is missing when no decoder for the (compressed) transfer syntax is installed."""
+    try:
+        decoder = get_decoder(ds.file_meta.TransferSyntaxUID)
+    except NotImplementedError:
+        raise ImageReadError(path, f"cannot decode compressed pixel data ({ts_name}): pydicom has no decoder "
+                                   "for this transfer syntax") from None
+    if not decoder.is_available:
+        missing = "; ".join(decoder.missing_dependencies) or "no plugin registered"
+        raise ImageReadError(path, f"cannot decode compressed pixel data ({ts_name}): no decoder plugin installed "
+                                   f"(pyproject.toml declares them; pydicom: {missing})")
 
 
 def _transfer_syntax(ds: Dataset) -> tuple[str, bool] | None:
@@ -232,25 +264,52 @@ def _functional_items(ds: Dataset, index: int, sequence: str) -> list[Dataset]:
 
 
 def _modality_lut(ds: Dataset, arr: np.ndarray, index: int) -> np.ndarray:
+    """Stored values -> modality values (float64) by pydicom: the Modality LUT Sequence, else the first Rescale
+    Slope/Intercept of the dataset or of its functional groups for this frame, else unchanged."""
     if ds.get("ModalityLUTSequence"):
-        return np.asarray(_apply_modality_lut(arr, ds), dtype=np.float64)
+        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
     for item in _functional_items(ds, index, "PixelValueTransformationSequence"):
         slope, intercept = item.get("RescaleSlope"), item.get("RescaleIntercept")
         if slope not in (None, "") and intercept not in (None, ""):
-            return arr.astype(np.float64) * float(slope) + float(intercept)
+            return np.asarray(apply_modality_lut(arr, item), dtype=np.float64)
     return arr.astype(np.float64)
 
 
-def _header_window(ds: Dataset, index: int) -> tuple[float, float] | None:
+def _voi_to_uint8(ds: Dataset, values: np.ndarray, index: int, window: tuple[float, float] | None) -> np.ndarray:
+    """VOI in the order of :func:`read_dicom`'s docstring; header windows that are not valid are skipped."""
+    if window is not None:
+        return apply_window(values, *window)
+    if ds.get("VOILUTSequence"):
+        return _voi_lut_sequence(ds, values)
     for item in _functional_items(ds, index, "FrameVOILUTSequence"):
         center, width = _first(item.get("WindowCenter")), _first(item.get("WindowWidth"))
+        function = str(item.get("VOILUTFunction") or "LINEAR").strip().upper()
         if center is None or width is None:
             continue
         try:
-            return _check_window(float(center), float(width))
+            return apply_window(values, float(center), float(width), function)
         except (TypeError, ValueError):
             continue
-    return None
+    return apply_window(values, *_minmax_window(values))
+
+
+def _voi_lut_sequence(ds: Dataset, values: np.ndarray) -> np.ndarray:
+    """The first VOI LUT of the VOI LUT Sequence by pydicom's ``apply_voi_lut``, its output (0..2**bits - 1, bits
+    the LUT Descriptor's third value) scaled to 0..255.
+
+    pydicom 3.0 indexes an 8-bit LUT with an 8-bit array, so entries past 255 wrap; the copy given to it declares
+    16 bits (the LUT data, one entry per value, is read the same way) so that every entry is reachable.
+    """
+    item = copy.deepcopy(ds.VOILUTSequence[0])
+    descriptor = [int(v) for v in item.LUTDescriptor]
+    bits = descriptor[2]
+    item.LUTDescriptor = [descriptor[0], descriptor[1], 16 if bits == 8 else bits]
+    view = Dataset()
+    view.VOILUTSequence = [item]
+    view.file_meta = getattr(ds, "file_meta", Dataset())
+    view.set_original_encoding(*ds.original_encoding)
+    mapped = apply_voi_lut(np.floor(values).astype(np.int64), view)  # LUT input: integer modality values
+    return np.rint(np.clip(mapped.astype(np.float64) * (255.0 / (2**bits - 1)), 0, 255)).astype(np.uint8)
 
 
 def _first(value: object) -> object:
@@ -274,20 +333,43 @@ def minmax_to_uint8(values: np.ndarray) -> np.ndarray:
     return apply_window(values, *_minmax_window(values))
 
 
-def _colour_to_uint8(path: str, ds: Dataset, arr: np.ndarray) -> np.ndarray:
+def _colour_to_uint8(path: str, ds: Dataset, arr: np.ndarray, decoded_pi: str) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageReadError(path, f"expected 3-sample colour pixel data, got shape {arr.shape}")
-    if arr.dtype == np.uint8:
+    if decoded_pi in ("YBR_FULL", "YBR_FULL_422"):  # pydicom 3 converts while decoding; kept for safety
+        arr = convert_color_space(arr, decoded_pi, "RGB")
+    elif decoded_pi != "RGB":  # YBR_ICT/YBR_RCT left as they are: only valid inside JPEG 2000
+        shown = decoded_pi if decoded_pi in _KNOWN_PI else "unrecognised"
+        raise ImageReadError(path, f"{shown} colour outside JPEG 2000 pixel data is not supported")
+    return _scale_unsigned(path, arr, int(ds.get("BitsStored") or arr.dtype.itemsize * 8))
+
+
+def _palette_to_uint8(path: str, ds: Dataset, arr: np.ndarray) -> np.ndarray:
+    """PALETTE COLOR -> RGB by pydicom's ``apply_color_lut`` (segmented LUTs included), scaled from the LUT
+    Descriptor's bit depth to 0..255."""
+    if arr.ndim != 2:
+        raise ImageReadError(path, f"expected single-sample palette pixel data, got shape {arr.shape}")
+    if "RedPaletteColorLookupTableDescriptor" not in ds:
+        raise ImageReadError(path, "PALETTE COLOR without palette colour lookup tables")
+    rgb = apply_color_lut(arr, ds)
+    bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    return _scale_unsigned(path, rgb, bits)
+
+
+def _scale_unsigned(path: str, arr: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned samples of ``bits`` bits -> uint8 0..255 (uint8 8-bit data unchanged)."""
+    if arr.dtype == np.uint8 and bits <= 8:
         return arr
     if arr.dtype.kind != "u":
         raise ImageReadError(path, f"unsupported colour pixel dtype {arr.dtype}")
-    bits = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
     scaled = np.rint(arr.astype(np.float64) * (255.0 / (2**bits - 1)))
     return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
-def _check_window(center: float, width: float) -> tuple[float, float]:
+def _check_window(center: float, width: float, function: str = "LINEAR") -> tuple[float, float]:
     center, width = float(center), float(width)
-    if not (math.isfinite(center) and math.isfinite(width)) or width < 1.0:
-        raise ValueError(f"invalid window (center={center}, width={width}); width must be >= 1")
+    least = "width must be >= 1" if function == "LINEAR" else "width must be > 0"
+    too_narrow = width < 1.0 if function == "LINEAR" else width <= 0.0
+    if not (math.isfinite(center) and math.isfinite(width)) or too_narrow:
+        raise ValueError(f"invalid window (center={center}, width={width}); {least}")
     return center, width

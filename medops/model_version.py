@@ -114,6 +114,11 @@ class VersionMetadata:
         return [str(m) for m in (self.raw["input"].get("modalities") or [])]
 
     @property
+    def precision(self) -> str:
+        """``fp32`` or ``int8`` (``precision`` written by export; versions exported before it was recorded are FP32)."""
+        return str((self.raw.get("precision") or {}).get("precision", "fp32"))
+
+    @property
     def parity(self) -> list[dict[str, Any]]:
         return list(self.raw.get("parity") or [])
 

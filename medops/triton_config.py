@@ -10,7 +10,9 @@ No torch here: this module is used by export *and* by torch-free serving tooling
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
@@ -21,6 +23,7 @@ __all__ = [
     "INSTANCE_KINDS",
     "TARGETS",
     "build_model_config",
+    "dynamic_batching_settings",
     "parse_model_config",
     "render_model_config",
 ]
@@ -185,6 +188,41 @@ def build_model_config(
     if warmup:
         _add_warmup(config, input_name, input_dims)
     return config
+
+
+DEFAULT_PREFERRED_BATCH_SIZES = (8, 16, 32)
+DEFAULT_MAX_QUEUE_DELAY_US = 2000
+
+
+def dynamic_batching_settings(preferred_batch_sizes: Sequence[int] | None, max_queue_delay_us: int | None,
+                              batcher_file: str | Path | None = None) -> tuple[list[int], int, str]:
+    """The dynamic batcher's preferred batch sizes and queue delay export writes, and where they came from.
+
+    A value given explicitly wins; a ``None`` is taken from ``batcher_file`` (the JSON ``python -m bench latency
+    --write-config`` writes from its latency-under-load sweep) when that file exists, else the defaults
+    (``[8, 16, 32]``, 2000 us). Raises ValueError for a batcher file without usable values.
+    """
+    chosen: dict[str, object] = {}
+    source = "defaults"
+    if (preferred_batch_sizes is None or max_queue_delay_us is None) and batcher_file and Path(batcher_file).is_file():
+        try:
+            chosen = json.loads(Path(batcher_file).read_text())
+            delay = chosen["max_queue_delay_us"]
+            sizes = chosen["preferred_batch_sizes"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{batcher_file}: not a dynamic batcher choice ({type(exc).__name__}: {exc})") from None
+        if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0 or not isinstance(sizes, list) or any(
+                isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+            raise ValueError(f"{batcher_file}: max_queue_delay_us must be an integer >= 0 and preferred_batch_sizes "
+                             f"a list of positive integers, got {delay!r} and {sizes!r}")
+        source = f"{batcher_file} ({chosen.get('chosen_by') or 'python -m bench latency'})"
+    sizes_out = list(preferred_batch_sizes) if preferred_batch_sizes is not None else list(
+        chosen.get("preferred_batch_sizes", DEFAULT_PREFERRED_BATCH_SIZES))  # type: ignore[call-overload]
+    delay_out = int(max_queue_delay_us) if max_queue_delay_us is not None else int(
+        chosen.get("max_queue_delay_us", DEFAULT_MAX_QUEUE_DELAY_US))  # type: ignore[call-overload]
+    if preferred_batch_sizes is not None and max_queue_delay_us is not None:
+        source = "export config"
+    return sizes_out, delay_out, source
 
 
 def render_model_config(config: model_config_pb2.ModelConfig) -> str:

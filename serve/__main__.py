@@ -11,6 +11,8 @@ Commands::
     batch    INPUT --out predictions.csv --model NAME [backend options] [--split test] [--workers 2]
              [--in-flight 4] [--batch-size 16] [--no-resume] [--compare-run RUN_DIR|latest] [--log-dir logs]
              [--start-server] [--no-rollout]
+    predict|batch --dicomweb URL --study UID [--series UID] [--store-results] --model NAME [backend options]
+             a PACS study instead of files: answer per series and study, SRs back with STOW-RS (serve.dicomweb)
     drift    INPUT --name NAME [--model-repository DIR] [--version V] [--split test] [--fail-on-drift]
              [--out DIR] [--alpha 0.01] [--psi-threshold 0.2] [--min-window 30]
     promote  NAME VERSION [--eval-data NPZ|DIR|CSV] [--split test] [--tolerance 0.01] [--force] [--url HOST:PORT]
@@ -36,6 +38,7 @@ Torch-free: nothing here (or in what it imports) needs torch or Lightning.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import time
@@ -352,6 +355,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from serve.contract import ServeError
     from serve.predict import failed, predict_files, render_errors, render_json, render_table
 
+    if args.dicomweb or not args.files:
+        return cmd_dicomweb(args)
     try:
         with server_context(args) as url:
             backend = open_model(args, url)
@@ -385,6 +390,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from serve.contract import ServeError
     from serve.inputs import iter_inputs
 
+    if args.dicomweb or args.input is None:
+        return cmd_dicomweb(args)
     try:
         with server_context(args) as url:
             backend = open_model(args, url)
@@ -419,6 +426,49 @@ def cmd_batch(args: argparse.Namespace) -> int:
         err.print(f"[yellow]{errors} input(s) failed; see the error column of {escape(str(args.out))}[/yellow]")
         return EXIT_INPUT
     return EXIT_OK
+
+
+# -- predict / batch from a PACS (DICOMweb) ---------------------------------------------------------------------
+def cmd_dicomweb(args: argparse.Namespace) -> int:
+    """``predict``/``batch`` with ``--dicomweb URL --study UID``: classify the study's series (serve.dicomweb), print
+    the answer per series and study, write it (batch: ``--out`` CSV and JSON) and with ``--store-results`` store
+    one SR per series back into the study."""
+    from serve import dicomweb
+    from serve.contract import ServeError
+
+    if not (args.dicomweb and args.study):
+        _error("give image files (predict) or an INPUT (batch), or a PACS study: --dicomweb URL --study UID")
+        return EXIT_SERVER
+    try:
+        with server_context(args) as url:
+            backend = open_model(args, url)
+            try:
+                result = dicomweb.classify_study(
+                    args.dicomweb, args.study, backend, series_uid=args.series, timeout=args.pacs_timeout,
+                    progress=lambda s: err.print(f"series {s.key} ({s.modality}): {len(s.probabilities)} of "
+                                                 f"{s.instances} image(s) classified"))
+            finally:
+                backend.close()
+        if args.store_results:
+            reports = dicomweb.store_results(args.dicomweb, args.study, result, timeout=args.pacs_timeout)
+            err.print(f"stored {len(reports)} result SR(s) in the study (STOW-RS)")
+    except ServeError as exc:
+        _error(str(exc))
+        return EXIT_SERVER
+    if getattr(args, "json", False):
+        print(json.dumps(result.as_dict(), indent=2), flush=True)
+    else:
+        out.print(dicomweb.render_table(result, _backend_label(args, url)))
+    if args.command == "batch":
+        csv_path, summary = dicomweb.write_csv(result, args.out)
+        err.print(f"wrote {escape(str(csv_path))} and {escape(str(summary))}", soft_wrap=True)
+    failed = sum(len(s.failed) for s in result.series)
+    for s in result.series:
+        for f in s.failed:
+            err.print(f"[yellow]error[/yellow]: series {s.key} image {f['instance']}: {escape(f['reason'])}")
+        for warning in sorted(set(s.warnings)):
+            err.print(f"[yellow]warning[/yellow]: series {s.key}: {escape(warning)}", soft_wrap=True)
+    return EXIT_INPUT if failed or not result.images else EXIT_OK
 
 
 def _rollout_report(backend: Any, path: Path | None) -> None:
@@ -646,20 +696,34 @@ def _add_no_rollout(cmd: argparse.ArgumentParser) -> None:
                      help="ignore a canary/shadow trial announced by the served model; use --version or latest")
 
 
+def _add_dicomweb_options(cmd: argparse.ArgumentParser) -> None:
+    """``--dicomweb URL --study UID [--series UID] [--store-results]``: a PACS study instead of files."""
+    group = cmd.add_argument_group("from a PACS (DICOMweb)")
+    group.add_argument("--dicomweb", default=None, metavar="URL",
+                       help="DICOMweb root of the PACS, e.g. http://pacs:8042/dicom-web (with --study)")
+    group.add_argument("--study", default=None, metavar="UID", help="StudyInstanceUID to classify")
+    group.add_argument("--series", default=None, metavar="UID", help="only this SeriesInstanceUID of the study")
+    group.add_argument("--store-results", action="store_true",
+                       help="store one DICOM SR per classified series back into the study (STOW-RS)")
+    group.add_argument("--pacs-timeout", type=float, default=60.0, help="DICOMweb request timeout (default: 60)")
+
+
 def _add_predict_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     """``predict``: image files through a backend (``common``: the backend options)."""
     predict = sub.add_parser("predict", parents=[common], help="predict image files (PNG/JPEG/DICOM/.npy)")
-    predict.add_argument("files", nargs="+", metavar="FILE", help="image files")
+    predict.add_argument("files", nargs="*", metavar="FILE", help="image files (or --dicomweb URL --study UID)")
     predict.add_argument("--top-k", type=_positive_int, default=3, help="classes to show per file (default: 3)")
     predict.add_argument("--json", action="store_true", help="print a JSON array, one object per file")
     predict.set_defaults(func=cmd_predict)
     _add_no_rollout(predict)
+    _add_dicomweb_options(predict)
 
 
 def _add_batch_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None:
     """``batch``: a dataset or folder into a predictions CSV (``common``: the backend options)."""
     batch = sub.add_parser("batch", parents=[common], help="batch inference over a dataset or folder into a CSV")
-    batch.add_argument("input", metavar="INPUT", help="a MedMNIST .npz, an image folder, a CSV or a file list")
+    batch.add_argument("input", metavar="INPUT", nargs="?", default=None,
+                       help="a MedMNIST .npz, an image folder, a CSV or a file list (or --dicomweb URL --study UID)")
     batch.add_argument("--out", default="predictions.csv", help="predictions CSV (default: predictions.csv)")
     batch.add_argument("--split", default="test", help="split of a MedMNIST .npz (default: test)")
     batch.add_argument("--workers", type=_positive_int, default=2, help="image-reading workers (default: 2)")
@@ -671,6 +735,7 @@ def _add_batch_parser(sub: _Subparsers, common: argparse.ArgumentParser) -> None
     batch.add_argument("--log-dir", default="logs", help="where --compare-run latest looks (default: logs)")
     batch.set_defaults(func=cmd_batch)
     _add_no_rollout(batch)
+    _add_dicomweb_options(batch)
 
 
 def _add_drift_parser(sub: _Subparsers) -> None:

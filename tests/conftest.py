@@ -14,6 +14,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BREASTMNIST = REPO / "data" / "breastmnist.npz"
 
+from tests.orthanc import orthanc  # noqa: E402, F401  (session fixture: a real Orthanc PACS, started on first use)
+
 
 def write_medmnist(path: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
     """Write a MedMNIST-format .npz (labels as N x 1, like the real files)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("medops", "datatools", "analysis", "train", "export", "evaluation", "serve", "bench")
+PACKAGES = ("medops", "datatools", "analysis", "train", "export", "evaluation", "serve", "bench", "pipeline")
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 

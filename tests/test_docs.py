@@ -21,9 +21,9 @@ from tests.test_repo import RUN_CMD, TEST_CMD, quick_start_commands
 DOCS = REPO / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
 DOC_FILES = [REPO / "README.md", *PAGES]
-REPO_PACKAGES = ("medops", "datatools", "analysis", "train", "export", "evaluation", "serve", "bench")
+REPO_PACKAGES = ("medops", "datatools", "analysis", "train", "export", "evaluation", "serve", "bench", "pipeline")
 SKIP_LINES = ("wandb", "kubectl", "docker", "helm", "sbatch", "kustomize")
-SUBCOMMAND_CLIS = ("serve", "datatools.data_version")  # argparse CLIs whose commands get their own --help
+SUBCOMMAND_CLIS = ("serve", "datatools.data_version", "pipeline")  # argparse CLIs whose commands get their own --help
 STALE = re.compile(r"train\.(validate_data|data_version|ingest_dicom|evaluate|explain|compare|cv)\b|medimg"
                    r"|(train|export|bench)/pipeline\.py")
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```", flags=re.S | re.M)

@@ -17,7 +17,7 @@ RUN_CMD = ('python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && '
            "&& .venv/bin/python -m serve batch data/breastmnist.npz --start-server --model breastmnist "
            "--compare-run latest --out logs/breastmnist/predictions_test.csv --no-resume")
 TEST_CMD = ('python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && .venv/bin/ruff check . '
-            "&& .venv/bin/python -m pytest")
+            "&& scripts/install_test_services.sh && .venv/bin/python -m pytest")
 
 
 def quick_start_commands() -> list[str]:

@@ -30,6 +30,8 @@ def main(cfg: DictConfig) -> float | None:
         return None
     print_summary(record)
     metric = cfg.get("optimized_metric")
+    if metric == "auto":  # the metric the recipe selected the checkpoint by (val/auroc; ordinal data: val/qwk)
+        metric = (record.get("recipe") or {}).get("monitor") or "val/auroc"
     if metric:
         split, _, name = metric.partition("/")
         return record.get(split, {}).get(name)

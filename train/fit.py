@@ -45,12 +45,13 @@ from medops.metrics import (
     per_label,
     task_summary,
 )
+from medops.pipeline_record import tracked_version
 from medops.plots import plot_confusion, plot_roc
 from medops.run_record import new_record, write_record
 from train.datamodules import DataError, ImageClassificationDataModule
 from train.loggers import wandb_run_info
 from train.module import ClassificationModule, count_parameters
-from train.recipe import MonitorFallback, Recipe, fit_length, note_fallback, plan, print_recipe
+from train.recipe import MonitorFallback, Recipe, fit_length, name_checkpoints_by, note_fallback, plan, print_recipe
 from train.wandb_report import log_checkpoint_artifact, log_evaluation, run_name
 
 log = logging.getLogger(__name__)
@@ -375,6 +376,9 @@ def build_trainer(cfg: DictConfig, loggers: list[Logger], recipe: Recipe | None 
         run_cfg.recipe = {**(run_cfg.get("recipe") or {}), "monitor": recipe.monitor if recipe else "val/auroc",
                           "mode": recipe.mode if recipe else "max"}
     callbacks: list[Callback] = instantiate_list(run_cfg.get("callbacks"))
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor:
+            name_checkpoints_by(cb, cb.monitor)
     if callbacks and recipe and recipe.monitor_fallback:
         callbacks.insert(0, MonitorFallback(recipe.monitor_fallback))
     if not loggers:
@@ -399,6 +403,7 @@ def start_record(cfg: DictConfig, out_dir: Path, dm: ImageClassificationDataModu
     record["config"] = OmegaConf.to_container(cfg, resolve=True)
     record["config"]["data"].pop("validation", None)  # keeps the data config instantiable (export, serve)
     record["data"] = dm.summary()
+    record["data"]["tracked_version"] = tracked_version(record["data"].get("source") or "")  # DVC / Git LFS
     record["data_validation"] = data_validation
     record["model"] = {"arch": module.hparams.net.get("arch"), "parameters": count_parameters(module.net)}
     record["trainer"] = {"precision": str(trainer_cfg["precision"]), "accelerator": trainer_cfg.get("accelerator"),

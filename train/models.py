@@ -139,6 +139,105 @@ def build_backbone(
     return net
 
 
+TTA_MODES = ("none", "hflip")
+
+
+class Ensemble(nn.Module):
+    """``members`` independently initialised networks trained side by side, averaged, with optional test-time
+    augmentation: a deep ensemble (Lakshminarayanan et al., NeurIPS 2017) in one module, so that it trains,
+    checkpoints, calibrates and exports as one model.
+
+    Each member keeps its own classifier head; training optimises every member on its own loss
+    (:meth:`member_logits`, see :class:`train.module.ClassificationModule`), so the members do not co-adapt. The
+    ensemble's logits are the mean of the members' logits; in eval mode with ``tta="hflip"`` they are also averaged
+    over the image and its horizontal mirror. Because the heads are linear, both averages equal one linear head over
+    the averaged, concatenated penultimate features: :meth:`fused` builds that form for export, whose last
+    ``nn.Linear`` is the ensemble's head and whose features feed the out-of-distribution score.
+    """
+
+    def __init__(self, members: list[nn.Module], tta: str = "none") -> None:
+        super().__init__()
+        if tta not in TTA_MODES:
+            raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_MODES)}")
+        self.members = nn.ModuleList(members)
+        self.tta = tta
+
+    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of every member, [members, N, K] (no test-time augmentation)."""
+        return torch.stack([member(x) for member in self.members])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.member_logits(x).mean(0)
+        if self.tta == "hflip" and not self.training:
+            logits = (logits + self.member_logits(x.flip(-1)).mean(0)) / 2
+        return logits
+
+    def fused(self) -> FusedEnsemble:
+        """The same function as one body and one linear head (for export; see the class docstring)."""
+        return FusedEnsemble(self)
+
+
+class FusedEnsemble(nn.Module):
+    """:class:`Ensemble` as ``head(mean over TTA views of concat(member features))``; equal to it in eval mode.
+
+    The head's weight is the members' head weights side by side, each divided by the number of members, its bias
+    the mean of theirs: ``sum_i W_i f_i / M + mean_i b_i`` is the mean of the members' logits.
+    """
+
+    def __init__(self, ensemble: Ensemble) -> None:
+        super().__init__()
+        import copy
+
+        members = [copy.deepcopy(m) for m in ensemble.members]
+        heads = [_detach_last_linear(m) for m in members]
+        n = len(members)
+        self.members = nn.ModuleList(members)
+        self.tta = ensemble.tta
+        self.head = nn.Linear(sum(h.in_features for h in heads), heads[0].out_features)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.cat([h.weight for h in heads], dim=1) / n)
+            self.head.bias.copy_(torch.stack([h.bias for h in heads]).mean(0))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenated penultimate features of the members, averaged over the test-time views."""
+        feats = torch.cat([m(x).flatten(1) for m in self.members], dim=1)
+        if self.tta == "hflip":
+            flipped = x.flip(-1)
+            feats = (feats + torch.cat([m(flipped).flatten(1) for m in self.members], dim=1)) / 2
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _detach_last_linear(net: nn.Module) -> nn.Linear:
+    """Replace the last ``nn.Linear`` of ``net`` (in module order) by ``nn.Identity`` and return it."""
+    names = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(net).__name__} has no nn.Linear head to fuse")
+    parent_name, _, child = names[-1].rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    head = getattr(parent, child)
+    setattr(parent, child, nn.Identity())
+    return head
+
+
+def for_export(net: nn.Module) -> nn.Module:
+    """``net`` with every :class:`Ensemble` in it replaced by its :class:`FusedEnsemble` (a copy; other networks
+    are returned as they are)."""
+    if not any(isinstance(m, Ensemble) for m in net.modules()):
+        return net
+    import copy
+
+    clone = copy.deepcopy(net)
+    for name, module in list(clone.named_modules()):
+        if isinstance(module, Ensemble):
+            parent_name, _, child = name.rpartition(".")
+            parent = clone.get_submodule(parent_name) if parent_name else clone
+            setattr(parent, child, module.fused())
+    return clone
+
+
 def build_network(
     arch: str,
     in_channels: int,
@@ -146,10 +245,19 @@ def build_network(
     image_size: int,
     mean: Sequence[float],
     std: Sequence[float],
+    members: int = 1,
+    tta: str = "none",
     **kwargs: object,
 ) -> nn.Sequential:
-    """Normalisation followed by the backbone: the whole graph that is trained and exported."""
-    backbone = build_backbone(arch, in_channels, num_classes, image_size, **kwargs)  # type: ignore[arg-type]
-    return nn.Sequential(Normalize(mean, std), backbone)
+    """Normalisation followed by the backbone: the whole graph that is trained and exported. ``members > 1`` or
+    ``tta != "none"`` builds an :class:`Ensemble` of independently initialised backbones."""
+    if members < 1:
+        raise ValueError(f"model.net.members must be >= 1, got {members}")
+    if members == 1 and tta == "none":
+        backbone = build_backbone(arch, in_channels, num_classes, image_size, **kwargs)  # type: ignore[arg-type]
+        return nn.Sequential(Normalize(mean, std), backbone)
+    nets = [build_backbone(arch, in_channels, num_classes, image_size, **kwargs)  # type: ignore[arg-type]
+            for _ in range(members)]
+    return nn.Sequential(Normalize(mean, std), Ensemble(nets, tta=tta))
 
 

@@ -37,7 +37,7 @@ from torchmetrics.classification import (
 )
 
 from train.augment import AugmentConfig, BatchAugment
-from train.models import build_network
+from train.models import Ensemble, build_network
 
 TASKS = ("binary", "multiclass", "ordinal", "multilabel")
 
@@ -77,6 +77,13 @@ def ordinal_soft_targets(y: torch.Tensor, num_classes: int, scale: float = 1.0) 
     """SORD soft labels (Diaz and Marathe, CVPR 2019): ``softmax(-scale * (k - y)^2)`` over the grades ``k``."""
     grades = torch.arange(num_classes, device=y.device, dtype=torch.float32)
     return torch.softmax(-float(scale) * (grades[None, :] - y[:, None].float()) ** 2, dim=-1)
+
+
+def ensemble_of(net: nn.Module) -> Ensemble | None:
+    """The :class:`train.models.Ensemble` right after the normalisation layer of ``net``, if it is one."""
+    if isinstance(net, nn.Sequential) and len(net) == 2 and isinstance(net[1], Ensemble):
+        return net[1]
+    return None
 
 
 def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:
@@ -191,7 +198,12 @@ class ClassificationModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = self._loss(self(x), y)
+        ensemble = ensemble_of(self.net)
+        if ensemble is None:
+            loss = self._loss(self(x), y)
+        else:  # every member on its own loss: independent members, not one wide co-adapted network
+            normalised = self.net[0](x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+            loss = torch.stack([self._loss(z, y) for z in ensemble.member_logits(normalised)]).mean()
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 

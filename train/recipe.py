@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -189,9 +190,11 @@ def _interpolate(table: dict[int, float], size: int) -> float | None:
 
 
 def estimate_cost(*, arch: str, width: int | None, size: int, cpu: bool, precision: str, epochs: int,
-                  total_steps: int, batch_size: int, val_images: int, reference: dict[str, Any] = REFERENCE
-                  ) -> dict[str, Any]:
-    """Expected wall time of the fit on the reference machine class, or why there is no estimate."""
+                  total_steps: int, batch_size: int, val_images: int, reference: dict[str, Any] = REFERENCE,
+                  members: int = 1, views: int = 1) -> dict[str, Any]:
+    """Expected wall time of the fit on the reference machine class, or why there is no estimate. An ensemble
+    (``members``, ``views`` test-time views) costs ``members`` times the training and ``members x views`` times
+    the validation of one network."""
     measured = reference["images_per_s"]
     sizes = sorted({int(s) for p in measured.values() for s in p["train"]})
     where = (f"measured for {reference['arch']} width {reference['width']} at {'/'.join(map(str, sizes))} px, "
@@ -204,6 +207,7 @@ def estimate_cost(*, arch: str, width: int | None, size: int, cpu: bool, precisi
     eval_ips = _interpolate(measured[precision]["eval"], size)
     if not train_ips or not eval_ips:
         return {"seconds": None, "why": f"no estimate at {size} px ({where})"}
+    train_ips, eval_ips = train_ips / members, eval_ips / (members * views)
     train_s = total_steps * batch_size / train_ips
     val_s = epochs * val_images / eval_ips
     fixed = float(reference.get("fixed_seconds") or 0.0)
@@ -294,7 +298,8 @@ def fit_length(recipe: Recipe, cfg: DictConfig, trainer: Any, dm: ImageClassific
         arch=str(net.get("arch")), width=net.get("width"), size=int(dm.image_size),
         cpu=isinstance(trainer.accelerator, CPUAccelerator), precision=str(trainer.precision),
         epochs=recipe.epochs, total_steps=recipe.total_steps, batch_size=recipe.batch_size,
-        val_images=len(dm.datasets["val"]))
+        val_images=len(dm.datasets["val"]), members=int(net.get("members") or 1),
+        views=1 if (net.get("tta") or "none") == "none" else 2)
     return recipe
 
 
@@ -324,6 +329,16 @@ def print_recipe(recipe: Recipe, console: Console | None = None) -> None:
     console.print(table)
 
 
+def name_checkpoints_by(callback: ModelCheckpoint, monitor: str) -> None:
+    """A checkpoint file name that shows the metric it was chosen by: the config's ``epochNNN-auroc{val/auroc}``
+    becomes ``epochNNN-qwk{val/qwk}`` when the recipe monitors ``val/qwk`` (other file name patterns are kept)."""
+    name = callback.filename or ""
+    match = re.search(r"(\w+)\{(val/\w+)(:[^}]*)?\}", name)
+    if match and match.group(2) != monitor:
+        tag = monitor.rpartition("/")[2]
+        callback.filename = name[:match.start()] + f"{tag}{{{monitor}{match.group(3) or ''}}}" + name[match.end():]
+
+
 class MonitorFallback(Callback):
     """After the first validation: a checkpoint or early-stopping monitor the module does not log (e.g. ``val/qwk``
     before the module logs it) is switched to ``fallback``, with a warning; :attr:`used` says whether it was."""
@@ -345,6 +360,8 @@ class MonitorFallback(Callback):
                             type(cb).__name__, self.fallback)
                 self.used = cb.monitor
                 cb.monitor = self.fallback
+                if isinstance(cb, ModelCheckpoint):
+                    name_checkpoints_by(cb, self.fallback)
 
 
 def note_fallback(record: dict[str, Any], trainer: Any) -> None:

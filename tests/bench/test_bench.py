@@ -224,3 +224,87 @@ def test_training_cost_case_measures_and_estimates_by_the_recipe_rule(tmp_path: 
                                              + epochs * e["val_images"] / row["eval_images_per_s"])
     assert estimates[50000]["epochs"] == cfg["min_epochs"]  # a large dataset: at least min_epochs passes
     assert (tmp_path / "training-cost.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_engines_served_efficiency_pinned_and_shared(quick_run: tuple[Path, str]) -> None:
+    """Triton on its own core(s), the clients on the others; the shared-core figure as a second, labelled line."""
+    import os
+
+    data = load(quick_run[0], "engines")
+    served = data["served"]
+    cpus = sorted(os.sched_getaffinity(0))
+    cfg = data["config"]
+    layouts = {r["layout"] for r in served["rows"]}
+    if len(cpus) >= 2:
+        assert layouts == {"pinned", "shared"} and served["server_cpus"] == cpus[-1:]
+        assert served["client_cpus"] == cpus[:-1]
+    else:
+        assert layouts == {"shared"} and served["pinned_skipped"]
+    models = {r["model"] for r in served["rows"]}
+    assert models == {f"{cfg['arch']} {c} ch {s} px" for c in cfg["channels"] for s in cfg["sizes"]}
+    for row in served["rows"]:
+        check_latency(row)
+        assert row["request_batch"] in cfg["batches"] and row["runs"] == cfg["repeats"]
+        assert row["served_over_in_process"] > 0 and row["ort_images_per_s"] > 0
+        assert row["client_cpu_ms_per_request"] > 0
+        for key in ("queue_ms", "compute_input_ms", "compute_infer_ms", "compute_output_ms"):
+            assert row[key] is not None and row[key] >= 0, key
+        assert row["compute_infer_ms"] > 0 and row["mean_batch"] >= 1
+        if row["layout"] == "pinned":  # read back from /proc: every thread of the server tree and of the clients
+            assert row["server_cpus"] == [str(cpus[-1])] and row["server_processes"] >= 2  # + Python-backend stub
+            assert row["client_cpus"] == [",".join(map(str, cpus[:-1]))] or len(cpus) > 2
+            assert row["ort_threads"] == 1
+    names = [t["name"] for t in data["targets"] if t["name"].startswith("Triton served")]
+    assert len(names) == sum(r["layout"] == "pinned" for r in served["rows"])
+    assert "Served efficiency" in quick_run[1] and "client CPU" in quick_run[1]
+
+
+def test_latency_sweep_and_the_batcher_choice_export_writes(quick_run: tuple[Path, str], tmp_path: Path) -> None:
+    from bench.latency import write_choice
+    from medops.triton_config import build_model_config, dynamic_batching_settings
+
+    data = load(quick_run[0], "latency")
+    cfg = data["config"]
+    assert data["max_throughput_per_s"] > 0
+    assert len(data["candidates"]) == len(cfg["candidates"])
+    for cand in data["candidates"]:
+        assert [p["fraction"] for p in cand["points"]] == cfg["fractions"]
+        for p in cand["points"]:
+            assert p["offered_per_s"] == pytest.approx(p["fraction"] * data["max_throughput_per_s"])
+            assert p["errors"] == 0 and p["answered"] == p["requests"] > 0
+            check_latency({"images_per_s": p["achieved_per_s"], **p})
+        assert cand["low_load_p50_ms"] == cand["points"][0]["p50_ms"]
+        assert cand["p99_over_low_p50"] == pytest.approx(cand["p99_at_goal_load_ms"] / cand["low_load_p50_ms"])
+    best = min(data["candidates"], key=lambda c: c["p99_at_goal_load_ms"])
+    assert data["choice"]["max_queue_delay_us"] == best["candidate"]["max_queue_delay_us"]
+    (target,) = data["targets"]
+    assert target["value"] == pytest.approx(best["p99_over_low_p50"]) and target["met"] == (target["value"] <= 4)
+
+    # the choice, written as export reads it, becomes the dynamic batcher of config.pbtxt
+    path = write_choice(tmp_path / "batcher.json", data)
+    sizes, delay, source = dynamic_batching_settings(None, None, path)
+    assert (sizes, delay) == (data["choice"]["preferred_batch_sizes"], data["choice"]["max_queue_delay_us"])
+    assert str(path) in source and "python -m bench" in source  # the file and the command that chose it
+    config = build_model_config("m", "python", channels=1, image_size=28, num_classes=2, preferred_batch_sizes=sizes,
+                                max_queue_delay_us=delay)
+    assert config.dynamic_batching.max_queue_delay_microseconds == delay
+    assert dynamic_batching_settings([4], 7, path)[:2] == ([4], 7)  # explicit settings win
+    assert dynamic_batching_settings(None, None, tmp_path / "none.json") == ([8, 16, 32], 2000, "defaults")
+    (tmp_path / "bad.json").write_text('{"max_queue_delay_us": -5, "preferred_batch_sizes": [8]}')
+    with pytest.raises(ValueError, match="max_queue_delay_us must be an integer >= 0"):
+        dynamic_batching_settings(None, None, tmp_path / "bad.json")
+
+
+def test_int8_case_times_fp32_and_int8(quick_run: tuple[Path, str]) -> None:
+    data = load(quick_run[0], "int8")
+    cfg = data["config"]
+    bench_rows = [r for r in data["rows"] if "random weights" in r["model"]]
+    assert {(r["channels"], r["size"], r["batch"]) for r in bench_rows} == {
+        (c, s, b) for c in cfg["channels"] for s in cfg["sizes"] for b in cfg["batches"]}
+    for row in data["rows"]:
+        for k in ("fp32", "int8"):
+            check_latency(row[k])
+            assert row[k]["runs"] == cfg["repeats"]
+        assert row["int8_over_fp32"] > 0
+        assert row["int8_bytes"] < row["fp32_bytes"] / 2  # int8 weights: a quarter of the bytes, plus scales
+        assert 0 < row["max_abs_prob_diff"] < 1

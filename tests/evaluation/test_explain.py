@@ -500,3 +500,26 @@ def test_cli_missing_image_exits_2_naming_it(tmp_path, capsys):
     assert main([str(missing), "--run", str(tmp_path)]) == 2
     assert str(missing) in capsys.readouterr().err
     assert not list(tmp_path.iterdir()), "nothing written"
+
+
+def test_gradcam_of_an_ensemble_is_the_members_mean_before_the_relu() -> None:
+    """The ensemble's map is the Grad-CAM of its mean logit: the members' gradient-weighted maps averaged, then
+    the ReLU, so it differs from any single member's map and is computed without the mirror view."""
+    import torch.nn.functional as F
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    from evaluation.explain import gradcam
+    from train.models import build_network
+
+    torch.manual_seed(3)
+    net = build_network("resnet18", 1, 2, 28, [0.5], [0.25], members=2, tta="hflip", width=8).eval()
+    x = torch.rand(3, 1, 28, 28)
+    got = gradcam(net, x.numpy(), target_class=1)
+    coarse = []
+    for member in net[1].members:
+        single = torch.nn.Sequential(net[0], member).eval()
+        coarse.append(LayerGradCam(single, member.layer4).attribute(x.clone().requires_grad_(True), target=1,
+                                                                    relu_attributions=False).detach())
+    expected = LayerAttribution.interpolate(F.relu(torch.stack(coarse).mean(0)), (28, 28), "bilinear")[:, 0]
+    expected = expected / expected.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+    assert got.shape == (3, 28, 28) and np.allclose(got, expected.numpy(), atol=1e-5)

@@ -360,3 +360,36 @@ def snapshot(repository: Path) -> dict[str, int]:
     if not repository.exists():
         return {}
     return {str(p.relative_to(repository)): p.stat().st_size for p in sorted(repository.rglob("*")) if p.is_file()}
+
+
+def test_an_ensemble_exports_as_one_graph_equal_to_the_trained_ensemble(tmp_path: Path,
+                                                                         breastmnist_small: Path) -> None:
+    """A deep ensemble with test-time flips (the strong recipe's form) becomes ONE model.onnx whose probabilities
+    are the trained ensemble's (every member, both views, the fitted temperature) and whose card says what it is."""
+    from tests.conftest import FAST, run_cli
+    from train.module import ClassificationModule
+
+    run = tmp_path / "run"
+    run_cli(*FAST, f"data.path={breastmnist_small}", "data.md5=false", "trainer.max_epochs=2", "recipe.steps=null",
+            "model.net.members=2", "model.net.tta=hflip", run_dir=run)
+    record = json.loads((run / "run.json").read_text())
+    run_export_cli(f"run={run}", "name=ens", f"model_repository={tmp_path / 'repo'}", log_dir=tmp_path / "log")
+    version = tmp_path / "repo" / "ens" / "1"
+    meta = json.loads((version / "metadata.json").read_text())
+    assert meta["model"]["members"] == 2 and meta["model"]["tta"] == "hflip"
+    assert sorted(f.name for f in version.glob("*.onnx")) == ["embedding.onnx", "model.onnx"]  # one model graph
+    assert "deep ensemble of 2 x smallcnn" in (version / "MODEL_CARD.md").read_text()
+
+    module = ClassificationModule.load_from_checkpoint(record["checkpoints"]["best"], map_location="cpu",
+                                                       weights_only=False).eval()
+    images = np.load(breastmnist_small)["test_images"][:16, None].astype(np.float32) / 255.0
+    x = torch.from_numpy(images)
+    with torch.no_grad():  # the trained form, spelt out: member logits over the image and its mirror, averaged
+        z = module.net[0](x)
+        members = module.net[1].members
+        logits = (torch.stack([m(z) for m in members]).mean(0) + torch.stack([m(z.flip(-1)) for m in members]).mean(0))
+        expected = torch.softmax(logits / 2 / record["calibration"]["temperature"], dim=-1).numpy()
+    session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(["probabilities"], {"image": images})[0]
+    assert np.allclose(got, expected, atol=1e-5)
+    assert meta["ood"]["dimensions"] == 2 * 32  # both members' penultimate features feed the OOD score

@@ -234,7 +234,7 @@ def test_missing_pixel_data(tmp_path: Path) -> None:
     assert err.value.path == str(path)
 
 
-def test_compressed_pixel_data_without_decoder(tmp_path: Path) -> None:
+def test_corrupt_compressed_pixel_data_is_reported_as_corrupt_not_as_a_missing_decoder(tmp_path: Path) -> None:
     ds = pydicom.dcmread(CT)
     ds.file_meta.TransferSyntaxUID = JPEGLSLossless
     ds.PixelData = encapsulate([b"\xff\xd8 not really JPEG-LS \xff\xd9"])
@@ -243,7 +243,8 @@ def test_compressed_pixel_data_without_decoder(tmp_path: Path) -> None:
     ds.save_as(path, enforce_file_format=True)
     with pytest.raises(ImageReadError, match="compressed pixel data") as err:
         read_image(path)
-    assert "JPEG-LS" in err.value.reason
+    assert "JPEG-LS" in err.value.reason and "corrupt" in err.value.reason
+    assert "no decoder" not in err.value.reason  # a JPEG-LS decoder (pylibjpeg-libjpeg) is installed
 
 
 def test_read_dicom_missing_file(tmp_path: Path) -> None:
@@ -261,8 +262,11 @@ def test_garbage_with_dcm_suffix(tmp_path: Path) -> None:
 
 
 def test_unsupported_photometric_interpretation(tmp_path: Path) -> None:
-    path = _modified_copy(tmp_path, "pal.dcm", PhotometricInterpretation="PALETTE COLOR")
-    with pytest.raises(ImageReadError, match="PALETTE COLOR"):
+    path = _modified_copy(tmp_path, "hsv.dcm", PhotometricInterpretation="HSV")  # retired
+    with pytest.raises(ImageReadError, match="unsupported PhotometricInterpretation \\('HSV'\\)"):
+        read_image(path)
+    path = _modified_copy(tmp_path, "pal.dcm", PhotometricInterpretation="PALETTE COLOR")  # without its tables
+    with pytest.raises(ImageReadError, match="PALETTE COLOR without palette colour lookup tables"):
         read_image(path)
 
 

@@ -262,3 +262,15 @@ def test_deterministic_runs_are_identical(tmp_path: Path, breastmnist_small: Pat
     weights = [torch.load(r["checkpoints"]["last"], map_location="cpu", weights_only=False)["state_dict"]
                for r in records]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_last_checkpoint_is_the_last_epoch_not_the_best(tmp_path: Path, breastmnist_small: Path) -> None:
+    """last.ckpt (what a killed run resumes from) follows every epoch even when the best one is long past."""
+    run_dir = tmp_path / "run"
+    run_cli(*FAST, f"data.path={breastmnist_small}", "data.md5=false", "trainer.max_epochs=3", "recipe.steps=null",
+            "trainer.limit_train_batches=2", "recipe.monitor=epoch", "recipe.mode=min",  # best = the first epoch
+            "callbacks.early_stopping=null", run_dir=run_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    best = torch.load(record["checkpoints"]["best"], map_location="cpu", weights_only=False)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert best["epoch"] == 0 and last["epoch"] == 2 and last["global_step"] == 6

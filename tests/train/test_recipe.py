@@ -102,6 +102,8 @@ def test_cost_estimate_only_for_the_measured_setting() -> None:
     assert estimate_cost(size=28, **{**common, "width": 64})["seconds"] is None
     assert estimate_cost(size=28, **{**common, "cpu": False})["seconds"] is None
     assert estimate_cost(size=28, **{**common, "precision": "32-true"})["seconds"] is None
+    ensemble = estimate_cost(size=28, **common, members=3, views=2)  # 3 members train 3x, validate 6x
+    assert ensemble["seconds"] == round(3 * 640 * 64 / 400 + 6 * 80 * 80 / 1600 + 10)
     assert fmt_duration(None) == "-" and fmt_duration(90) == "90 s" and fmt_duration(600) == "10 min"
     assert fmt_duration(3 * 3600) == "3.0 h"
 

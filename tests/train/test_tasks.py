@@ -151,6 +151,10 @@ def test_multilabel_trains_exports_and_serves(tmp_path: Path, task_data: dict[st
     version = export(tmp_path / "run", tmp_path / "repo", "labels")
     meta = json.loads((version / "metadata.json").read_text())
     assert meta["input"]["task"] == "multilabel" and "sigmoid" in meta["input"]["output"]
+    card = (version / "MODEL_CARD.md").read_text()  # the card a reader opens: each label's threshold and figures
+    for name in LABELS:
+        row = next(line for line in card.splitlines() if line.startswith(f"| {name} | "))
+        assert f"| {labels['thresholds'][name]:.4f} |" in row
 
     # the exported graph gives each label's sigmoid probability (temperature-scaled), not a softmax
     images = np.load(task_data["multilabel"])["test_images"][:32, None].astype(np.float32) / 255.0

@@ -1,0 +1,1 @@
+"""Continuous training: the lifecycle as one pipeline (Kubeflow Pipelines, its local runner, Airflow)."""
