@@ -149,9 +149,11 @@ def test_breastmnist_default_is_unchanged(tmp_path: Path) -> None:
     assert recipe.class_weights is None and recipe.imbalance_ratio == pytest.approx(2.714, abs=1e-3)
     assert recipe.monitor == "val/auroc" and recipe.mode == "max" and recipe.monitor_fallback is None
     assert recipe.early_stopping_patience == 80
-    callbacks = {type(c): c for c in trainer.callbacks}
-    assert callbacks[ModelCheckpoint].monitor == "val/auroc" and callbacks[ModelCheckpoint].mode == "max"
-    assert callbacks[EarlyStopping].monitor == "val/auroc" and callbacks[EarlyStopping].patience == 80
+    checkpoint = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint))
+    stopping = next(c for c in trainer.callbacks if isinstance(c, EarlyStopping))
+    assert checkpoint.monitor == "val/auroc" and checkpoint.mode == "max"
+    assert checkpoint.filename == "epoch{epoch:03d}-auroc{val/auroc:.4f}"  # named by the metric it selects on
+    assert stopping.monitor == "val/auroc" and stopping.patience == 80
     record = json.loads(json.dumps(recipe.as_record()))  # JSON-safe, as run.json stores it
     assert record["epochs_rule"] == "ceil(640 steps / 8 steps per epoch) = 80"
 
