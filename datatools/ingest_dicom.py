@@ -44,6 +44,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -344,9 +346,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    dst = Path(args.dst)
+@contextmanager
+def ingest_logging(dst: Path) -> Iterator[None]:
+    """The ingest log on stderr and in ``dst/ingest.log`` (no propagation to the root logger), with pydicom's own
+    warnings silenced (they can quote header values); shared by ingest and the PACS pull."""
     dst.mkdir(parents=True, exist_ok=True)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr), logging.FileHandler(dst / "ingest.log")]
     for h in handlers:
@@ -355,16 +358,23 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     log.propagate = False
     try:
-        with quiet_pydicom():  # pydicom's own warnings/log records can quote header values
-            result = ingest(args)
-        log.info("%d image(s) from %d file(s) written to %s; %d error(s), %d skipped, %d quarantined "
-                 "(see ingest_report.json)", result.items, result.files_ok, dst, len(result.errors),
-                 len(result.skipped), len(result.quarantined))
-        return 0 if result.items else 1
+        with quiet_pydicom():
+            yield
     finally:
         for h in handlers:
             log.removeHandler(h)
             h.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    dst = Path(args.dst)
+    with ingest_logging(dst):
+        result = ingest(args)
+        log.info("%d image(s) from %d file(s) written to %s; %d error(s), %d skipped, %d quarantined "
+                 "(see ingest_report.json)", result.items, result.files_ok, dst, len(result.errors),
+                 len(result.skipped), len(result.quarantined))
+    return 0 if result.items else 1
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -40,11 +39,11 @@ from datatools.ingest_dicom import (
     _file_items,
     _h,
     _store_item,
+    ingest_logging,
     log,
     write_dataset,
     write_report,
 )
-from medops.deid import quiet_pydicom
 from medops.pacs import PacsError, as_file, find_instances, find_series, find_studies, open_client, retrieve_instance
 
 STATE_FILE = "pull_state.json"
@@ -196,24 +195,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    dst = Path(args.dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr), logging.FileHandler(dst / "ingest.log")]
-    for h in handlers:
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(h)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    try:
-        with quiet_pydicom():  # pydicom's own warnings/log records can quote header values
+    with ingest_logging(Path(args.dst)):
+        try:
             return pull(args)
-    except (PacsError, PullError) as exc:
-        log.error("%s", exc)
-        return EXIT_NOTHING
-    finally:
-        for h in handlers:
-            log.removeHandler(h)
-            h.close()
+        except (PacsError, PullError) as exc:
+            log.error("%s", exc)
+            return EXIT_NOTHING
 
 
 if __name__ == "__main__":
