@@ -1,6 +1,6 @@
 """``python -m bench [CASE|all] [--quick] [--out DIR] [--repeats N] [--threads N] ...``
 
-CASE: engines, pipeline, training, training-cost, gpu, metrics, latency or int8.
+CASE: engines, pipeline, training, training-loop, training-cost, gpu, metrics, latency or int8.
 
 Each case prints its table (with the machine it ran on) and writes ``<case>.json`` and ``<case>.png`` into
 ``--out`` (default ``logs/bench/<timestamp>/``). ``--quick`` runs tiny sizes and few iterations (the tests use it);
@@ -70,12 +70,13 @@ def _configs(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     from bench.latency import LatencyConfig
     from bench.metrics import MetricsConfig
     from bench.serve_batch import PipelineConfig
-    from bench.training import TrainingConfig
+    from bench.time_to_accuracy import TimeToAccuracyConfig
     from bench.training_cost import TrainingCostConfig
+    from bench.training_loop import TrainingConfig
 
     configs: dict[str, Any] = {}
-    for case, cls in (("engines", EnginesConfig), ("pipeline", PipelineConfig), ("training", TrainingConfig),
-                      ("training-cost", TrainingCostConfig),
+    for case, cls in (("engines", EnginesConfig), ("pipeline", PipelineConfig), ("training", TimeToAccuracyConfig),
+                      ("training-loop", TrainingConfig), ("training-cost", TrainingCostConfig),
                       ("gpu", GpuConfig), ("metrics", MetricsConfig), ("latency", LatencyConfig),
                       ("int8", Int8Config)):
         cfg = cls.quick(threads) if args.quick else cls(threads=threads)

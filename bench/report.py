@@ -169,7 +169,7 @@ def int8_table(result: dict[str, Any]) -> Table:
     return table
 
 
-TABLES = {"engines": engines_table, "pipeline": pipeline_table, "training": training_table, "gpu": gpu_table,
+TABLES = {"engines": engines_table, "pipeline": pipeline_table, "training-loop": training_table, "gpu": gpu_table,
           "latency": latency_table, "int8": int8_table}
 
 
@@ -352,5 +352,5 @@ def int8_chart(result: dict[str, Any], path: Path) -> Path:
     return _save(fig, path, result["machine_line"])
 
 
-CHARTS = {"engines": engines_chart, "pipeline": pipeline_chart, "training": training_chart, "gpu": gpu_chart,
+CHARTS = {"engines": engines_chart, "pipeline": pipeline_chart, "training-loop": training_chart, "gpu": gpu_chart,
           "latency": latency_chart, "int8": int8_chart}

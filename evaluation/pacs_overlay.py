@@ -7,9 +7,11 @@ For each image series of the study (report-like series and instances written by 
 instance is read with the model's input contract and scored by the training run's best checkpoint (its temperature
 applied, as in the exported model); the image with the highest P(positive class) -- the one that decides the series
 under :data:`medops.dicom_sr.AGGREGATION_RULE` -- gets a Grad-CAM map of the positive class logit
-(:func:`evaluation.explain.gradcam`), blended over the source image at its own resolution
-(:func:`evaluation.explain.overlay`), enlarged to at least 512 px, and "NOT FOR DIAGNOSIS" with the model, the
-probability and the operating point burned into the pixels (:func:`medops.dicom_sr.burn_label`). The Secondary
+(:func:`evaluation.explain.gradcam`) over the source image enlarged to at least 512 px (:func:`readable_overlay`:
+the map's opacity follows its value, transparent below :data:`HEAT_FLOOR` of its maximum and at most
+:data:`HEAT_ALPHA_MAX`, so the anatomy stays visible under it; a colour bar under the image), and "NOT FOR
+DIAGNOSIS" with the model, the probability and the operating point burned into the pixels
+(:func:`medops.dicom_sr.burn_label`). The Secondary
 Capture (:func:`medops.dicom_sr.overlay_capture`) references the source image and goes into a new series of the
 study with ``--store``; ``--png-dir`` also writes each overlay as ``overlay_<n>.png`` (pixels only).
 
@@ -25,19 +27,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from evaluation.explain import gradcam, overlay
+from evaluation.explain import HEAT_CMAP, display_map, gradcam
 from medops import ImageReadError, preprocess, read_image
 from medops.deid import quiet_pydicom
 from medops.dicom_sr import NOT_FOR_DIAGNOSIS, burn_label, overlay_capture
 from medops.pacs import NON_IMAGE_MODALITIES, PacsError, as_file, find_series, open_client, retrieve_series, store
 
 MIN_WIDTH = 512
+HEAT_ALPHA_MAX = 0.45  # opacity of the map where Grad-CAM is at its maximum
+HEAT_FLOOR = 0.3  # below this share of the map's maximum nothing is drawn: the image shows as it is
+HEAT_GAMMA = 1.5  # opacity rises as the power 1.5 of the value above the floor: mid values stay faint
 
 
 def _model(run: str, log_dir: str) -> tuple[Any, dict[str, Any]]:
@@ -77,6 +83,59 @@ def _read(datasets: Sequence[Dataset], spec: dict[str, Any]) -> tuple[list[Datas
     return kept, native, np.stack(batch) if batch else np.zeros((0,))
 
 
+def _enlarged(image: np.ndarray, min_width: int) -> np.ndarray:
+    """HxWxC uint8 (C 1 or 3) as HxWx3 float in [0, 1], enlarged by an integer factor (bicubic) to >= ``min_width``."""
+    rgb = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image[..., :3]
+    scale = max(1, int(np.ceil(min_width / rgb.shape[1])))
+    if scale > 1:
+        rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).resize(
+            (rgb.shape[1] * scale, rgb.shape[0] * scale), Image.Resampling.BICUBIC))
+    return rgb.astype(np.float32) / 255.0
+
+
+def heat_opacity(shown: np.ndarray) -> np.ndarray:
+    """The map's opacity from its shown value (0..1 of its maximum): 0 up to :data:`HEAT_FLOOR`, then rising
+    (power :data:`HEAT_GAMMA`) to :data:`HEAT_ALPHA_MAX` at the maximum."""
+    return HEAT_ALPHA_MAX * np.clip((shown - HEAT_FLOOR) / (1.0 - HEAT_FLOOR), 0.0, 1.0) ** HEAT_GAMMA
+
+
+def colour_bar(width: int, cmap: str = HEAT_CMAP) -> np.ndarray:
+    """A legend strip (HxWx3 uint8) for :func:`readable_overlay`: the colours from the floor to the maximum, at
+    the opacity they get, over mid grey, between "Grad-CAM low" and "high (this image's maximum)"."""
+    height = max(16, width // 26)
+    font = ImageFont.load_default(size=max(8, int(height * 0.7)))
+    strip = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(strip)
+    left_text, right_text = "Grad-CAM: low", "high"
+    left = int(draw.textlength(left_text, font=font)) + 12
+    right = width - int(draw.textlength(right_text, font=font)) - 12
+    values = np.linspace(0.0, 1.0, max(right - left, 2))
+    alpha = heat_opacity(values)[:, None]
+    colours = (1 - alpha) * 0.5 + alpha * matplotlib.colormaps[cmap](values)[:, :3]
+    bar = np.repeat(np.rint(colours * 255).astype(np.uint8)[None], height - 6, axis=0)
+    strip.paste(Image.fromarray(bar), (left, 3))
+    draw.text((6, height // 2), left_text, fill=(255, 255, 255), font=font, anchor="lm")
+    draw.text((width - 6, height // 2), right_text, fill=(255, 255, 255), font=font, anchor="rm")
+    return np.asarray(strip, dtype=np.uint8)
+
+
+def readable_overlay(image: np.ndarray, heat: np.ndarray, min_width: int = MIN_WIDTH,
+                     cmap: str = HEAT_CMAP) -> np.ndarray:
+    """The source image (HxWxC uint8) enlarged to at least ``min_width`` with the Grad-CAM map ``heat`` (any HxW,
+    resized bilinearly) over it, its opacity following its value (:func:`heat_opacity`), and the colour bar under
+    it: HxWx3 uint8. Where the map is below :data:`HEAT_FLOOR` of its maximum the pixels are the image's own."""
+    rgb = _enlarged(image, min_width)
+    height, width = rgb.shape[:2]
+    hm = np.asarray(heat, dtype=np.float32)
+    if hm.shape != (height, width):
+        hm = np.asarray(Image.fromarray(hm, mode="F").resize((width, height), Image.Resampling.BILINEAR))
+    shown = display_map(hm)
+    alpha = heat_opacity(shown)[..., None]
+    blend = (1.0 - alpha) * rgb + alpha * matplotlib.colormaps[cmap](shown)[..., :3]
+    picture = np.clip(np.rint(blend * 255.0), 0, 255).astype(np.uint8)
+    return np.concatenate([picture, colour_bar(width, cmap)], axis=0)
+
+
 def series_overlay(net: Any, spec: dict[str, Any], native: list[np.ndarray], batch: np.ndarray
                    ) -> tuple[int, float, np.ndarray]:
     """The index of the image with the highest P(positive), that probability and its labelled overlay (RGB)."""
@@ -84,13 +143,8 @@ def series_overlay(net: Any, spec: dict[str, Any], native: list[np.ndarray], bat
         logits = net(torch.from_numpy(batch)).float() / spec["temperature"]
     probs = torch.softmax(logits, dim=1)[:, spec["positive"]].numpy()
     best = int(np.argmax(probs))
-    heat = gradcam(net, batch[best : best + 1], target_class=spec["positive"])[0]
-    image = native[best].astype(np.float32).transpose(2, 0, 1) / 255.0
-    rgb = overlay(image, heat)
-    if rgb.shape[1] < MIN_WIDTH:
-        scale = int(np.ceil(MIN_WIDTH / rgb.shape[1]))
-        rgb = np.asarray(Image.fromarray(rgb).resize((rgb.shape[1] * scale, rgb.shape[0] * scale),
-                                                     Image.Resampling.BICUBIC))
+    heat = np.asarray(gradcam(net, batch[best : best + 1], target_class=spec["positive"])[0], dtype=np.float32)
+    rgb = readable_overlay(native[best], heat)
     positive = spec["class_names"][spec["positive"]]
     threshold = spec["threshold"]
     decision = f" >= {threshold:.3f}: {positive}" if probs[best] >= threshold else f" < {threshold:.3f}: not {positive}"

@@ -26,6 +26,7 @@ from export.repository import next_version, staged_version, validate_model_name
 from export.source import ExportError, ExportSource, held_out_images, load_source, sha256_file
 from export.tensorrt import build_engine, tensorrt_runner, tensorrt_unavailable_reason
 from medops.datasets import positive_index
+from medops.decision import DecisionRule, metadata_rule
 from medops.model_version import (
     INPUT_CHECK_FILE,
     INTEGRITY_FILE,
@@ -269,9 +270,10 @@ def build_metadata(cfg: DictConfig, source: ExportSource, name: str, version: in
 
 
 def _checked_parity(reference: Any, runner: Any, images: Any, sizes: list[int], atol: float, label: str,
-                    console: Console) -> dict[str, Any]:
-    """The parity report of ``runner`` against the PyTorch reference; ParityError when it fails."""
-    report = check_parity(reference, runner, images, sizes, atol, label)
+                    console: Console, rule: DecisionRule | None = None) -> dict[str, Any]:
+    """The parity report of ``runner`` against the PyTorch reference (probabilities, arg-max and the decision at the
+    operating point, ``rule``); ParityError when it fails."""
+    report = check_parity(reference, runner, images, sizes, atol, label, rule)
     console.print(report.summary())
     if not report.passed:
         raise ParityError(report.summary())
@@ -294,18 +296,20 @@ def write_onnx(cfg: DictConfig, net: torch.nn.Module, source: ExportSource, vers
     meta["opset"] = opset_of(onnx.load(str(onnx_path)))
     sizes = parity_batch_sizes(cfg.max_batch_size, list(cfg.parity.batch_sizes))
     meta["parity"] = [_checked_parity(reference, onnxruntime_runner(str(onnx_path)), images, sizes, cfg.parity.atol,
-                                      "onnxruntime (CPU, FP32)", console)]
+                                      "onnxruntime (CPU, FP32)", console, metadata_rule(meta))]
     return onnx_path, sizes
 
 
 def write_tensorrt(cfg: DictConfig, onnx_path: Path, version_stage: Path, source: ExportSource, reference: Any,
-                   images: Any, sizes: list[int], console: Console) -> dict[str, Any]:
-    """``model.plan`` built from the ONNX graph and parity-checked (FP16 tolerance with fp16); returns the report."""
+                   images: Any, sizes: list[int], console: Console, rule: DecisionRule | None = None
+                   ) -> dict[str, Any]:
+    """``model.plan`` built from the ONNX graph and parity-checked (FP16 tolerance with fp16, the same decisions at
+    the operating point ``rule``); returns the report."""
     plan = build_engine(onnx_path, version_stage / "model.plan", source.input_shape, cfg.max_batch_size,
                         fp16=cfg.tensorrt.fp16, workspace_gb=cfg.tensorrt.workspace_gb)
     tol = cfg.tensorrt.atol if cfg.tensorrt.fp16 else cfg.parity.atol
     return _checked_parity(reference, tensorrt_runner(plan), images, sizes, tol,
-                           "TensorRT FP16" if cfg.tensorrt.fp16 else "TensorRT FP32", console)
+                           "TensorRT FP16" if cfg.tensorrt.fp16 else "TensorRT FP32", console, rule)
 
 
 def _announce(console: Console, repository: Path, name: str, version: int, target: str, meta: dict[str, Any]) -> None:
@@ -334,14 +338,14 @@ def export_model(cfg: DictConfig, console: Console | None = None) -> dict[str, A
         onnx_path, sizes = write_onnx(cfg, net, source, version_stage, reference, images, meta, console, ood)
         if target == "tensorrt" or (cfg.tensorrt.enabled in ("auto", True) and trt_reason is None and not quantize):
             meta["parity"].append(write_tensorrt(cfg, onnx_path, version_stage, source, reference, images, sizes,
-                                                 console))
+                                                 console, metadata_rule(meta)))
         else:
             why = trt_reason or ('quantize=int8' if quantize else 'tensorrt.enabled=false')
             meta["tensorrt"] = f"skipped: {why}"
             console.print(f"TensorRT skipped: {why}")
         # the clinical INT8 gate (export/quantize.py) replaces the parity-checked FP32 model.onnx, or raises
-        meta["precision"] = (quantize_version(cfg, source, onnx_path, operating_point, console) if quantize
-                             else {"precision": "fp32"})
+        meta["precision"] = (quantize_version(cfg, source, onnx_path, operating_point, console, metadata_rule(meta))
+                             if quantize else {"precision": "fp32"})
         if cfg.drift.enabled:
             meta["drift"] = drift_profile(cfg, source, version_stage, console)
         if target == "python":

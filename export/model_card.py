@@ -86,9 +86,13 @@ def precision_line(precision: dict[str, Any] | None) -> str:
         return "Precision: FP32 (float32 weights and activations)."
     g, cal, lim = precision["gate"], precision["calibration"], precision["limits"]
     kept = ", ".join(precision["keep_float"]) or "nothing"
+    c = precision.get("choice")  # versions before the choice moved to validation: chosen on the test split
+    chosen = (f"chosen on {c['images']} {c['split']} images (AUROC {c['auroc_diff']:+.4f}, accuracy "
+              f"{c['accuracy_diff']:+.4f}, same decision {c['decision_agreement']:.2%}); " if c else "")
     return (f"Precision: INT8 (QDQ, per-channel int8 weights, "
             f"{precision['activations']} activations; calibrated on {cal['images']} "
-            f"{cal['split']} images, {precision['method']}; kept in float: {kept}; gate on {g['images']} test images "
+            f"{cal['split']} images, {precision['method']}; kept in float: {kept}; {chosen}"
+            f"gate on {g['images']} {g.get('split', 'test')} images "
             f"against FP32: AUROC {g['auroc_fp32']:.4f} -> {g['auroc_int8']:.4f} ({g['auroc_diff']:+.4f}, limit "
             f"{lim['auroc']}), accuracy {g['accuracy_fp32']:.4f} -> {g['accuracy_int8']:.4f} "
             f"({g['accuracy_diff']:+.4f}, limit {lim['accuracy']}), same decision ({g['decision']}) for "
@@ -141,8 +145,9 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines += render_evaluation(card.get("clinical_evaluation"), card.get("calibrated_operating_point"))
     lines += ["", "## Export parity", ""]
     lines += [f"- {p['engine']}: max |prob diff| {p['max_abs_diff']:.2e} (tolerance {p['tolerance']:.0e}), "
-              f"argmax agreement {p['argmax_agreement']:.2%} on {p['images']} held-out images, batch sizes "
-              f"{p['batch_sizes']}" for p in card["parity"]]
+              f"argmax agreement {p['argmax_agreement']:.2%}"
+              + (f", same decision ({p['decision']}) {p['decision_agreement']:.2%}" if "decision" in p else "")
+              + f" on {p['images']} held-out images, batch sizes {p['batch_sizes']}" for p in card["parity"]]
     drift = card.get("monitoring")
     lines += ["", "## Monitoring", ""]
     if drift:

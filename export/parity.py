@@ -1,4 +1,11 @@
-"""The parity gate: the exported model must give the checkpoint's answers on real held-out images."""
+"""The parity gate: the exported model must give the checkpoint's answers on real held-out images.
+
+Three checks, all on every image of every batch size: the largest probability difference within the tolerance, the
+same arg-max class, and the same decision at the version's operating point (:mod:`medops.decision`: P(positive
+class) >= the threshold for a binary task, each label's threshold for multi-label, arg-max otherwise), since a
+probability a little off near the threshold can change the call the clinician sees while staying within the
+tolerance.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import torch
 from torch import nn
 
 from export.onnx_export import activate, output_task
+from medops.decision import DecisionRule
 
 
 class ParityError(RuntimeError):
@@ -25,10 +33,14 @@ class ParityReport:
     mean_abs_diff: float
     argmax_agreement: float
     tolerance: float
+    decision: str = "arg-max class"  # the rule (DecisionRule.describe)
+    decision_agreement: float = 1.0  # share of checked images with the same decision at the operating point
+    decision_mismatches: int = 0  # checked images (over all batch sizes) whose decision differs
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and self.argmax_agreement == 1.0
+        return (self.max_abs_diff <= self.tolerance and self.argmax_agreement == 1.0
+                and self.decision_agreement == 1.0)
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "passed": self.passed}
@@ -37,7 +49,14 @@ class ParityReport:
         verdict = "PASS" if self.passed else "FAIL"
         return (f"parity {self.engine} vs PyTorch on {self.images} held-out images, batch sizes {self.batch_sizes}: "
                 f"max |prob diff| {self.max_abs_diff:.2e} (tolerance {self.tolerance:.0e}), mean "
-                f"{self.mean_abs_diff:.2e}, argmax agreement {self.argmax_agreement:.2%} -> {verdict}")
+                f"{self.mean_abs_diff:.2e}, argmax agreement {self.argmax_agreement:.2%}, same decision "
+                f"({self.decision}) {self.decision_agreement:.2%}{self._flips()} -> {verdict}")
+
+    def _flips(self) -> str:
+        if not self.decision_mismatches:
+            return ""
+        return (f" ({self.decision_mismatches} checked image(s) get a different decision at the operating point "
+                f"than the checkpoint)")
 
 
 def parity_batch_sizes(max_batch_size: int, requested: Sequence[int | str] = (1, 7, "max")) -> list[int]:
@@ -64,9 +83,12 @@ def check_parity(
     batch_sizes: Sequence[int],
     tolerance: float,
     engine: str,
+    rule: DecisionRule | None = None,
 ) -> ParityReport:
-    """Run ``run_engine`` over ``images`` in every batch size and compare with the PyTorch probabilities."""
-    diffs, agree, count = [], 0, 0
+    """Run ``run_engine`` over ``images`` in every batch size and compare with the PyTorch probabilities: their
+    difference, the arg-max class and the decision of ``rule`` (the version's operating point; arg-max when None)."""
+    rule = rule or DecisionRule("argmax")
+    diffs, agree, same, count = [], 0, 0, 0
     for bs in batch_sizes:
         n = (len(images) // bs) * bs or bs
         batch_images = np.resize(images, (n, *images.shape[1:])) if n > len(images) else images[:n]
@@ -77,10 +99,11 @@ def check_parity(
             raise ParityError(f"{engine} failed on batch size {bs}: {type(exc).__name__}: {exc}") from exc
         diffs.append(np.abs(got.astype(np.float64) - expected))
         agree += int((got.argmax(1) == expected.argmax(1)).sum())
+        same += int(rule.same(got, expected).sum())
         count += n
     diff = np.concatenate([d.ravel() for d in diffs])
     return ParityReport(engine, len(images), list(batch_sizes), float(diff.max()), float(diff.mean()),
-                        agree / count, tolerance)
+                        agree / count, tolerance, rule.describe(), same / count, count - same)
 
 
 def onnxruntime_runner(onnx_path: str, threads: int | None = None) -> Callable[[np.ndarray], np.ndarray]:

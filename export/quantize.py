@@ -7,13 +7,22 @@ calibrated on held-out images of the run's dataset (``quantization.calibration_s
 Several candidates are tried, in the order of ``quantization.keep_float`` x ``quantization.methods`` (which parts
 stay in float: ``head``, the classifier, temperature, softmax and out-of-distribution score after the global
 pooling; ``stem``, the input normalisation and the first convolution; and the calibration method: MinMax, Entropy,
-Percentile); the first one whose figures pass the gate replaces ``model.onnx``.
+Percentile).
 
-The gate is clinical, not elementwise: on the test split, against the FP32 graph, the INT8 graph must keep the
-AUROC of the positive class (the finding) within ``gate.auroc``, the accuracy within ``gate.accuracy`` and give the
-same thresholded decision (the operating point for the positive class; arg-max without one) for at least
-``gate.decision_agreement`` of the images. A failed gate raises :class:`QuantizationError` with every candidate's
-figures; export then publishes nothing.
+The figures are clinical, not elementwise: against the FP32 graph, the INT8 graph must keep the AUROC of the
+positive class (the finding) within ``gate.auroc``, the accuracy within ``gate.accuracy`` and give the same
+thresholded decision (:mod:`medops.decision`, the rule export's parity gate also checks: P(positive class) >= the
+operating point's threshold; each label's threshold for multi-label; arg-max otherwise) for at least
+``gate.decision_agreement`` of the images.
+
+The candidate is *chosen* on the validation split (``quantization.choice_split``, ``val`` by default, where
+the calibration images also come from): the first candidate, in the order above, whose validation figures are within
+those limits. The chosen candidate alone is then *gated* on the test split (``quantization.split``) with the same
+limits; the test split takes no part in the choice, so its figures are an unbiased check of the one candidate
+published. No candidate within the limits on validation, or a chosen candidate that fails on test, raises
+:class:`QuantizationError` with the figures; export then publishes nothing. ``metadata.json`` ``precision`` keeps
+the chosen candidate's validation figures (``choice``), its test figures (``gate``) and every candidate's
+validation figures (``candidates``).
 
 The graph keeps its outputs (``probabilities``, ``ood_score``, ``ood_flag``), so the same Triton Python-backend
 model and ``serve --backend local`` run it unchanged.
@@ -34,6 +43,7 @@ from rich.table import Table
 
 from export.model_card import precision_line
 from export.source import ExportError, ExportSource, held_out_split
+from medops.decision import DecisionRule, decision_rule
 from medops.metrics import auroc, summary_metrics
 from medops.model_version import INPUT_NAME, OUTPUT_NAME
 
@@ -160,26 +170,17 @@ def probabilities(path: Path, images: np.ndarray, batch: int = 64) -> dict[str, 
     return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(names)}
 
 
-def decisions(probs: np.ndarray, operating_point: dict[str, Any]) -> np.ndarray:
-    """The served decision: P(positive class) >= the operating point's threshold, else the arg-max class."""
-    if operating_point.get("threshold") is not None and probs.shape[1] == 2:
-        return probs[:, int(operating_point["positive_index"])] >= float(operating_point["threshold"])
-    return probs.argmax(1)
-
-
-def gate_figures(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, operating_point: dict[str, Any],
+def gate_figures(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, rule: DecisionRule,
                  limits: DictConfig | dict[str, float]) -> dict[str, Any]:
     """AUROC of the positive class and accuracy of both graphs, their differences, the share of images with the
-    same thresholded decision, and whether each is within ``limits``."""
-    positive = int(operating_point.get("positive_index", 1)) if fp32.shape[1] == 2 else 1
+    same thresholded decision (``rule``), and whether each is within ``limits``."""
+    positive = rule.positive_index if fp32.shape[1] == 2 else 1
     a32, a8 = auroc(fp32, labels, positive), auroc(int8, labels, positive)
     acc32, acc8 = summary_metrics(fp32, labels)["acc"], summary_metrics(int8, labels)["acc"]
-    agreement = float((decisions(fp32, operating_point) == decisions(int8, operating_point)).mean())
+    agreement = rule.agreement(fp32, int8)
     figures = {"images": len(labels), "auroc_fp32": a32, "auroc_int8": a8, "auroc_diff": a8 - a32,
                "accuracy_fp32": acc32, "accuracy_int8": acc8, "accuracy_diff": acc8 - acc32,
-               "decision_agreement": agreement,
-               "decision": (f"P({operating_point.get('positive_class')}) >= {operating_point['threshold']:.4f}"
-                            if operating_point.get("threshold") is not None else "arg-max class"),
+               "decision_agreement": agreement, "decision": rule.describe(),
                "max_abs_prob_diff": float(np.abs(int8 - fp32).max())}
     checks = {"auroc": abs(figures["auroc_diff"]) <= float(limits["auroc"]),
               "accuracy": abs(figures["accuracy_diff"]) <= float(limits["accuracy"]) + 1e-12,
@@ -187,70 +188,100 @@ def gate_figures(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, operati
     return figures | {"checks": checks, "passed": all(checks.values())}
 
 
-def _table(candidates: list[dict[str, Any]], limits: Any) -> Table:
-    table = Table(title=f"INT8 candidates against FP32 on the test split (gate: |AUROC diff| <= {limits.auroc}, "
-                        f"|accuracy diff| <= {limits.accuracy}, same decision >= {limits.decision_agreement:.0%})")
+def compare_outputs(fp32: dict[str, np.ndarray], int8: dict[str, np.ndarray], labels: np.ndarray, rule: DecisionRule,
+                    limits: DictConfig | dict[str, float], split: str) -> dict[str, Any]:
+    """:func:`gate_figures` of the probabilities on ``split``, plus the agreement of every boolean output (the OOD
+    flag: reported, not gated); QuantizationError when the INT8 graph lost an output."""
+    missing = set(fp32) - set(int8)
+    if missing:
+        raise QuantizationError(f"the INT8 graph lost outputs {sorted(missing)}")
+    figures = {"split": split} | gate_figures(fp32[OUTPUT_NAME], int8[OUTPUT_NAME], labels, rule, limits)
+    for name in sorted(set(int8) - {OUTPUT_NAME}):
+        if int8[name].dtype == bool:
+            figures[f"{name}_agreement"] = float((int8[name] == fp32[name]).mean())
+    return figures
+
+
+def _figures_line(g: dict[str, Any]) -> str:
+    return (f"AUROC {g['auroc_fp32']:.4f} -> {g['auroc_int8']:.4f}, accuracy {g['accuracy_fp32']:.4f} -> "
+            f"{g['accuracy_int8']:.4f}, same decision {g['decision_agreement']:.2%}")
+
+
+def _table(candidates: list[dict[str, Any]], limits: Any, split: str) -> Table:
+    table = Table(title=f"INT8 candidates against FP32 on the {split} split, the choice (limits: |AUROC diff| <= "
+                        f"{limits.auroc}, |accuracy diff| <= {limits.accuracy}, same decision >= "
+                        f"{limits.decision_agreement:.0%})")
     for col in ("calibration", "kept in float", "AUROC FP32 -> INT8", "accuracy FP32 -> INT8", "same decision",
-                "gate"):
+                "within limits"):
         table.add_column(col)
     for c in candidates:
-        g = c["gate"]
+        g = c["val"]
         table.add_row(c["method"], ", ".join(c["keep_float"]) or "-",
                       f"{g['auroc_fp32']:.4f} -> {g['auroc_int8']:.4f} ({g['auroc_diff']:+.4f})",
                       f"{g['accuracy_fp32']:.4f} -> {g['accuracy_int8']:.4f} ({g['accuracy_diff']:+.4f})",
-                      f"{g['decision_agreement']:.2%}", "PASS" if g["passed"] else "fail")
+                      f"{g['decision_agreement']:.2%}", "yes" if g["passed"] else "no")
     return table
 
 
-def _candidates(cfg: DictConfig, onnx_path: Path, tmp: Path, calib: np.ndarray, test_images: np.ndarray,
-                labels: np.ndarray, op: dict[str, Any], console: Console) -> tuple[list[dict[str, Any]], dict]:
-    """Quantise and gate candidates in the configured order until one passes; returns all tried and the parts."""
+def _candidates(cfg: DictConfig, onnx_path: Path, tmp: Path, calib: np.ndarray, images: np.ndarray,
+                labels: np.ndarray, rule: DecisionRule, split: str, console: Console
+                ) -> tuple[list[dict[str, Any]], dict]:
+    """Quantise candidates in the configured order and measure each on the choice split (``images``) until one is
+    within the limits; returns all tried (figures under ``val``) and the graph parts."""
     qcfg = cfg.quantization
-    fp32 = probabilities(onnx_path, test_images)
+    fp32 = probabilities(onnx_path, images)
     parts = graph_parts(preprocess(onnx_path, tmp / "prepared.onnx"))
     candidates: list[dict[str, Any]] = []
     for keep in qcfg.keep_float:
         for method in qcfg.methods:
             out = quantize_onnx(tmp / "prepared.onnx", tmp / f"int8_{len(candidates)}.onnx", calib, str(method),
                                 list(keep), parts, str(qcfg.activation_type))
-            outputs = probabilities(out, test_images)
-            missing = set(fp32) - set(outputs)
-            if missing:
-                raise QuantizationError(f"the INT8 graph lost outputs {sorted(missing)}")
-            figures = gate_figures(fp32[OUTPUT_NAME], outputs[OUTPUT_NAME], labels, op, qcfg.gate)
-            for name in sorted(set(outputs) - {OUTPUT_NAME}):  # the OOD flag: reported, not gated
-                if outputs[name].dtype == bool:
-                    figures[f"{name}_agreement"] = float((outputs[name] == fp32[name]).mean())
-            candidates.append({"method": str(method).lower(), "keep_float": list(keep), "gate": figures, "path": out})
-            console.print(f"INT8 candidate {method}, float: {', '.join(keep)}: AUROC {figures['auroc_diff']:+.4f}, "
-                          f"accuracy {figures['accuracy_diff']:+.4f}, same decision "
-                          f"{figures['decision_agreement']:.2%}: {'PASS' if figures['passed'] else 'fail'}")
+            figures = compare_outputs(fp32, probabilities(out, images), labels, rule, qcfg.gate, split)
+            candidates.append({"method": str(method).lower(), "keep_float": list(keep), "val": figures, "path": out})
+            console.print(f"INT8 candidate {method}, float: {', '.join(keep)} on {split}: AUROC "
+                          f"{figures['auroc_diff']:+.4f}, accuracy {figures['accuracy_diff']:+.4f}, same decision "
+                          f"{figures['decision_agreement']:.2%}: {'within limits' if figures['passed'] else 'no'}")
             if figures["passed"]:
                 return candidates, parts
     return candidates, parts
 
 
 def quantize_version(cfg: DictConfig, source: ExportSource, onnx_path: Path, operating_point: dict[str, Any],
-                     console: Console) -> dict[str, Any]:
-    """Replace the parity-checked FP32 ``onnx_path`` by the first INT8 candidate that passes the gate; returns the
-    version's ``precision`` metadata. Raises :class:`QuantizationError` (nothing replaced) when none passes."""
+                     console: Console, rule: DecisionRule | None = None) -> dict[str, Any]:
+    """Replace the parity-checked FP32 ``onnx_path`` by the INT8 candidate chosen on validation, once it passes the
+    gate on test; returns the version's ``precision`` metadata. ``rule``: the served decision (by default the
+    operating point's, :func:`medops.decision.decision_rule`). Raises :class:`QuantizationError` (nothing
+    replaced) when no candidate is within the limits on validation or the chosen one fails on test."""
     qcfg = cfg.quantization
+    rule = rule or decision_rule(operating_point, source.class_names)
+    choice_split, test_split = str(qcfg.get("choice_split") or "val"), str(qcfg.split)
     calib, _ = held_out_split(source, qcfg.calibration_split, qcfg.calibration_images, cfg.parity.data)
-    test_images, labels = held_out_split(source, qcfg.split, qcfg.max_test_images, cfg.parity.data)
-    console.print(f"INT8: calibrating on {len(calib)} {qcfg.calibration_split} images; gate on {len(labels)} "
-                  f"{qcfg.split} images against FP32")
+    val_images, val_labels = held_out_split(source, choice_split, qcfg.max_test_images, cfg.parity.data)
+    test_images, labels = held_out_split(source, test_split, qcfg.max_test_images, cfg.parity.data)
+    console.print(f"INT8: calibrating on {len(calib)} {qcfg.calibration_split} images; choosing on "
+                  f"{len(val_labels)} {choice_split} images, gate on {len(labels)} {test_split} images, against FP32")
     with tempfile.TemporaryDirectory(prefix="medops-int8-") as tmp:
-        candidates, parts = _candidates(cfg, onnx_path, Path(tmp), calib, test_images, labels,
-                                        dict(operating_point or {}), console)
-        console.print(_table(candidates, qcfg.gate))
+        candidates, parts = _candidates(cfg, onnx_path, Path(tmp), calib, val_images, val_labels, rule,
+                                        choice_split, console)
+        console.print(_table(candidates, qcfg.gate, choice_split))
         chosen = candidates[-1]
         summary = [{k: v for k, v in c.items() if k != "path"} for c in candidates]
-        if not chosen["gate"]["passed"]:
-            raise QuantizationError("no INT8 candidate passed the clinical gate: " + "; ".join(
-                f"{c['method']} (float: {', '.join(c['keep_float'])}): AUROC {c['gate']['auroc_fp32']:.4f} -> "
-                f"{c['gate']['auroc_int8']:.4f}, accuracy {c['gate']['accuracy_fp32']:.4f} -> "
-                f"{c['gate']['accuracy_int8']:.4f}, same decision {c['gate']['decision_agreement']:.2%}"
-                for c in summary))
+        if not chosen["val"]["passed"]:
+            raise QuantizationError(
+                f"no INT8 candidate passed the clinical gate's limits on the {choice_split} split (the choice): "
+                + "; ".join(f"{c['method']} (float: {', '.join(c['keep_float'])}): {_figures_line(c['val'])}"
+                            for c in summary))
+        gate = compare_outputs(probabilities(onnx_path, test_images), probabilities(chosen["path"], test_images),
+                               labels, rule, qcfg.gate, test_split)
+        what = f"{chosen['method']} (float: {', '.join(chosen['keep_float'])})"
+        console.print(f"INT8 gate of {what}, chosen on {choice_split}, on {len(labels)} {test_split} images: "
+                      f"{_figures_line(gate)}: {'PASS' if gate['passed'] else 'FAIL'}")
+        if not gate["passed"]:
+            failed = ", ".join(k for k, ok in gate["checks"].items() if not ok)
+            raise QuantizationError(
+                f"the INT8 candidate chosen on the {choice_split} split, {what}, failed the clinical gate on the "
+                f"{test_split} split ({failed}): {_figures_line(gate)} (on {choice_split}: "
+                f"{_figures_line(chosen['val'])})")
         onnx.save_model(onnx.load(str(chosen["path"])), str(onnx_path))
     precision = {"precision": "int8", "format": "QDQ", "per_channel": True, "weights": "int8",
                  "activations": str(qcfg.activation_type), "method": chosen["method"],
@@ -258,10 +289,10 @@ def quantize_version(cfg: DictConfig, source: ExportSource, onnx_path: Path, ope
                  "kept_float_nodes": sum(len(parts[p]) for p in chosen["keep_float"]),
                  "calibration": {"split": str(qcfg.calibration_split), "images": len(calib)},
                  "limits": {k: float(qcfg.gate[k]) for k in ("auroc", "accuracy", "decision_agreement")},
-                 "gate": chosen["gate"], "candidates": summary}
+                 "choice": chosen["val"], "gate": gate, "candidates": summary}
     console.print(precision_line(precision))
     return precision
 
 
-__all__ = ["QuantizationError", "check_quantize_option", "gate_figures", "graph_parts",
+__all__ = ["QuantizationError", "check_quantize_option", "compare_outputs", "gate_figures", "graph_parts",
            "quantize_onnx", "quantize_version"]

@@ -9,6 +9,7 @@ import html
 import importlib.util
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -136,8 +137,24 @@ def test_readme_is_a_first_visit_page() -> None:
 
 def test_readme_results_are_the_training_page_results() -> None:
     section = (REPO / "README.md").read_text().split("## Results on the embedded default", 1)[1].split("\n## ")[0]
-    assert "| mean ± sd | **0.903 ± 0.013** | **0.867 ± 0.018** | 161 s |" in section
     assert section.strip() in (DOCS / "training.md").read_text()
+    # the summary rows are the per-seed rows' mean ± sd and t interval (3 df), not figures typed separately
+    seeds = re.findall(r"^\| (?:\d+|42 \(default\)) \| (0\.\d{3}) \| (0\.\d{3}) \| \d+ s \|$", section, re.M)
+    assert len(seeds) == 4, seeds
+    summary = re.search(r"^\| mean ± sd \| \*\*(0\.\d{3}) ± (0\.\d{3})\*\* \| \*\*(0\.\d{3}) ± (0\.\d{3})\*\*",
+                        section, re.M)
+    interval = re.search(r"^\| 95 % CI of the mean \(t, 3 df\) \| (0\.\d{3})–(0\.\d{3}) \| (0\.\d{3})–(0\.\d{3}) \|",
+                         section, re.M)
+    assert summary and interval
+    for column in range(2):
+        values = [float(row[column]) for row in seeds]
+        mean, sd = statistics.fmean(values), statistics.stdev(values)
+        half = 3.182 * sd / 2  # t(0.975, 3 df) x sd / sqrt(4)
+        # the table rounds each seed to 3 decimals; the summary was computed from the unrounded figures
+        assert float(summary[2 * column + 1]) == pytest.approx(mean, abs=1.5e-3)
+        assert float(summary[2 * column + 2]) == pytest.approx(sd, abs=1.5e-3)
+        assert float(interval[2 * column + 1]) == pytest.approx(mean - half, abs=3e-3)
+        assert float(interval[2 * column + 2]) == pytest.approx(mean + half, abs=3e-3)
 
 
 @pytest.mark.parametrize("path", DOC_FILES, ids=lambda p: p.relative_to(REPO).as_posix())

@@ -83,7 +83,8 @@ def test_configs_compose(overrides: list[str]) -> None:
     assert cfg.data._target_.startswith("train.datamodules.")
     assert cfg.trainer._target_ == "lightning.pytorch.trainer.Trainer"
     if "experiment=breastmnist" in overrides:
-        assert cfg.model.net.width == 32 and cfg.trainer.max_epochs == 80
+        assert cfg.model.net.width == 32 and cfg.trainer.max_epochs == 32
+        assert cfg.callbacks.ema._target_ == "train.averaging.BatchNormEMA"
     if overrides[0].startswith("hparams_search"):
         assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == "val/auroc"
 

@@ -4,6 +4,7 @@ with the machine it ran on. Speeds are never asserted (the figures of a quick ru
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from bench import CASES
+from bench.time_to_accuracy import RECIPES
 from tests.conftest import REPO
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -118,7 +120,7 @@ def test_pipeline_rows_for_png_and_dicom(quick_run: tuple[Path, str]) -> None:
 
 
 def test_training_rows_for_lightning_and_plain(quick_run: tuple[Path, str]) -> None:
-    data = load(quick_run[0], "training")
+    data = load(quick_run[0], "training-loop")
     rows = {r["loop"]: r for r in data["rows"]}
     assert set(rows) == {"lightning", "plain"}
     for row in rows.values():
@@ -284,7 +286,7 @@ def test_latency_sweep_and_the_batcher_choice_export_writes(quick_run: tuple[Pat
     path = write_choice(tmp_path / "batcher.json", data)
     sizes, delay, source = dynamic_batching_settings(None, None, path)
     assert (sizes, delay) == (data["choice"]["preferred_batch_sizes"], data["choice"]["max_queue_delay_us"])
-    assert str(path) in source and "python -m bench" in source  # the file and the command that chose it
+    assert str(path) in source and re.search(r"python3? -m bench", source)  # the file and the command that chose it
     config = build_model_config("m", "python", channels=1, image_size=28, num_classes=2, preferred_batch_sizes=sizes,
                                 max_queue_delay_us=delay)
     assert config.dynamic_batching.max_queue_delay_microseconds == delay
@@ -308,3 +310,33 @@ def test_int8_case_times_fp32_and_int8(quick_run: tuple[Path, str]) -> None:
         assert row["int8_over_fp32"] > 0
         assert row["int8_bytes"] < row["fp32_bytes"] / 2  # int8 weights: a quarter of the bytes, plus scales
         assert 0 < row["max_abs_prob_diff"] < 1
+
+
+def test_training_case_trains_every_recipe_and_probes_the_test_split(quick_run: tuple[Path, str]) -> None:
+    out, stdout = quick_run
+    data = load(out, "training")
+    cfg = data["config"]
+    assert list(data["recipes"]) == cfg["recipes"] == ["before", "default"]
+    assert len(data["runs"]) == len(cfg["recipes"]) * len(cfg["seeds"])
+    for run in data["runs"]:
+        record = json.loads((Path(run["run_dir"]) / "run.json").read_text())
+        assert record["epochs"] == run["epochs"] == len(run["curve"]) == 2  # the quick mode's override won
+        assert 0 < run["fit_seconds"] < record["timing"]["fit_seconds"] and run["probe_seconds"] > 0
+        times = [p["seconds"] for p in run["curve"]]
+        assert times == sorted(times) and times[-1] <= run["fit_seconds"] + 1e-6
+        # the probe scores what the run's own test scores: the run's test AUROC is one of its epochs' figures
+        assert min(abs(p["test_auroc"] - record["test"]["auroc"]) for p in run["curve"]) < 0.02
+        assert record["test"]["auroc"] == run["test_auroc"]
+    before, default = data["recipes"]["before"], data["recipes"]["default"]
+    assert before["batch_size"] == 64 and before["overrides"] == RECIPES["before"][1]
+    assert data["fit_time_ratio"] == pytest.approx(default["fit_seconds"]["mean"] / before["fit_seconds"]["mean"])
+    peak = data["peak_training_images_per_s"]
+    assert peak == max(r["images_per_s"] for r in data["levers"] if r["images_per_s"] is not None) > 0
+    assert {r["lever"] for r in data["levers"]} >= {"channels_last off", "float32 (no bf16 autocast)"}
+    for r in data["recipes"].values():
+        assert 0 < r["share_of_peak"] == pytest.approx(r["train_images_per_s"]["mean"] / peak)
+    assert [t["name"] for t in data["targets"]] == ["default fit time / before", "default - before, mean test AUROC",
+                                                    "default - before, mean test accuracy"]
+    for t in data["targets"]:
+        check_target(t)
+    assert "Time to test AUROC 0.90" in stdout and "Every run" in stdout

@@ -56,9 +56,9 @@ def test_ranks_without_one_run_dir_are_refused(launcher: str, tmp_path: Path, br
     assert ("TorchElastic" if launcher == "torchrun" else "SLURM") in out
     folders = list((logs / "train" / "runs").iterdir())
     assert len(folders) == 2  # what Hydra made before the job could refuse
-    # nothing was trained or recorded, and only rank 0 wrote its data check
+    # nothing was trained or recorded; at most rank 0 wrote its data check (it may be stopped before it does)
     assert not any((f / "run.json").exists() or (f / "checkpoints").exists() for f in folders)
-    assert sum((f / "data_validation.json").is_file() for f in folders) == 1
+    assert sum((f / "data_validation.json").is_file() for f in folders) <= 1
 
 
 def test_a_sweep_does_not_start_ddp_ranks(tmp_path: Path, breastmnist_small: Path) -> None:

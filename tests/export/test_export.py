@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from tritonclient.grpc import model_config_pb2
 
 import export.build as pipeline
-from export.parity import ParityError
+from export.parity import ParityError, parity_batch_sizes, torch_probabilities
 from export.repository import RepositoryError
 from export.source import ExportError
 from tests.conftest import REPO
@@ -71,6 +71,9 @@ def test_cli_export_writes_a_parity_checked_version(tmp_path: Path, trained_run:
     assert config.parameters["dataset_fingerprint"].string_value == record["data"]["fingerprint"]
     parity = meta["parity"][0]
     assert parity["passed"] and parity["max_abs_diff"] <= 1e-4 and parity["argmax_agreement"] == 1.0
+    op = meta["operating_point"]  # the decision at the operating point is checked on every image too
+    assert parity["decision"] == f"P({op['positive_class']}) >= {op['threshold']:.4f}"
+    assert parity["decision_agreement"] == 1.0 and parity["decision_mismatches"] == 0
     assert parity["batch_sizes"] == [1, 7, 64]
     model = onnx.load(str(version / "model.onnx"))
     assert meta["opset"] >= 17 and model.graph.input[0].name == "image"
@@ -136,6 +139,54 @@ def test_perturbed_onnx_fails_the_gate_and_writes_nothing(tmp_path: Path, traine
         pipeline.export_model(export_cfg(trained_run, repo))
     assert snapshot(repo) == {}
     assert not list(tmp_path.glob(".repo-staging-*"))
+
+
+def test_a_decision_flip_at_the_operating_point_fails_export(tmp_path: Path, trained_run: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph within a loose ``parity.atol`` whose P(positive) crosses the operating threshold on some images:
+    export stops with the decision check's figures and writes nothing."""
+    from rich.console import Console
+
+    from export.source import held_out_images
+
+    repo, quiet = tmp_path / "repo", Console(quiet=True)
+    cfg = export_cfg(trained_run, repo, "parity.atol=1.0", "tensorrt.enabled=false", "drift.enabled=false")
+    source = pipeline.resolve_source(cfg, quiet)
+    op, _ = pipeline.clinical_evaluation(source)
+    assert op.get("threshold") is not None, "the test run records an operating point"
+    images = held_out_images(source, split=cfg.parity.split, limit=cfg.parity.max_images)
+    probs = torch_probabilities(pipeline.graph_network(source, op, quiet), images).astype(np.float64)
+    pos, threshold, temperature = int(op["positive_index"]), float(op["threshold"]), float(op.get("temperature") or 1)
+    log_odds = np.log(probs[:, pos]) - np.log(probs[:, 1 - pos])
+    gap = log_odds - np.log(threshold / (1 - threshold))  # >= 0: decided positive
+    nearest = int(np.argmin(np.abs(gap)))
+    shift = -gap[nearest] - np.copysign(1e-3, gap[nearest])  # moves the image nearest the threshold across it
+    flipped = (gap >= 0) != (gap + shift >= 0)
+    argmax_flipped = (log_odds >= 0) != (log_odds + shift >= 0)
+    checked = sum(n for n in ((len(images) // bs) * bs or bs for bs in parity_batch_sizes(64, [1, 7, "max"])))
+    mismatches = sum(int(np.resize(flipped, (len(images) // bs) * bs or bs).sum())
+                     for bs in parity_batch_sizes(64, [1, 7, "max"]))
+    real_export = pipeline.export_onnx
+
+    def export_then_shift(net, path, *args, **kwargs):
+        real_export(net, path, *args, **kwargs)
+        model = onnx.load(str(path))
+        bias = next(t for t in model.graph.initializer  # the classifier bias: one float per class
+                    if list(t.dims) == [2] and t.data_type == onnx.TensorProto.FLOAT)
+        values = onnx.numpy_helper.to_array(bias).copy()
+        values[pos] += shift * temperature  # P(positive)'s log-odds move by `shift` on every image
+        bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+        onnx.save(model, str(path))
+        return path
+
+    monkeypatch.setattr(pipeline, "export_onnx", export_then_shift)
+    with pytest.raises(ParityError) as failed:
+        pipeline.export_model(cfg)
+    message = str(failed.value)
+    assert f"same decision (P({op['positive_class']}) >= {threshold:.4f}) {1 - mismatches / checked:.2%}" in message
+    assert f"{mismatches} checked image(s) get a different decision at the operating point" in message
+    assert ("argmax agreement 100.00%" in message) == (not argmax_flipped.any())
+    assert snapshot(repo) == {}
 
 
 def test_interrupted_export_leaves_no_folder(tmp_path: Path, trained_run: Path,

@@ -1,5 +1,6 @@
-"""``python -m export ... quantize=int8``: a QDQ INT8 model.onnx gated by clinical figures against FP32, served
-unchanged by Triton (Python backend) and ``serve --backend local``; a failed gate publishes nothing."""
+"""``python -m export ... quantize=int8``: a QDQ INT8 model.onnx chosen on the validation split and gated by clinical
+figures against FP32 on the test split, served unchanged by Triton (Python backend) and ``serve --backend local``;
+no candidate within the limits on validation, or a chosen one failing on test, publishes nothing."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 from PIL import Image
+from rich.console import Console
 
-from export.quantize import decisions
+from export.build import clinical_evaluation, graph_network
+from export.parity import torch_probabilities
+from export.source import load_source
 from medops import load_for_model
+from medops.decision import metadata_rule
 from medops.metrics import auroc, summary_metrics
 from tests.conftest import REPO
 from tests.export.test_export import parse_config, run_export_cli
@@ -57,31 +62,44 @@ def test_int8_version_reports_the_gate_it_passed(int8_repo: tuple[Path, str], tr
     precision = meta["precision"]
     assert precision["precision"] == "int8" and precision["format"] == "QDQ" and precision["per_channel"]
     assert precision["calibration"] == {"split": "val", "images": 78}
-    gate = precision["gate"]
-    assert gate["passed"] and precision["method"] == "minmax" and precision["keep_float"] == ["head"]
+    choice, gate = precision["choice"], precision["gate"]
+    assert choice["passed"] and gate["passed"]
+    assert precision["method"] == "minmax" and precision["keep_float"] == ["head"]
+    assert (choice["split"], gate["split"]) == ("val", "test")
+    # the candidates carry validation figures only: the test split chose nothing
+    assert [c["val"] for c in precision["candidates"]] == [choice]
+    assert all(set(c) == {"method", "keep_float", "val"} for c in precision["candidates"])
 
-    # the figures are what the FP32 checkpoint and the INT8 graph give on the test split
+    # the figures are what the FP32 checkpoint and the INT8 graph give on each split
     record = json.loads((trained_run / "run.json").read_text())
+    source = load_source(str(trained_run))
+    reference_net = graph_network(source, clinical_evaluation(source)[0], Console(quiet=True))
     dm = MedMNISTDataModule(record["data"]["source"], md5=False)
     dm.setup()
-    images = dm.datasets["test"].images.float().div(255).numpy()
-    labels = dm.datasets["test"].labels.numpy()
     int8 = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
-    probs = int8.run(["probabilities"], {"image": images})[0]
     positive = record["threshold"]["positive_index"]
-    assert gate["images"] == len(labels) == 64
-    assert gate["auroc_int8"] == pytest.approx(auroc(probs, labels, positive), abs=1e-9)
-    assert gate["accuracy_int8"] == pytest.approx(summary_metrics(probs, labels)["acc"], abs=1e-9)
+    rule = metadata_rule(meta)
+    for split, figures, n in (("val", choice, 78), ("test", gate, 64)):
+        images = dm.datasets[split].images.float().div(255).numpy()
+        labels = dm.datasets[split].labels.numpy()
+        probs = int8.run(["probabilities"], {"image": images})[0]
+        fp32 = torch_probabilities(reference_net, images)
+        assert figures["images"] == len(labels) == n
+        assert figures["auroc_int8"] == pytest.approx(auroc(probs, labels, positive), abs=1e-9)
+        assert figures["accuracy_int8"] == pytest.approx(summary_metrics(probs, labels)["acc"], abs=1e-9)
+        assert figures["auroc_fp32"] == pytest.approx(auroc(fp32, labels, positive), abs=1e-4)
+        assert figures["decision_agreement"] == rule.agreement(fp32, probs)
     assert gate["auroc_fp32"] == pytest.approx(record["test"]["auroc"], abs=2e-3)  # FP32 graph vs training's eval
     op = meta["operating_point"]
-    assert gate["decision"] == f"P({op['positive_class']}) >= {op['threshold']:.4f}"
-    assert decisions(probs, op).dtype == bool
+    assert gate["decision"] == choice["decision"] == f"P({op['positive_class']}) >= {op['threshold']:.4f}"
+    assert rule.decide(probs).dtype == bool
 
     line = [ln for ln in (version / "MODEL_CARD.md").read_text().splitlines() if "Precision:" in ln]
     assert len(line) == 1 and "INT8 (QDQ, per-channel" in line[0] and "calibrated on 78 val images" in line[0]
-    assert f"{gate['auroc_fp32']:.4f} -> {gate['auroc_int8']:.4f}" in line[0]
+    assert f"chosen on 78 val images (AUROC {choice['auroc_diff']:+.4f}" in line[0]
+    assert f"gate on 64 test images against FP32: AUROC {gate['auroc_fp32']:.4f} -> {gate['auroc_int8']:.4f}" in line[0]
     assert f"{gate['decision_agreement']:.2%}" in line[0]
-    assert "Precision: INT8" in out and "PASS" in out
+    assert "Precision: INT8" in out and "chosen on val, on 64 test images" in out and "PASS" in out
 
     # the dynamic batcher settings come from the latency sweep's file
     config = parse_config(repo / "breast" / "config.pbtxt")
@@ -89,24 +107,54 @@ def test_int8_version_reports_the_gate_it_passed(int8_repo: tuple[Path, str], tr
     assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]
 
 
-def test_failed_gate_stops_export_and_writes_nothing(int8_repo: tuple[Path, str], trained_run: Path,
-                                                     tmp_path: Path) -> None:
-    """The same candidate (MinMax is deterministic) against a gate tighter than what it measured."""
-    gate = json.loads((int8_repo[0] / "breast" / "1" / "metadata.json").read_text())["precision"]["gate"]
-    if gate["decision_agreement"] < 1.0:
-        tight = f"quantization.gate.decision_agreement={min(1.0, gate['decision_agreement'] + 1e-3)}"
-    else:
-        assert gate["max_abs_prob_diff"] > 0
-        tight = "quantization.gate.auroc=-1"  # no difference is below a negative limit
+def _failed_export(trained_run: Path, tmp_path: Path, *limits: str) -> tuple[str, Path]:
     repo = tmp_path / "repo"
     proc = run_export_cli(f"run={trained_run}", "name=breast", f"model_repository={repo}", "quantize=int8", *LOOSE,
-                          tight, log_dir=tmp_path / "log", check=False)
+                          *limits, log_dir=tmp_path / "log", check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     err = proc.stdout + proc.stderr
-    assert "no INT8 candidate passed the clinical gate" in err and "nothing was written" in err
-    assert f"same decision {gate['decision_agreement']:.2%}" in err
-    assert f"AUROC {gate['auroc_fp32']:.4f} -> {gate['auroc_int8']:.4f}" in err
+    assert "nothing was written" in err
     assert not (repo / "breast").exists() or not any((repo / "breast").iterdir())
+    return err, repo
+
+
+def test_no_candidate_within_the_limits_on_validation_stops_export(int8_repo: tuple[Path, str], trained_run: Path,
+                                                                    tmp_path: Path) -> None:
+    """No AUROC difference is within a negative limit: the choice on validation finds nothing, test is not used."""
+    choice = json.loads((int8_repo[0] / "breast" / "1" / "metadata.json").read_text())["precision"]["choice"]
+    err, _ = _failed_export(trained_run, tmp_path, "quantization.gate.auroc=-1")
+    assert "no INT8 candidate passed the clinical gate's limits on the val split (the choice)" in err
+    assert f"AUROC {choice['auroc_fp32']:.4f} -> {choice['auroc_int8']:.4f}" in err  # the validation figures
+    assert f"same decision {choice['decision_agreement']:.2%}" in err
+    assert "INT8 gate of" not in err  # the test split was never looked at
+
+
+def _between_val_and_test(choice: dict, gate: dict) -> str | None:
+    """A limit the validation figures meet and the test figures do not (MinMax is deterministic), if any."""
+    if choice["decision_agreement"] > gate["decision_agreement"]:
+        return f"quantization.gate.decision_agreement={(choice['decision_agreement'] + gate['decision_agreement']) / 2}"
+    for figure, key in (("auroc_diff", "auroc"), ("accuracy_diff", "accuracy")):
+        if abs(choice[figure]) < abs(gate[figure]):
+            return f"quantization.gate.{key}={(abs(choice[figure]) + abs(gate[figure])) / 2}"
+    return None
+
+
+def test_chosen_candidate_failing_on_test_stops_export(int8_repo: tuple[Path, str], trained_run: Path,
+                                                       tmp_path: Path) -> None:
+    """The same candidate (MinMax is deterministic) against a limit between its validation and test figures: it is
+    chosen on validation, then fails the gate on test, with its test figures in the message."""
+    precision = json.loads((int8_repo[0] / "breast" / "1" / "metadata.json").read_text())["precision"]
+    choice, gate = precision["choice"], precision["gate"]
+    limit = _between_val_and_test(choice, gate)
+    if limit is None:
+        pytest.skip(f"every test figure of the 2-epoch model is as good as on validation: {choice} {gate}")
+    err, _ = _failed_export(trained_run, tmp_path, limit)
+    assert "the INT8 candidate chosen on the val split, minmax (float: head), failed the clinical gate on the test " \
+           "split" in err
+    assert f"AUROC {gate['auroc_fp32']:.4f} -> {gate['auroc_int8']:.4f}" in err  # the test figures
+    assert f"accuracy {gate['accuracy_fp32']:.4f} -> {gate['accuracy_int8']:.4f}" in err
+    assert f"same decision {gate['decision_agreement']:.2%}" in err
+    assert "INT8 gate of minmax (float: head), chosen on val, on 64 test images" in err and "FAIL" in err
 
 
 def test_unknown_precision_is_refused(tmp_path: Path, trained_run: Path) -> None:

@@ -1,6 +1,6 @@
 """The recipe's data-dependent defaults (train/recipe.py): the rules one by one, the BreastMNIST default resolved from
-the real config and data (80 epochs, no class weights, val/auroc: unchanged), and one real CLI run where the rules
-bite (an imbalanced split gets balanced weights, an unlogged monitor falls back to val/auroc)."""
+the real config and data (32 epochs, no class weights, val/auroc, the BatchNorm-aware EMA), and one real CLI run where
+the rules bite (an imbalanced split gets balanced weights, an unlogged monitor falls back to val/auroc)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_steps_per_epoch_count_like_the_dataloader() -> None:
 
 
 @pytest.mark.parametrize(("steps", "per_epoch", "low", "cap", "epochs", "why"), [
-    (640, 8, 10, 80, 80, "= 80"),  # BreastMNIST, experiment=breastmnist: unchanged
+    (640, 8, 10, 80, 80, "= 80"),  # BreastMNIST at 640 steps (experiment=breastmnist before 2026-11-28)
     (640, 8, 10, 30, 30, "clipped to trainer.max_epochs=30"),  # the default trainer's ceiling
     (640, 78, 10, 30, 10, "clipped to recipe.min_epochs=10"),  # 5,000 images: 9 epochs -> at least 10
     (640, 781, 10, 30, 10, "clipped to recipe.min_epochs=10"),  # 50,000 images
@@ -139,30 +139,31 @@ def resolved(tmp_path: Path, *overrides: str):
     return recipe, trainer
 
 
-def test_breastmnist_default_is_unchanged(tmp_path: Path) -> None:
-    """experiment=breastmnist: 546 images / batch 64 = 8 steps, 640 steps -> 80 epochs; 399:147 = 2.7: no weights."""
+def test_breastmnist_default_recipe(tmp_path: Path) -> None:
+    """experiment=breastmnist: 546 images / batch 64 = 8 steps, 256 steps -> 32 epochs; 399:147 = 2.7: no weights."""
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     recipe, trainer = resolved(tmp_path, "experiment=breastmnist")
-    assert (recipe.train_images, recipe.steps_per_epoch, recipe.epochs, recipe.total_steps) == (546, 8, 80, 640)
-    assert trainer.max_epochs == 80
+    assert (recipe.train_images, recipe.steps_per_epoch, recipe.epochs, recipe.total_steps) == (546, 8, 32, 256)
+    assert trainer.max_epochs == 32
     assert recipe.class_weights is None and recipe.imbalance_ratio == pytest.approx(2.714, abs=1e-3)
     assert recipe.monitor == "val/auroc" and recipe.mode == "max" and recipe.monitor_fallback is None
-    assert recipe.early_stopping_patience == 80
+    assert recipe.early_stopping_patience == 32
     checkpoint = next(c for c in trainer.callbacks if isinstance(c, ModelCheckpoint))
     stopping = next(c for c in trainer.callbacks if isinstance(c, EarlyStopping))
     assert checkpoint.monitor == "val/auroc" and checkpoint.mode == "max"
     assert checkpoint.filename == "epoch{epoch:03d}-auroc{val/auroc:.4f}"  # named by the metric it selects on
-    assert stopping.monitor == "val/auroc" and stopping.patience == 80
+    assert stopping.monitor == "val/auroc" and stopping.patience == 32
+    assert any(type(c).__name__ == "BatchNormEMA" for c in trainer.callbacks)
     record = json.loads(json.dumps(recipe.as_record()))  # JSON-safe, as run.json stores it
-    assert record["epochs_rule"] == "ceil(640 steps / 8 steps per epoch) = 80"
+    assert record["epochs_rule"] == "ceil(256 steps / 8 steps per epoch) = 32"
 
 
 def test_the_plain_default_keeps_its_ceiling_and_batch_size_changes_the_epochs(tmp_path: Path) -> None:
     recipe, trainer = resolved(tmp_path)  # no experiment: trainer.max_epochs 30 is the ceiling
     assert recipe.epochs == 30 == trainer.max_epochs and "clipped to trainer.max_epochs=30" in recipe.epochs_rule
     recipe, trainer = resolved(tmp_path, "experiment=breastmnist", "data.batch_size=32")
-    assert (recipe.steps_per_epoch, recipe.epochs, trainer.max_epochs) == (17, 38, 38)
+    assert (recipe.steps_per_epoch, recipe.epochs, trainer.max_epochs) == (17, 16, 16)
     recipe, trainer = resolved(tmp_path, "experiment=breastmnist", "recipe.steps=null", "trainer.max_epochs=12")
     assert recipe.epochs == 12 == trainer.max_epochs and recipe.epochs_rule.startswith("fixed")
 

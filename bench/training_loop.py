@@ -1,4 +1,4 @@
-"""Case 3, training: a Lightning epoch against a hand-written PyTorch loop on the same model, data and batch size.
+"""Case training-loop: a Lightning epoch against a hand-written PyTorch loop on the same model, data and batch size.
 
 Both loops train the project's :class:`train.module.ClassificationModule` (same seed, same weights, the same
 batch augmentation, AdamW with the module's parameter groups, no LR schedule) on the same in-memory BreastMNIST
@@ -173,7 +173,7 @@ def run(cfg: TrainingConfig, out_dir: Path, info: dict[str, Any],
     rows[1]["ratio_to_plain"] = 1.0
     epoch_ratio = common.median_ratio(time_pairs)
     result = {
-        **common.header("training", info, {**asdict(cfg), "size": size, "channels": channels}),
+        **common.header("training-loop", info, {**asdict(cfg), "size": size, "channels": channels}),
         "images": steps * cfg.batch_size,
         "flops_per_image_forward": flops,
         "rows": rows,
