@@ -118,19 +118,23 @@ def test_versions_increment_and_old_versions_stay(tmp_path: Path, trained_run: P
     assert snapshot(repo) == before
 
 
+def shift_class_bias(path: Path, index: int, delta: float) -> None:
+    """Add ``delta`` to class ``index``'s entry of the exported graph's classifier bias (one float per class)."""
+    model = onnx.load(str(path))
+    bias = next(t for t in model.graph.initializer if list(t.dims) == [2] and t.data_type == onnx.TensorProto.FLOAT)
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[index] += delta
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(model, str(path))
+
+
 def test_perturbed_onnx_fails_the_gate_and_writes_nothing(tmp_path: Path, trained_run: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     real_export = pipeline.export_onnx
 
     def export_then_perturb(net, path, *args, **kwargs):
         real_export(net, path, *args, **kwargs)
-        model = onnx.load(str(path))
-        bias = next(t for t in model.graph.initializer  # the classifier bias: one float per class
-                    if list(t.dims) == [2] and t.data_type == onnx.TensorProto.FLOAT)
-        values = onnx.numpy_helper.to_array(bias).copy()
-        values[0] += 0.5  # shift one class logit: probabilities move far beyond 1e-4
-        bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
-        onnx.save(model, str(path))
+        shift_class_bias(path, 0, 0.5)  # shift one class logit: probabilities move far beyond 1e-4
         return path
 
     monkeypatch.setattr(pipeline, "export_onnx", export_then_perturb)
@@ -170,13 +174,7 @@ def test_a_decision_flip_at_the_operating_point_fails_export(tmp_path: Path, tra
 
     def export_then_shift(net, path, *args, **kwargs):
         real_export(net, path, *args, **kwargs)
-        model = onnx.load(str(path))
-        bias = next(t for t in model.graph.initializer  # the classifier bias: one float per class
-                    if list(t.dims) == [2] and t.data_type == onnx.TensorProto.FLOAT)
-        values = onnx.numpy_helper.to_array(bias).copy()
-        values[pos] += shift * temperature  # P(positive)'s log-odds move by `shift` on every image
-        bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
-        onnx.save(model, str(path))
+        shift_class_bias(path, pos, shift * temperature)  # P(positive)'s log-odds move by `shift` on every image
         return path
 
     monkeypatch.setattr(pipeline, "export_onnx", export_then_shift)
