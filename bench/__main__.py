@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -94,7 +96,23 @@ def _configs(args: argparse.Namespace, threads: int) -> dict[str, Any]:
     return configs
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """``timeout`` and CI stop a benchmark with SIGTERM: leave through the ``finally`` blocks, so the
+    ``tritonserver`` processes a case started are stopped instead of outliving it and skewing later figures."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:

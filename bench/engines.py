@@ -413,7 +413,8 @@ def _served_targets(served: dict[str, Any] | None) -> list[dict[str, Any]]:
     cpus = (f"server CPU {','.join(map(str, served['server_cpus']))}, clients "
             f"{','.join(map(str, served['client_cpus']))}")
     return [common.target(f"Triton served / in-process onnxruntime b{served['reference_batch']} ({cpus}), "
-                          f"requests of {r['request_batch']}, c{served['concurrency']}, {r['model']}",
+                          f"requests of {r['request_batch']}, {r.get('in_flight', served['concurrency'])} in flight, "
+                          f"{r['model']}",
                           r["served_over_in_process"], 0.90)
             for r in served["rows"] if r["layout"] == "pinned"]
 

@@ -113,15 +113,16 @@ def served_table(result: dict[str, Any]) -> Table | None:
     pinned = (f"pinned: Triton on CPU {','.join(map(str, served['server_cpus']))}, clients on CPU "
               f"{','.join(map(str, served['client_cpus']))}" if served.get("server_cpus") else
               f"pinned: skipped ({served.get('pinned_skipped')})")
-    table = Table(title=f"Served efficiency, Triton {served['protocol']}, {served['concurrency']} client threads; "
+    table = Table(title=f"Served efficiency, Triton {served['protocol']}, {_in_flight(served)}; "
                         f"{pinned}; shared: server and clients on every core. Served / in-process = Triton images/s "
                         f"over onnxruntime in this process, batch {served['reference_batch']}, same threads, same "
                         "cores (median of per-run ratios)")
-    for col in ("layout", "model", "request", "served img/s", "in-process img/s", "served / in-process",
+    for col in ("layout", "model", "request", "in flight", "served img/s", "in-process img/s", "served / in-process",
                 "client CPU ms/req", "queue ms", "compute in / infer / out ms", "mean batch", "p50 / p99 ms"):
         table.add_column(col, justify="left" if col in ("layout", "model") else "right")
     for r in sorted(served["rows"], key=lambda r: (r["model"], r["request_batch"], r["layout"] != "pinned")):
-        table.add_row(r["layout"], r["model"], f"{r['request_batch']} img", _f(r["images_per_s"]),
+        table.add_row(r["layout"], r["model"], f"{r['request_batch']} img", str(r.get("in_flight", "")),
+                      _f(r["images_per_s"]),
                       _f(r["ort_images_per_s"]), _f(r["served_over_in_process"], ".2f"),
                       _f(r["client_cpu_ms_per_request"], ".2f"), _f(r["queue_ms"], ".2f"),
                       f"{_f(r['compute_input_ms'], '.2f')} / {_f(r['compute_infer_ms'], '.2f')} / "
@@ -130,15 +131,21 @@ def served_table(result: dict[str, Any]) -> Table | None:
     return table
 
 
+def _fraction(value: float | None) -> str:
+    return "no measured load" if value is None else f"{value:.0%}"
+
+
 def latency_table(result: dict[str, Any]) -> Table:
     choice = result["choice"]
+    goal = result["targets"][0]["target"]
     table = Table(title=f"Latency under load, {result['model']}: one-image requests, open loop "
                         f"({result['config']['arrival']} arrivals, {result['config']['seconds']:g} s per load), Triton "
                         f"on CPU {result['placement']['server_cpus']}, load generator on "
                         f"{result['placement']['client_cpus']}; maximum throughput "
                         f"{result['max_throughput_per_s']:.0f} requests/s. Chosen: max_queue_delay "
                         f"{choice['max_queue_delay_us']} us, preferred sizes "
-                        f"{choice['preferred_batch_sizes'] or 'none'}")
+                        f"{choice['preferred_batch_sizes'] or 'none'}; p99 within {goal:g}x the low-load p50 up "
+                        f"to {_fraction(choice.get('highest_load_within_goal'))} of the maximum")
     for col in ("max_queue_delay us", "preferred", "load", "offered /s", "achieved /s", "p50 ms", "p95 ms", "p99 ms",
                 "send lag p99 ms", "errors"):
         table.add_column(col, justify="right")
@@ -270,7 +277,17 @@ def _served_panel(ax: Any, served: dict[str, Any]) -> None:
     ax.tick_params(axis="x", labelsize=6, labelrotation=30)
     cpus = (f"pinned: server CPU {served['server_cpus']}, clients {served['client_cpus']}"
             if served.get("server_cpus") else "pinned: skipped")
-    ax.set_title(f"served efficiency, {served['concurrency']} gRPC clients ({cpus}); dotted: goal 0.90", fontsize=8)
+    ax.set_title(f"served efficiency ({cpus}); dotted: goal 0.90\n{_in_flight(served)}", fontsize=8)
+
+
+def _in_flight(served: dict[str, Any]) -> str:
+    """'64 / 16 gRPC client threads for requests of 1 / 32 images' (older results: one concurrency for all)."""
+    per = served.get("in_flight")
+    if not per:
+        return f"{served['concurrency']} gRPC client threads"
+    sizes = sorted(per, key=int)
+    return (f"{' / '.join(str(per[b]) for b in sizes)} gRPC client threads for requests of "
+            f"{' / '.join(str(b) for b in sizes)} images")
 
 
 def pipeline_chart(result: dict[str, Any], path: Path) -> Path:

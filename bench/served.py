@@ -6,7 +6,9 @@ much as the server: 16 gRPC client threads on 2 cores take most of the CPU time.
 threads are the clients, to the other cores. The figures per model and request size:
 
 * **served ÷ in-process**: Triton's images/s against onnxruntime in this process with the same number of threads
-  on the same cores (``server_cpus``), at the reference batch, measured back to back in each run;
+  on the same cores (``server_cpus``), at the reference batch, timed right before and right after each served
+  measurement (their mean: this VM's speed drifts by 10-20 % within a minute); the clients keep at least twice the
+  reference batch in images in flight, so the dynamic batcher can form the reference batch from one-image requests;
 * the client's own CPU cost per request: this process's CPU time (user + system, all threads) over the requests;
 * Triton's per-request statistics (its statistics extension): queue, compute input, compute infer and compute
   output, each the change of the cumulative nanoseconds over the change of the request count, and the mean batch
@@ -232,7 +234,6 @@ def _runs(models: list[ServedModel], sessions: dict[str, Any], server: Any, clie
     """Per (model, request batch): one dict per run with Triton's and onnxruntime's figures of that run."""
     from bench.engines import Model
 
-    conc = max(cfg.concurrency)
     ref_b = max(cfg.batches)
     rng = np.random.default_rng(0)
     per_rep: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -240,12 +241,17 @@ def _runs(models: list[ServedModel], sessions: dict[str, Any], server: Any, clie
         for m in models:
             x_ref = rng.random((ref_b, m.channels, m.size, m.size), dtype=np.float32)
             session = sessions[m.name]
-            with pinned(ort_cpus):
-                ort_run = common.time_calls(lambda s=session, x=x_ref: s.run(None, {INPUT_NAME: x}), ref_b,
-                                            min_calls=cfg.min_calls, min_seconds=cfg.min_seconds)
+
+            def in_process(session: Any = session, x_ref: np.ndarray = x_ref) -> dict[str, float]:
+                with pinned(ort_cpus):
+                    return common.time_calls(lambda: session.run(None, {INPUT_NAME: x_ref}), ref_b,
+                                             min_calls=cfg.min_calls, min_seconds=cfg.min_seconds)
+
+            ort_run = in_process()
             for b in cfg.batches:
                 x = rng.random((b, m.channels, m.size, m.size), dtype=np.float32)
                 model = Model(m.name, m.channels, m.size, None, m.onnx_path, 0)
+                conc = in_flight(max(cfg.concurrency), b, ref_b)
                 pool = clients.ensure(conc, "triton-grpc", server, model, x)
                 n = min(cfg.max_requests, max(conc, int(cfg.min_seconds * ort_run["images_per_s"] / b)))
                 n = -(-n // conc) * conc
@@ -253,11 +259,23 @@ def _runs(models: list[ServedModel], sessions: dict[str, Any], server: Any, clie
                 result = clients.closed_loop(pool, n, b)
                 cpu1, after = process_cpu_seconds(), triton_stats(server.http_url, m.name)
                 result |= per_request(before, after)
-                result |= {"rep": rep, "ort_images_per_s": ort_run["images_per_s"],
+                # the reference brackets the served figure: this VM's speed drifts by 10-20 % within a minute
+                ort_after = in_process()
+                reference = (ort_run["images_per_s"] + ort_after["images_per_s"]) / 2
+                ort_run = ort_after
+                result |= {"rep": rep, "ort_images_per_s": reference, "in_flight": conc,
                            "client_cpu_ms_per_request": (cpu1 - cpu0) / result["calls"] * 1e3,
                            "client_cpu_share": (cpu1 - cpu0) / max(1e-9, result["calls"] * b / result["images_per_s"])}
                 per_rep.setdefault((m.label, b), []).append(result)
     return per_rep
+
+
+def in_flight(concurrency: int, request_batch: int, reference_batch: int) -> int:
+    """Client threads (requests in flight) for requests of ``request_batch`` images: ``concurrency``, and at least
+    twice the reference batch in images, so the dynamic batcher can form the batch in-process onnxruntime is timed
+    at while the previous one runs (16 one-image clients let it form batches of about 8, which measures the client
+    population rather than the server)."""
+    return max(concurrency, -(-2 * reference_batch // request_batch))
 
 
 def _row(layout: str, placement: dict[str, Any], key: tuple[str, int], runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -267,7 +285,7 @@ def _row(layout: str, placement: dict[str, Any], key: tuple[str, int], runs: lis
            "ort_images_per_s": med([r["ort_images_per_s"] for r in runs]),
            "served_over_in_process": common.median_ratio([(r["images_per_s"], r["ort_images_per_s"]) for r in runs]),
            "client_cpu_ms_per_request": med([r["client_cpu_ms_per_request"] for r in runs]),
-           "client_cpu_share": med([r["client_cpu_share"] for r in runs])}
+           "client_cpu_share": med([r["client_cpu_share"] for r in runs]), "in_flight": runs[0]["in_flight"]}
     for k in (*(f"{s}_ms" for s in STAT_KEYS), "mean_batch"):
         values = [r[k] for r in runs if r.get(k) is not None]
         row[k] = med(values) if values else None
@@ -287,6 +305,7 @@ def run_served(models: list[ServedModel], repo: Path, cfg: Any, log: Callable[[s
     rows += measure_layout("shared", models, repo, None, None, cfg, log)
     return {"rows": rows, "pinned_skipped": skipped, "server_cpus": split[0] if split else None,
             "client_cpus": split[1] if split else None, "concurrency": max(cfg.concurrency),
+            "in_flight": {b: in_flight(max(cfg.concurrency), b, max(cfg.batches)) for b in cfg.batches},
             "reference_batch": max(cfg.batches), "protocol": "gRPC",
             "method": "served images/s over in-process onnxruntime images/s at the reference batch with the server's "
                       "thread count on the server's CPUs, median of the per-run ratios; client CPU = this process's "

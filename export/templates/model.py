@@ -7,7 +7,6 @@ Execution providers are tried in the order TensorRT -> CUDA -> CPU, keeping thos
 the providers the session really uses are written to the server log at start-up.
 """
 
-import collections
 import importlib.util
 import json
 import os
@@ -141,15 +140,20 @@ class TritonPythonModel:
         core = load_module(f"drift_core_{self.model_name}_{version}", core_path)
         profile = core.load_profile(profile_path)
         settings = {k: self._parameter(f"drift_{k}", v) for k, v in DRIFT_DEFAULTS.items()}
+        features = sorted(f for f in profile["features"] if not f.startswith("image_"))  # raw sizes: offline only
+        size = max(settings["window"], settings["min_window"])
         self.monitor = {
             "core": core, "settings": settings, "reference": profile["features"],
-            "class_names": profile["class_names"], "since_check": 0,
-            "window": collections.deque(maxlen=max(settings["window"], settings["min_window"])),
+            "class_names": profile["class_names"], "since_check": 0, "pending": [],  # batches since the last test
+            "names": None, "ring": None, "size": size, "filled": 0, "next": 0,  # the rolling window, see _append
             "thresholds": core.DriftThresholds(alpha=settings["alpha"], psi_threshold=settings["psi_threshold"],
                                                min_window=settings["min_window"]),
             "alarm": core.Hysteresis(settings["hysteresis_on"], settings["hysteresis_off"]),
         }
-        labels = {"model": self.model_name, "version": str(version)}
+        # one series per stub process: a series two stubs share (a reload overlaps the old and the new instance of
+        # a version; instance_group count > 1) is freed with the first stub and the next update from the other
+        # crashes Triton (triton-inference-server/server#8663); each stub also keeps its own window
+        labels = {"model": self.model_name, "version": str(version), "stub": str(os.getpid())}
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
         families = {
             "detected": ("medops_drift_detected", "1 while drift is detected (with hysteresis)", gauge),
@@ -166,7 +170,6 @@ class TritonPythonModel:
                          for k, (n, d, kind) in families.items()}
         self.metrics = {k: self.families[k].Metric(labels=labels)
                         for k in ("detected", "score", "window", "intensity", "checks", "ood")}
-        features = sorted(f for f in profile["features"] if not f.startswith("image_"))  # raw sizes: offline only
         self.metrics["psi"] = {f: self.families["psi"].Metric(labels={**labels, "feature": f}) for f in features}
         self.metrics["p_value"] = {f: self.families["p_value"].Metric(labels={**labels, "feature": f})
                                    for f in features}
@@ -179,30 +182,61 @@ class TritonPythonModel:
         )
 
     def _observe(self, batch, probs, ood_flags=None):
-        """Add a batch to the rolling window; re-test drift every ``every`` images and update the gauges."""
+        """Keep a batch for the rolling window; every ``every`` images compute its features, re-test drift and
+        update the gauges.
+
+        Cheap per batch by design, because one-image requests make a batch per request: the features (per-image
+        percentiles) are computed once over the images kept since the last test, and each gauge update is a round
+        trip to the Triton process on the serving cores, so the gauges move with each test, not each batch."""
         m = self.monitor
-        core = m["core"]
         if ood_flags is not None:
-            self.metrics["ood"].increment(int(np.count_nonzero(ood_flags)))
-        feats = {**core.image_features(batch), **core.prediction_features(probs, m["class_names"])}
-        names = list(feats)
-        for row in zip(*(feats[k] for k in names), strict=True):
-            m["window"].append(row)
+            flagged = int(np.count_nonzero(ood_flags))
+            if flagged:
+                self.metrics["ood"].increment(flagged)
+        # a one-request batch is a view of the request's input tensor, which Triton frees after this call
+        m["pending"].append((batch if batch.flags.owndata else batch.copy(), probs))
         m["since_check"] += len(batch)
-        window = np.asarray(m["window"], dtype=np.float64)
-        current = {k: window[:, i] for i, k in enumerate(names)}
-        metrics = self.metrics
-        metrics["window"].set(len(window))
+        if m["since_check"] < m["settings"]["every"]:
+            return
+        core = m["core"]
+        images = np.concatenate([b for b, _ in m["pending"]]) if len(m["pending"]) > 1 else batch
+        predicted = np.concatenate([p for _, p in m["pending"]]) if len(m["pending"]) > 1 else probs
+        m["pending"], m["since_check"] = [], 0
+        self._append({**core.image_features(images), **core.prediction_features(predicted, m["class_names"])})
+        window = m["ring"][:m["filled"]]
+        current = {k: window[:, i] for i, k in enumerate(m["names"])}
+        self._publish_window(current)
+        if m["filled"] >= m["settings"]["min_window"]:
+            self._publish_test(core.compare(m["reference"], current, num_classes=len(m["class_names"]),
+                                            thresholds=m["thresholds"]))
+
+    def _append(self, feats):
+        """Write a batch's feature rows into the ring buffer of the newest ``size`` images (order is irrelevant to
+        the distribution tests, so no deque and no copy per batch)."""
+        m = self.monitor
+        if m["ring"] is None:
+            m["names"] = list(feats)
+            m["ring"] = np.zeros((m["size"], len(m["names"])), dtype=np.float64)
+        rows = np.column_stack([np.asarray(feats[k], dtype=np.float64) for k in m["names"]])[-m["size"]:]
+        index = (m["next"] + np.arange(len(rows))) % m["size"]
+        m["ring"][index] = rows
+        m["next"] = int((m["next"] + len(rows)) % m["size"])
+        m["filled"] = min(m["size"], m["filled"] + len(rows))
+
+    def _publish_window(self, current):
+        """The rolling window's gauges: its size, mean intensity and predicted class shares."""
+        m, metrics = self.monitor, self.metrics
+        core = m["core"]
+        metrics["window"].set(m["filled"])
         metrics["intensity"].set(float(current["intensity_mean"].mean()))
         classes = current[core.CLASS_FEATURE].astype(np.int64)
         shares = np.bincount(classes, minlength=len(m["class_names"])) / max(1, len(classes))
         for metric, share in zip(metrics["share"], shares, strict=True):
             metric.set(float(share))
-        if m["since_check"] < m["settings"]["every"] or len(window) < m["settings"]["min_window"]:
-            return
-        m["since_check"] = 0
-        result = core.compare(m["reference"], current, num_classes=len(m["class_names"]),
-                              thresholds=m["thresholds"])
+
+    def _publish_test(self, result):
+        """The gauges of one drift test: score, per-feature PSI and p-value, the alarm (with hysteresis)."""
+        m, metrics = self.monitor, self.metrics
         metrics["checks"].increment(1)
         metrics["score"].set(result.score)
         for f in result.features:

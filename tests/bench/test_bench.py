@@ -252,6 +252,8 @@ def test_engines_served_efficiency_pinned_and_shared(quick_run: tuple[Path, str]
         for key in ("queue_ms", "compute_input_ms", "compute_infer_ms", "compute_output_ms"):
             assert row[key] is not None and row[key] >= 0, key
         assert row["compute_infer_ms"] > 0 and row["mean_batch"] >= 1
+        # enough requests in flight for the batcher to form the in-process reference batch while one runs
+        assert row["in_flight"] == max(max(cfg["concurrency"]), -(-2 * max(cfg["batches"]) // row["request_batch"]))
         if row["layout"] == "pinned":  # read back from /proc: every thread of the server tree and of the clients
             assert row["server_cpus"] == [str(cpus[-1])] and row["server_processes"] >= 2  # + Python-backend stub
             assert row["client_cpus"] == [",".join(map(str, cpus[:-1]))] or len(cpus) > 2
@@ -277,6 +279,9 @@ def test_latency_sweep_and_the_batcher_choice_export_writes(quick_run: tuple[Pat
             check_latency({"images_per_s": p["achieved_per_s"], **p})
         assert cand["low_load_p50_ms"] == cand["points"][0]["p50_ms"]
         assert cand["p99_over_low_p50"] == pytest.approx(cand["p99_at_goal_load_ms"] / cand["low_load_p50_ms"])
+        within = [p["fraction"] for p in cand["points"] if p["p99_ms"] <= 4 * cand["low_load_p50_ms"]]
+        first_miss = min([p["fraction"] for p in cand["points"] if p["fraction"] not in within], default=2.0)
+        assert cand["highest_load_within_goal"] == max([f for f in within if f < first_miss], default=None)
     best = min(data["candidates"], key=lambda c: c["p99_at_goal_load_ms"])
     assert data["choice"]["max_queue_delay_us"] == best["candidate"]["max_queue_delay_us"]
     (target,) = data["targets"]

@@ -37,15 +37,16 @@ def firing_drift_alerts(metrics_url: str) -> list[dict]:
     rule = next(r for g in rules["groups"] for r in g["rules"] if r["alert"] == "MedopsInputDrift")
     assert rule["expr"] == "max by (model, version) (medops_drift_detected) == 1"
     text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-    alerts = []
+    detected: dict[tuple[str, str], float] = {}  # max by (model, version) over the stubs' series
     for line in text.splitlines():
-        match = re.match(r'medops_drift_detected\{model="([^"]+)",version="(\d+)"\} (\S+)', line)
-        if match and float(match.group(3)) == 1:
-            alerts.append({"status": "firing", "labels": {"alertname": "MedopsInputDrift", "model": match.group(1),
-                                                          "version": match.group(2), "severity": "warning"},
-                           "annotations": {"summary": f"{match.group(1)} v{match.group(2)}: inputs drifted"},
-                           "startsAt": "2026-11-28T00:00:00Z"})
-    return alerts
+        match = re.match(r'medops_drift_detected\{model="([^"]+)",stub="\d+",version="(\d+)"\} (\S+)', line)
+        if match:
+            key = (match.group(1), match.group(2))
+            detected[key] = max(detected.get(key, 0.0), float(match.group(3)))
+    return [{"status": "firing", "labels": {"alertname": "MedopsInputDrift", "model": model, "version": version,
+                                            "severity": "warning"},
+             "annotations": {"summary": f"{model} v{version}: inputs drifted"}, "startsAt": "2026-11-28T00:00:00Z"}
+            for (model, version), value in detected.items() if value == 1]
 
 
 def post(url: str, payload: dict) -> dict:

@@ -49,14 +49,19 @@ def repo(tmp_path_factory: pytest.TempPathFactory, trained_run: Path, worse_run:
 
 
 @pytest.fixture(scope="module")
-def server(repo: Path):
+def server(repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    log = tmp_path_factory.mktemp("triton") / "tritonserver.log"  # kept: a server that died says why here
     server = TritonServer(repo, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-                          model_control="explicit", load_models=[MODEL])
+                          model_control="explicit", load_models=[MODEL], log_file=log)
     server.start(timeout=120)
     try:
         yield server
     finally:
+        died = server.returncode
         server.stop()
+        if died is not None:  # the module's later tests failed with "connection refused": show the cause
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
+            pytest.fail(f"tritonserver died during the rollout tests (exit {died}); log {log}, last lines:\n{tail}")
 
 
 def ensure_production(repo: Path, server: TritonServer) -> None:
