@@ -144,8 +144,12 @@ def latency_table(result: dict[str, Any]) -> Table:
                         f"{result['placement']['client_cpus']}; maximum throughput "
                         f"{result['max_throughput_per_s']:.0f} requests/s. Chosen: max_queue_delay "
                         f"{choice['max_queue_delay_us']} us, preferred sizes "
-                        f"{choice['preferred_batch_sizes'] or 'none'}; p99 within {goal:g}x the low-load p50 up "
+                        f"{choice['preferred_batch_sizes'] or 'none'}; p99 within {goal:g}x the idle p50 up "
                         f"to {_fraction(choice.get('highest_load_within_goal'))} of the maximum")
+    if result.get("queueing_model"):
+        from bench.latency import queueing_summary
+
+        table.caption = queueing_summary(result["queueing_model"])
     for col in ("max_queue_delay us", "preferred", "load", "offered /s", "achieved /s", "p50 ms", "p95 ms", "p99 ms",
                 "send lag p99 ms", "errors"):
         table.add_column(col, justify="right")
@@ -324,7 +328,8 @@ def gpu_chart(result: dict[str, Any], path: Path) -> Path:
 
 def latency_chart(result: dict[str, Any], path: Path) -> Path:
     """Latency percentiles and achieved throughput against offered load, one line per batcher candidate."""
-    fig, axes = _figure(2, width=6.5, height=4.5)
+    queue = result.get("queueing_model")
+    fig, axes = _figure(3 if queue else 2, width=6.5, height=4.5, cols=2)
     chosen = result["choice"]
     for cand in result["candidates"]:
         c = cand["candidate"]
@@ -340,15 +345,20 @@ def latency_chart(result: dict[str, Any], path: Path) -> Path:
                      label=f"p50, {label}")
         axes[1].plot(x, [p["achieved_per_s"] for p in pts], marker="o", color=line.get_color(), label=label)
     top = result["max_throughput_per_s"]
-    for ax in axes:
+    for ax in axes[:2]:
         ax.axvline(0.8 * top, color="grey", ls=":", lw=1)
         ax.set_xlabel("offered load (one-image requests/s)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
-    low = chosen.get("low_load_p50_ms")
+    low = result.get("idle_p50_ms") or chosen.get("low_load_p50_ms")
+    if queue:
+        modelled = [c for c in queue["compared"] if c.get("model_p99_ms") is not None]
+        axes[0].plot([c["fraction"] * top for c in modelled], [c["model_p99_ms"] for c in modelled], color="black",
+                     ls="-.", lw=1.2, label="p99 of the queueing model (chosen setting, ideal server)")
+        _sizing_panel(axes[2], queue)
     if low:
-        axes[0].axhline(4 * low, color="red", ls=":", lw=1, label="goal: 4 x p50 at low load")
-        axes[0].legend(fontsize=6)
+        axes[0].axhline(4 * low, color="red", ls=":", lw=1, label="goal: 4 x idle p50 (best setting's p50 at low load)")
+    axes[0].legend(fontsize=6)
     axes[0].set_ylabel("latency (ms)")
     axes[0].set_yscale("log")
     axes[0].set_title(f"latency vs offered load; dotted: 80 % of max ({top:.0f}/s)", fontsize=9)
@@ -357,6 +367,27 @@ def latency_chart(result: dict[str, Any], path: Path) -> Path:
     axes[1].set_title("achieved vs offered throughput", fontsize=9)
     axes[1].legend(fontsize=6)
     return _save(fig, path, f"{result['model']}. {result['machine_line']}")
+
+
+def _sizing_panel(ax: Any, queue: dict[str, Any]) -> None:
+    """The queueing model's best p99 at 80 % / idle p50 per number of serving cores, against the goal."""
+    best = queue["best_per_instances"]
+    x = [b["instances"] for b in best]
+    ax.plot(x, [b["ratio"] for b in best], marker="o", color="tab:purple", label="best setting of the grid")
+    for b in best:
+        ax.annotate(f"batch {b['max_batch']}\ndelay {b['delay_us']:g} us", (b["instances"], b["ratio"]),
+                    textcoords="offset points", xytext=(4, 6), fontsize=6)
+    ax.axhline(4, color="red", ls=":", lw=1, label="goal: 4 x")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [str(v) for v in x])
+    ax.set_ylim(0, max([4.5] + [1.15 * b["ratio"] for b in best]))
+    ax.set_xlabel("serving cores (one model instance each); offered: 80 % of cores x the one-core maximum")
+    ax.set_ylabel("p99 at 80 % load / p50 when idle")
+    s = queue["service"]
+    ax.set_title(f"queueing model: {s['fixed_ms']:.2f} ms + {s['per_image_ms']:.2f} ms/image per execution,\n"
+                 f"{s['overhead_ms']:.2f} ms per request outside (fitted to Triton's batch statistics)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
 
 
 def int8_chart(result: dict[str, Any], path: Path) -> Path:

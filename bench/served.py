@@ -143,6 +143,24 @@ def triton_stats(http_url: str, model: str) -> dict[str, float]:
     return out
 
 
+def batch_stats(http_url: str, model: str) -> dict[int, tuple[float, float]]:
+    """Cumulative per batch size: (executions, nanoseconds of compute input + infer + output), all versions."""
+    import tritonclient.http as httpclient
+
+    with httpclient.InferenceServerClient(http_url) as client:
+        stats = client.get_inference_statistics(model)["model_stats"]
+    out: dict[int, tuple[float, float]] = {}
+    for entry in stats:
+        for row in entry.get("batch_stats") or []:
+            size = int(row["batch_size"])
+            count = float((row.get("compute_infer") or {}).get("count", 0))
+            ns = sum(float((row.get(k) or {}).get("ns", 0)) for k in ("compute_input", "compute_infer",
+                                                                       "compute_output"))
+            c0, ns0 = out.get(size, (0.0, 0.0))
+            out[size] = (c0 + count, ns0 + ns)
+    return out
+
+
 def per_request(before: dict[str, float], after: dict[str, float]) -> dict[str, float | None]:
     """Triton's milliseconds per request in each phase and the mean batch executed, between two snapshots."""
     requests = after["requests"] - before["requests"]

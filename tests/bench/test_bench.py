@@ -285,7 +285,15 @@ def test_latency_sweep_and_the_batcher_choice_export_writes(quick_run: tuple[Pat
     best = min(data["candidates"], key=lambda c: c["p99_at_goal_load_ms"])
     assert data["choice"]["max_queue_delay_us"] == best["candidate"]["max_queue_delay_us"]
     (target,) = data["targets"]
-    assert target["value"] == pytest.approx(best["p99_over_low_p50"]) and target["met"] == (target["value"] <= 4)
+    # the goal's denominator is the quiet p50 of the best setting: a long queue delay cannot pass by slowing it
+    idle = min(c["low_load_p50_ms"] for c in data["candidates"] if c["low_load_p50_ms"] and not c["errors"])
+    assert data["idle_p50_ms"] == idle
+    assert target["value"] == pytest.approx(best["p99_at_goal_load_ms"] / idle) == data["choice"]["p99_over_idle_p50"]
+    assert target["met"] == (target["value"] <= 4)
+    within = [p["fraction"] for p in best["points"] if p["p99_ms"] <= 4 * idle]
+    first_miss = min([p["fraction"] for p in best["points"] if p["fraction"] not in within], default=2.0)
+    assert data["choice"]["highest_load_within_goal"] == max([f for f in within if f < first_miss], default=None)
+    check_queueing_model(data, stdout=quick_run[1])
 
     # the choice, written as export reads it, becomes the dynamic batcher of config.pbtxt
     path = write_choice(tmp_path / "batcher.json", data)
@@ -300,6 +308,30 @@ def test_latency_sweep_and_the_batcher_choice_export_writes(quick_run: tuple[Pat
     (tmp_path / "bad.json").write_text('{"max_queue_delay_us": -5, "preferred_batch_sizes": [8]}')
     with pytest.raises(ValueError, match="max_queue_delay_us must be an integer >= 0"):
         dynamic_batching_settings(None, None, tmp_path / "bad.json")
+
+
+def check_queueing_model(data: dict[str, Any], stdout: str) -> None:
+    """The model is fitted to the chosen setting's real batch statistics and calibrated on its low-load p50."""
+    q = data["queueing_model"]
+    assert q is not None and q["delay_us"] == data["choice"]["max_queue_delay_us"]
+    sizes = {int(k): v for k, v in q["batches"].items()}
+    assert len(sizes) >= 2 and all(1 <= b <= data["placement"]["max_batch_size"] for b in sizes)
+    assert all(count >= 1 and ms > 0 for count, ms in sizes.values())
+    assert sizes[max(sizes)][1] > sizes[min(sizes)][1]  # a larger batch takes longer to execute
+    service = q["service"]
+    assert service["per_image_ms"] > 0 and service["fixed_ms"] >= 0 and service["overhead_ms"] >= 0
+    best = min(data["candidates"], key=lambda c: c["p99_at_goal_load_ms"])
+    low = q["compared"][0]
+    assert low["p50_ms"] == best["points"][0]["p50_ms"]
+    if service["overhead_ms"] > 0:  # calibrated: the model's quiet p50 is the measured one
+        assert low["model_p50_ms"] == pytest.approx(low["p50_ms"], rel=0.02)
+    assert {b["instances"] for b in q["best_per_instances"]} <= set(range(1, 9))
+    assert all(g["max_batch"] <= data["placement"]["max_batch_size"] for g in q["grid"])
+    assert q["preferred_batch_sizes_ignored"] == data["choice"]["preferred_batch_sizes"]
+    chosen = q["chosen_setting"]
+    if chosen["ratio"] is not None:
+        assert chosen["ratio"] == pytest.approx(chosen["p99_ms"] / q["low_load_p50_ms"])
+    assert "queueing model from Triton's batch statistics" in stdout.replace("\n", " ")
 
 
 def test_int8_case_times_fp32_and_int8(quick_run: tuple[Path, str]) -> None:
