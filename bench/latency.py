@@ -362,6 +362,8 @@ def queueing_summary(q: dict[str, Any]) -> str:
                  f"{one['delay_us']:g} us)")
         text += (", so a batcher setting could meet it here." if one["ratio"] <= GOAL_RATIO
                  else ", so no batcher setting of the grid meets it on one core.")
+        text += (f" Within the goal's p99 budget ({GOAL_RATIO:g} x {q['low_load_p50_ms']:.1f} ms) one core serves "
+                 f"{one['rate_within_goal_per_s']:.0f} requests/s.")
     if fewest:
         text += (f" Fewest serving cores (one instance each) that meet it in the model: {fewest['instances']} "
                  f"({fewest['ratio']:.1f}x with max batch {fewest['max_batch']}, delay {fewest['delay_us']:g} us).")

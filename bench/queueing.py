@@ -155,9 +155,25 @@ def sizing(service: ServiceModel, max_rate: float, *, delays_us: list[float], go
         usable = [g for g in grid if g["instances"] == instances and g["ratio"] is not None]
         if usable:
             best.append(min(usable, key=lambda g: g["ratio"]))
+    for b in best:  # the sizing figure: what that setting serves within the goal's p99 budget
+        b["rate_within_goal_per_s"] = rate_within(service, goal * idle_p50, max_batch=b["max_batch"],
+                                                  delay_us=b["delay_us"], instances=b["instances"],
+                                                  upper=b["instances"] * max_rate)
     fewest = next((b for b in best if b["ratio"] <= goal), None)
     return {"low_load_p50_ms": idle_p50, "grid": grid, "best_per_instances": best,
             "fewest_instances_meeting_goal": fewest}
+
+
+def rate_within(service: ServiceModel, p99_budget_ms: float, *, max_batch: int, delay_us: float, instances: int,
+                upper: float, steps: int = 12) -> float:
+    """The highest Poisson rate (requests/s, up to ``upper``) whose p99 stays within ``p99_budget_ms`` in the model,
+    by bisection (p99 grows with the rate); 0 when even a trickle misses the budget."""
+    low, high = 0.0, min(upper, service.capacity_per_s(max_batch, instances))
+    for _ in range(steps):
+        mid = (low + high) / 2
+        p99 = p99_at(service, mid, max_batch=max_batch, delay_us=delay_us, instances=instances)
+        low, high = (mid, high) if p99 is not None and p99 <= p99_budget_ms else (low, mid)
+    return low
 
 
 def analyse(times: dict[int, tuple[float, float]], points: list[dict[str, Any]], max_rate: float, *,

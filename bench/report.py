@@ -373,12 +373,15 @@ def _sizing_panel(ax: Any, queue: dict[str, Any]) -> None:
     """The queueing model's best p99 at 80 % / idle p50 per number of serving cores, against the goal."""
     best = queue["best_per_instances"]
     x = [b["instances"] for b in best]
-    ax.plot(x, [b["ratio"] for b in best], marker="o", color="tab:purple", label="best setting of the grid")
+    ax.plot(x, [b["ratio"] for b in best], marker="o", color="tab:purple",
+            label="best setting of the grid; annotated: the load it serves with p99 within 4 x idle p50")
     for b in best:
-        ax.annotate(f"batch {b['max_batch']}\ndelay {b['delay_us']:g} us", (b["instances"], b["ratio"]),
+        ax.annotate(f"batch {b['max_batch']}, delay {b['delay_us']:g} us\n"
+                    f"{b['rate_within_goal_per_s']:.0f} req/s within 4 x", (b["instances"], b["ratio"]),
                     textcoords="offset points", xytext=(4, 6), fontsize=6)
     ax.axhline(4, color="red", ls=":", lw=1, label="goal: 4 x")
     ax.set_xscale("log", base=2)
+    ax.set_xlim(0.8, 2.2 * max(x))  # room for the last point's annotation
     ax.set_xticks(x, [str(v) for v in x])
     ax.set_ylim(0, max([4.5] + [1.15 * b["ratio"] for b in best]))
     ax.set_xlabel("serving cores (one model instance each); offered: 80 % of cores x the one-core maximum")

@@ -82,6 +82,14 @@ def test_sizing_judges_every_setting_against_the_idle_p50() -> None:
     for best in result["best_per_instances"]:
         same = [g["ratio"] for g in result["grid"] if g["instances"] == best["instances"] and g["ratio"] is not None]
         assert best["ratio"] == min(same)
+    budget = 4.0 * idle
+    for best in result["best_per_instances"]:  # the sizing figure: the rate whose p99 just fits the budget
+        rate = best["rate_within_goal_per_s"]
+        setting = {"max_batch": best["max_batch"], "delay_us": best["delay_us"], "instances": best["instances"]}
+        assert 0 < rate <= best["instances"] * 520.0
+        assert queueing.p99_at(service, rate, **setting) <= budget
+        over = queueing.p99_at(service, 1.05 * rate, **setting)
+        assert over is None or over > budget or rate > 0.95 * best["instances"] * 520.0
     fewest = result["fewest_instances_meeting_goal"]
     meeting = [b["instances"] for b in result["best_per_instances"] if b["ratio"] <= 4.0]
     assert (fewest is None and not meeting) or fewest["instances"] == min(meeting)
