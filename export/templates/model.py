@@ -58,6 +58,7 @@ class TritonPythonModel:
         self.input_name = inputs[0]["name"]
         # probabilities first; ood_score / ood_flag when the graph computes them (same names in the ONNX graph)
         self.output_names = [o["name"] for o in outputs]
+        self.all_outputs = list(range(len(self.output_names)))
         self.input_dims = tuple(int(d) for d in inputs[0]["dims"])
 
         version_dir = os.path.join(args["model_repository"], args["model_version"])
@@ -246,7 +247,8 @@ class TritonPythonModel:
         metrics["detected"].set(1.0 if m["alarm"].update(result.drifted) else 0.0)
 
     def _check(self, request):
-        """The request's input array, or an error message saying what is wrong with it."""
+        """The request's input array, or an error message saying what is wrong with its form (name, dtype, shape);
+        its values are checked per batch in ``_check_values``."""
         tensor = pb_utils.get_input_tensor_by_name(request, self.input_name)
         if tensor is None:
             return None, f"missing input {self.input_name!r}"
@@ -261,45 +263,69 @@ class TritonPythonModel:
             )
         if tuple(array.shape[1:]) != self.input_dims:
             return None, f"input {self.input_name!r} has shape {list(array.shape)}, expected {expected}"
-        problem = self.input_check.value_problem(array)
-        if problem:
-            return None, f"input {self.input_name!r}: {problem}"
         return array, None
+
+    def _check_values(self, arrays, responses):
+        """The batch of the requests whose values are valid (NaN, Inf, [0, 1]) and their (index, array) pairs; the
+        others get their 400 in ``responses``. One check over the whole batch in the usual case where every input is
+        valid (numpy's per-call cost is most of a one-image check); per request only when the batch fails, so each
+        client still gets its own reason."""
+        batch = arrays[0][1] if len(arrays) == 1 else np.concatenate([a for _, a in arrays], axis=0)
+        if self.input_check.value_problem(batch) is None:
+            return batch, arrays
+        valid = []
+        for i, array in arrays:
+            problem = self.input_check.value_problem(array)
+            if problem:
+                responses[i] = self._error(f"input {self.input_name!r}: {problem}")
+            else:
+                valid.append((i, array))
+        if not valid:
+            return None, valid
+        return (valid[0][1] if len(valid) == 1 else np.concatenate([a for _, a in valid], axis=0)), valid
+
+    def _error(self, message):
+        """The client's fault: HTTP 400 / gRPC INVALID_ARGUMENT, with the reason."""
+        return pb_utils.InferenceResponse(output_tensors=[], error=invalid_argument(f"{self.model_name}: {message}"))
+
+    def _wanted(self, request):
+        """Indices of the outputs ``request`` asked for (all when it names none): the others are not built."""
+        names = set(request.requested_output_names() or ())
+        return [k for k, n in enumerate(self.output_names) if n in names] or self.all_outputs
 
     def execute(self, requests):
         responses = [None] * len(requests)
-        valid = []  # (index, array)
+        arrays = []  # (index, array) of the requests whose input has the right form
         for i, request in enumerate(requests):
             array, error = self._check(request)
-            if error is not None:  # the client's fault: HTTP 400 / gRPC INVALID_ARGUMENT, with the reason
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=invalid_argument(
-                    f"{self.model_name}: {error}"))
+            if error is not None:
+                responses[i] = self._error(error)
             else:
-                valid.append((i, array))
-
-        if valid:
-            batch = valid[0][1] if len(valid) == 1 else np.concatenate([a for _, a in valid], axis=0)
+                arrays.append((i, array))
+        if not arrays:
+            return responses
+        batch, valid = self._check_values(arrays, responses)
+        if not valid:
+            return responses
+        try:
+            results = [np.ascontiguousarray(r) for r in self.session.run(self.onnx_outputs, {self.onnx_input: batch})]
+            result = results[0] = results[0].astype(np.float32, copy=False)
+        except Exception as exc:  # report to every client instead of killing the stub
+            message = f"{self.model_name}: onnxruntime failed: {exc}"
+            for i, _ in valid:
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+            return responses
+        if self.monitor is not None:
             try:
-                results = [np.ascontiguousarray(r) for r in self.session.run(self.onnx_outputs,
-                                                                              {self.onnx_input: batch})]
-                result = results[0] = results[0].astype(np.float32, copy=False)
-            except Exception as exc:  # report to every client instead of killing the stub
-                message = f"{self.model_name}: onnxruntime failed: {exc}"
-                for i, _ in valid:
-                    responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
-                return responses
-            if self.monitor is not None:
-                try:
-                    self._observe(batch, result, results[2] if len(results) > 2 else None)
-                except Exception as exc:  # monitoring must never cost a response
-                    pb_utils.Logger.log_warn(f"{self.model_name}: drift monitoring failed: {exc}")
-            start = 0
-            for i, array in valid:
-                stop = start + array.shape[0]
-                outs = [pb_utils.Tensor(name, values[start:stop])
-                        for name, values in zip(self.output_names, results, strict=True)]
-                responses[i] = pb_utils.InferenceResponse(output_tensors=outs)
-                start = stop
+                self._observe(batch, result, results[2] if len(results) > 2 else None)
+            except Exception as exc:  # monitoring must never cost a response
+                pb_utils.Logger.log_warn(f"{self.model_name}: drift monitoring failed: {exc}")
+        start = 0
+        for i, array in valid:
+            stop = start + array.shape[0]
+            outs = [pb_utils.Tensor(self.output_names[k], results[k][start:stop]) for k in self._wanted(requests[i])]
+            responses[i] = pb_utils.InferenceResponse(output_tensors=outs)
+            start = stop
         return responses
 
     def finalize(self):

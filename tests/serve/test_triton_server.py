@@ -209,6 +209,17 @@ class _FakeError:
         self.message, self.code = message, code
 
 
+class _FakeRequest(dict):
+    """A request: its input tensors by name and the outputs its client asked for (none: all)."""
+
+    def __init__(self, tensors: dict, requested: tuple[str, ...] = ()) -> None:
+        super().__init__(tensors)
+        self.requested = requested
+
+    def requested_output_names(self) -> list[str]:
+        return list(self.requested)
+
+
 def _fake_pb_utils(log: list[str]) -> types.ModuleType:
     module = types.ModuleType("triton_python_backend_utils")
     module.Tensor = _FakeTensor
@@ -248,7 +259,7 @@ def test_template_batches_valid_requests_and_rejects_bad_ones(tmp_path: Path, mo
     real_run = model.session.run
     model.session = types.SimpleNamespace(run=lambda *a: calls.append(a[1]["image"].shape) or real_run(*a))
 
-    requests = [
+    requests = [_FakeRequest(r) for r in (
         {"image": _FakeTensor("image", BATCH[:2])},
         {"image": _FakeTensor("image", np.zeros((2, 1, 5, 5), np.float32))},
         {"image": _FakeTensor("image", BATCH[:1].astype(np.float64))},
@@ -258,7 +269,7 @@ def test_template_batches_valid_requests_and_rejects_bad_ones(tmp_path: Path, mo
         {"image": _FakeTensor("image", np.where(np.eye(4, dtype=bool), np.nan, BATCH[:1]).astype(np.float32))},
         {"image": _FakeTensor("image", BATCH[:1] * 1e9)},
         {"image": _FakeTensor("image", np.full((1, 1, 4, 4), np.inf, np.float32))},
-    ]
+    )]
     responses = model.execute(requests)
     assert len(responses) == len(requests)
     assert calls == [(5, 1, 4, 4)]  # the two valid requests ran as one batch
@@ -279,6 +290,19 @@ def test_template_batches_valid_requests_and_rejects_bad_ones(tmp_path: Path, mo
     assert "4 NaN" in errors[6] and "[0, 1]" in errors[6]  # refused with the reason, nothing computed
     assert "range from" in errors[7] and "[0, 1]" in errors[7]
     assert "16 infinite" in errors[8]
+
+    # all valid: one value check for the batch, one run, each client its own rows of the outputs it asked for
+    calls.clear()
+    valid = model.execute([_FakeRequest({"image": _FakeTensor("image", BATCH[k:k + 1])}, requested)
+                           for k, requested in enumerate([(), ("probabilities",), ()])])
+    assert calls == [(3, 1, 4, 4)]
+    for k, response in enumerate(valid):
+        assert response.error is None and [t.name() for t in response.output_tensors] == ["probabilities"]
+        np.testing.assert_allclose(response.output_tensors[0].as_numpy(), expected[k:k + 1], atol=1e-6)
+    # every input refused: nothing runs
+    calls.clear()
+    refused = model.execute([_FakeRequest({"image": _FakeTensor("image", BATCH[:1] * 1e9)})])
+    assert calls == [] and "range from" in refused[0].error.message
     model.finalize()
     assert model.session is None
 
