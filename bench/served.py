@@ -126,12 +126,17 @@ def start_server(repo: Path, names: list[str], cpus: Sequence[int] | None, pytho
     return server
 
 
-def triton_stats(http_url: str, model: str) -> dict[str, float]:
-    """Cumulative statistics of ``model`` (all versions): request count, nanoseconds per phase, executions."""
+def model_stats(http_url: str, model: str) -> list[dict]:
+    """Triton's statistics of ``model``, one entry per version (``model_stats`` of the statistics extension)."""
     import tritonclient.http as httpclient
 
     with httpclient.InferenceServerClient(http_url) as client:
-        stats = client.get_inference_statistics(model)["model_stats"]
+        return client.get_inference_statistics(model)["model_stats"]
+
+
+def triton_stats(http_url: str, model: str) -> dict[str, float]:
+    """Cumulative statistics of ``model`` (all versions): request count, nanoseconds per phase, executions."""
+    stats = model_stats(http_url, model)
     out = {"requests": 0.0, "executions": 0.0, "inferences": 0.0, **{f"{k}_ns": 0.0 for k in STAT_KEYS}}
     for entry in stats:
         inference = entry.get("inference_stats") or {}
@@ -145,12 +150,8 @@ def triton_stats(http_url: str, model: str) -> dict[str, float]:
 
 def batch_stats(http_url: str, model: str) -> dict[int, tuple[float, float]]:
     """Cumulative per batch size: (executions, nanoseconds of compute input + infer + output), all versions."""
-    import tritonclient.http as httpclient
-
-    with httpclient.InferenceServerClient(http_url) as client:
-        stats = client.get_inference_statistics(model)["model_stats"]
     out: dict[int, tuple[float, float]] = {}
-    for entry in stats:
+    for entry in model_stats(http_url, model):
         for row in entry.get("batch_stats") or []:
             size = int(row["batch_size"])
             count = float((row.get("compute_infer") or {}).get("count", 0))
