@@ -106,6 +106,20 @@ def _task_cpus(pid: int, tid: str) -> str:
     return "?"
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` and its descendants, every thread (``/proc/<pid>/stat``). CPU time leaves
+    out the time a virtual CPU is stolen by its host, which wall-clock throughput on a shared VM does not."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for child in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a process that ended in between
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
 def process_cpu_seconds() -> float:
     """User + system CPU time of this process, all threads."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -263,8 +277,11 @@ def _runs(models: list[ServedModel], sessions: dict[str, Any], server: Any, clie
 
             def in_process(session: Any = session, x_ref: np.ndarray = x_ref) -> dict[str, float]:
                 with pinned(ort_cpus):
-                    return common.time_calls(lambda: session.run(None, {INPUT_NAME: x_ref}), ref_b,
-                                             min_calls=cfg.min_calls, min_seconds=cfg.min_seconds)
+                    cpu0 = process_cpu_seconds()
+                    run = common.time_calls(lambda: session.run(None, {INPUT_NAME: x_ref}), ref_b,
+                                            min_calls=cfg.min_calls, min_seconds=cfg.min_seconds)
+                    cpu_ms = (process_cpu_seconds() - cpu0) / ((run["calls"] + 1) * ref_b) * 1e3  # + untimed call
+                return run | {"cpu_ms_per_image": cpu_ms}
 
             ort_run = in_process()
             for b in cfg.batches:
@@ -275,18 +292,33 @@ def _runs(models: list[ServedModel], sessions: dict[str, Any], server: Any, clie
                 n = min(cfg.max_requests, max(conc, int(cfg.min_seconds * ort_run["images_per_s"] / b)))
                 n = -(-n // conc) * conc
                 before, cpu0 = triton_stats(server.http_url, m.name), process_cpu_seconds()
+                server0 = tree_cpu_seconds(server.process.pid)
                 result = clients.closed_loop(pool, n, b)
+                server1 = tree_cpu_seconds(server.process.pid)
                 cpu1, after = process_cpu_seconds(), triton_stats(server.http_url, m.name)
                 result |= per_request(before, after)
                 # the reference brackets the served figure: this VM's speed drifts by 10-20 % within a minute
                 ort_after = in_process()
                 reference = (ort_run["images_per_s"] + ort_after["images_per_s"]) / 2
+                result |= cpu_time_figures((server1 - server0) / (result["calls"] * b) * 1e3,
+                                           (ort_run["cpu_ms_per_image"] + ort_after["cpu_ms_per_image"]) / 2,
+                                           single_thread=len(ort_cpus) == 1)
                 ort_run = ort_after
                 result |= {"rep": rep, "ort_images_per_s": reference, "in_flight": conc,
                            "client_cpu_ms_per_request": (cpu1 - cpu0) / result["calls"] * 1e3,
                            "client_cpu_share": (cpu1 - cpu0) / max(1e-9, result["calls"] * b / result["images_per_s"])}
                 per_rep.setdefault((m.label, b), []).append(result)
     return per_rep
+
+
+def cpu_time_figures(server_ms: float, ort_ms: float, single_thread: bool) -> dict[str, float | None]:
+    """Server CPU per served image (Triton and its stubs, every thread) against in-process onnxruntime's CPU per
+    image, and their ratio: the cost of serving an image, steadier than throughput on a VM whose host steals time.
+    Only with one onnxruntime thread: a thread pool spins while it waits, which CPU time would count as work."""
+    if not single_thread or server_ms <= 0:
+        return {"server_cpu_ms_per_image": None, "ort_cpu_ms_per_image": None, "cpu_time_ratio": None}
+    return {"server_cpu_ms_per_image": server_ms, "ort_cpu_ms_per_image": ort_ms,
+            "cpu_time_ratio": common.ratio(ort_ms, server_ms)}
 
 
 def in_flight(concurrency: int, request_batch: int, reference_batch: int) -> int:
@@ -305,7 +337,8 @@ def _row(layout: str, placement: dict[str, Any], key: tuple[str, int], runs: lis
            "served_over_in_process": common.median_ratio([(r["images_per_s"], r["ort_images_per_s"]) for r in runs]),
            "client_cpu_ms_per_request": med([r["client_cpu_ms_per_request"] for r in runs]),
            "client_cpu_share": med([r["client_cpu_share"] for r in runs]), "in_flight": runs[0]["in_flight"]}
-    for k in (*(f"{s}_ms" for s in STAT_KEYS), "mean_batch"):
+    for k in (*(f"{s}_ms" for s in STAT_KEYS), "mean_batch", "server_cpu_ms_per_image", "ort_cpu_ms_per_image",
+              "cpu_time_ratio"):
         values = [r[k] for r in runs if r.get(k) is not None]
         row[k] = med(values) if values else None
     return row
@@ -328,7 +361,9 @@ def run_served(models: list[ServedModel], repo: Path, cfg: Any, log: Callable[[s
             "reference_batch": max(cfg.batches), "protocol": "gRPC",
             "method": "served images/s over in-process onnxruntime images/s at the reference batch with the server's "
                       "thread count on the server's CPUs, median of the per-run ratios; client CPU = this process's "
-                      "CPU time over requests; Triton statistics extension deltas per request"}
+                      "CPU time over requests; Triton statistics extension deltas per request; CPU time ratio = "
+                      "in-process onnxruntime CPU per image over the server process tree's CPU per served image "
+                      "(pinned, one onnxruntime thread)"}
 
 
 def newest_version(repository: str | Path, model: str, precision: str) -> Path | None:

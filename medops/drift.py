@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -75,13 +76,38 @@ def image_features(batch: np.ndarray) -> dict[str, np.ndarray]:
     # percentiles on a fixed-stride sample of at most ~16k pixels per image: the same estimate everywhere, and
     # cheap enough for the served model's hot path (224 px RGB: all pixels cost more than 10 % of inference)
     sample = flat[:, :: max(1, -(-flat.shape[1] // PERCENTILE_PIXELS))]
-    p05, p95 = np.percentile(sample, [5, 95], axis=1) if len(x) else (np.zeros(0), np.zeros(0))
+    p05, p95 = row_percentiles(sample, (5.0, 95.0)) if len(x) else (np.zeros(0), np.zeros(0))
     out = {"intensity_mean": flat.mean(axis=1), "intensity_std": flat.std(axis=1),
            "intensity_p05": np.asarray(p05), "intensity_p95": np.asarray(p95)}
     if x.shape[1] > 1:
         for c in range(x.shape[1]):
             out[f"channel{c}_mean"] = x[:, c].reshape(len(x), -1).mean(axis=1)
     return {k: v.astype(np.float64) for k, v in out.items()}
+
+
+def row_percentiles(rows: np.ndarray, percents: Sequence[float]) -> np.ndarray:
+    """``np.percentile(rows, percents, axis=1)`` (linear method), bit for bit, for a 2-D array without NaN.
+
+    Written out because ``np.percentile`` along the last axis of many short rows moves that axis first and then
+    partitions strided memory: 0.55 ms for 32 images of 28 x 28 against 0.11 ms for a contiguous row sort, and the
+    served model computes these features on its hot path. The interpolation is numpy's own (``_lerp``), so the
+    served and offline features stay identical to the reference profiles written before. Rows with NaN go to
+    ``np.percentile`` (NaN propagates there).
+    """
+    x = np.asarray(rows)
+    if x.ndim != 2 or x.shape[1] == 0 or (x.dtype.kind == "f" and np.isnan(x).any()):
+        return np.asarray(np.percentile(x, list(percents), axis=1))
+    n = x.shape[1]
+    virtual = np.asarray(percents, dtype=np.float64) / 100.0 * (n - 1)
+    low = np.floor(virtual).astype(np.intp)
+    high = np.minimum(low + 1, n - 1)
+    gamma = virtual - low
+    ordered = np.sort(x, axis=1)
+    a, b = ordered[:, low], ordered[:, high]
+    diff = b - a
+    out = np.asarray(a + diff * gamma)
+    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe")
+    return out.T
 
 
 def prediction_features(probs: np.ndarray, class_names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -139,16 +165,47 @@ def psi(reference: np.ndarray, current: np.ndarray, bins: int | None = None, eps
     ``bins`` defaults to :func:`psi_bins` of the two sample sizes and the ``alarm`` level (the drift threshold),
     so that sampling noise alone rarely reaches the alarm (see the module docstring for measured figures).
     """
-    ref = np.asarray(reference, dtype=np.float64)
+    return _psi(PreparedReference(reference), current, bins, eps, alarm)
+
+
+def _psi(ref: PreparedReference, current: np.ndarray, bins: int | None, eps: float, alarm: float) -> float:
     cur = np.asarray(current, dtype=np.float64)
-    if len(ref) == 0 or len(cur) == 0:
+    if len(ref.values) == 0 or len(cur) == 0:
         return float("nan")
-    bins = bins or psi_bins(len(ref), len(cur), alarm)
-    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
-    ref_share = np.bincount(np.searchsorted(edges, ref, side="right"), minlength=len(edges) + 1) / len(ref)
+    edges, ref_share = ref.bins(bins or psi_bins(len(ref.values), len(cur), alarm), eps)
     cur_share = np.bincount(np.searchsorted(edges, cur, side="right"), minlength=len(edges) + 1) / len(cur)
-    ref_share, cur_share = np.clip(ref_share, eps, None), np.clip(cur_share, eps, None)
+    cur_share = np.clip(cur_share, eps, None)
     return float(np.sum((cur_share - ref_share) * np.log(cur_share / ref_share)))
+
+
+class PreparedReference:
+    """One reference feature with what every comparison against it reuses: float64 values, sorted values, mean,
+    and the quantile bins per bin count. The served model tests a fresh window every 32 images against a fixed
+    reference; preparing it once takes the reference's quantiles and sort off that path."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.source = values
+        self.values = np.asarray(values, dtype=np.float64)
+        self._bins: dict[tuple[int, float], tuple[np.ndarray, np.ndarray]] = {}
+
+    @cached_property
+    def sorted(self) -> np.ndarray:
+        return np.sort(self.values)
+
+    @cached_property
+    def mean(self) -> float:
+        return float(self.values.mean()) if len(self.values) else float("nan")
+
+    def bins(self, count: int, eps: float) -> tuple[np.ndarray, np.ndarray]:
+        """The inner edges of ``count`` reference-quantile bins and the reference's share in each (floored at
+        ``eps``)."""
+        key = (count, eps)
+        if key not in self._bins:
+            edges = np.unique(np.quantile(self.values, np.linspace(0, 1, count + 1)[1:-1]))
+            share = np.bincount(np.searchsorted(edges, self.values, side="right"),
+                                minlength=len(edges) + 1) / len(self.values)
+            self._bins[key] = edges, np.clip(share, eps, None)
+        return self._bins[key]
 
 
 def categorical_psi(reference: np.ndarray, current: np.ndarray, categories: int, eps: float = 1e-4) -> float:
@@ -161,7 +218,11 @@ def categorical_psi(reference: np.ndarray, current: np.ndarray, categories: int,
 
 def ks_2samp(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
     """Two-sample Kolmogorov-Smirnov statistic D and its asymptotic p-value (Stephens' small-sample correction)."""
-    a = np.sort(np.asarray(reference, dtype=np.float64))
+    return _ks(np.sort(np.asarray(reference, dtype=np.float64)), current)
+
+
+def _ks(a: np.ndarray, current: np.ndarray) -> tuple[float, float]:
+    """:func:`ks_2samp` against an already sorted float64 reference ``a``."""
     b = np.sort(np.asarray(current, dtype=np.float64))
     if len(a) == 0 or len(b) == 0:
         return float("nan"), float("nan")
@@ -309,11 +370,14 @@ class DriftResult:
 
 def compare(reference: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray], *, num_classes: int,
             thresholds: DriftThresholds | None = None, reference_embeddings: np.ndarray | None = None,
-            current_embeddings: np.ndarray | None = None, seed: int = 0) -> DriftResult:
+            current_embeddings: np.ndarray | None = None, seed: int = 0,
+            cache: dict[str, PreparedReference] | None = None) -> DriftResult:
     """Compare a window of per-image features with the reference profile, feature by feature.
 
     Only features present in both are compared. Categorical features (the predicted class, ``image_size``) use
     the chi-square test; the others Kolmogorov-Smirnov. The Bonferroni-corrected level is ``alpha / features``.
+    ``cache`` (a dict the caller keeps between calls against the same reference) holds each reference feature
+    prepared once (:class:`PreparedReference`); the results are the same with or without it.
     """
     th = thresholds or DriftThresholds()
     names = [k for k in reference if k in current]
@@ -322,19 +386,13 @@ def compare(reference: Mapping[str, np.ndarray], current: Mapping[str, np.ndarra
     if n_cur < th.min_window or not names:
         return DriftResult("insufficient data", n_ref, n_cur, thresholds=th)
     level = th.alpha / len(names)
+    cache = {} if cache is None else cache
     results = []
     for name in names:
-        ref, cur = np.asarray(reference[name], np.float64), np.asarray(current[name], np.float64)
-        if name in (CLASS_FEATURE, "image_size"):
-            cats = int(max(num_classes if name == CLASS_FEATURE else 0, ref.max(initial=0) + 1,
-                           cur.max(initial=0) + 1))
-            value, stat, p, test = categorical_psi(ref, cur, cats), float("nan"), chi2_pvalue(ref, cur, cats), "chi2"
-        else:
-            value = psi(ref, cur, alarm=th.psi_threshold)
-            stat, p = ks_2samp(ref, cur)
-            test = "ks"
-        drifted = bool(p < level and value >= th.psi_threshold)
-        results.append(FeatureDrift(name, value, stat, p, test, drifted, float(ref.mean()), float(cur.mean())))
+        if name not in cache or cache[name].source is not reference[name]:
+            cache[name] = PreparedReference(reference[name])
+        results.append(_compare_feature(name, cache[name], np.asarray(current[name], np.float64), num_classes,
+                                        th, level))
     embedding = None
     if reference_embeddings is not None and current_embeddings is not None and len(reference_embeddings) > 1:
         mmd2, p = mmd_test(reference_embeddings, current_embeddings, seed=seed)
@@ -342,6 +400,22 @@ def compare(reference: Mapping[str, np.ndarray], current: Mapping[str, np.ndarra
             np.asarray(reference_embeddings).reshape(len(reference_embeddings), -1).shape[1])}
     any_drift = any(f.drifted for f in results) or bool(embedding and embedding["drifted"])
     return DriftResult("drift" if any_drift else "no drift", n_ref, n_cur, results, embedding, th)
+
+
+def _compare_feature(name: str, ref: PreparedReference, cur: np.ndarray, num_classes: int, th: DriftThresholds,
+                     level: float) -> FeatureDrift:
+    """One feature's PSI, test and verdict (drifted when both significant at ``level`` and large)."""
+    if name in (CLASS_FEATURE, "image_size"):
+        cats = int(max(num_classes if name == CLASS_FEATURE else 0, ref.values.max(initial=0) + 1,
+                       cur.max(initial=0) + 1))
+        value, stat = categorical_psi(ref.values, cur, cats), float("nan")
+        p, test = chi2_pvalue(ref.values, cur, cats), "chi2"
+    else:
+        value = _psi(ref, cur, None, 1e-4, th.psi_threshold)
+        stat, p = _ks(ref.sorted, cur)
+        test = "ks"
+    drifted = bool(p < level and value >= th.psi_threshold)
+    return FeatureDrift(name, value, stat, p, test, drifted, ref.mean, float(cur.mean()))
 
 
 class Hysteresis:

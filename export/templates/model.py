@@ -146,6 +146,7 @@ class TritonPythonModel:
         self.monitor = {
             "core": core, "settings": settings, "reference": profile["features"],
             "class_names": profile["class_names"], "since_check": 0, "pending": [],  # batches since the last test
+            "prepared": {}, "published": {},  # the reference prepared once (drift_core.compare); gauge values set
             "names": None, "ring": None, "size": size, "filled": 0, "next": 0,  # the rolling window, see _append
             "thresholds": core.DriftThresholds(alpha=settings["alpha"], psi_threshold=settings["psi_threshold"],
                                                min_window=settings["min_window"]),
@@ -176,7 +177,7 @@ class TritonPythonModel:
                                    for f in features}
         self.metrics["share"] = [self.families["share"].Metric(labels={**labels, "class": c})
                                  for c in profile["class_names"]]
-        self.metrics["detected"].set(0)
+        self._set(self.metrics["detected"], 0.0)
         pb_utils.Logger.log_info(
             f"{self.model_name} v{version}: drift monitoring on ({len(features)} features, window "
             f"{settings['window']}, test every {settings['every']} images once {settings['min_window']} are in)"
@@ -209,7 +210,7 @@ class TritonPythonModel:
         self._publish_window(current)
         if m["filled"] >= m["settings"]["min_window"]:
             self._publish_test(core.compare(m["reference"], current, num_classes=len(m["class_names"]),
-                                            thresholds=m["thresholds"]))
+                                            thresholds=m["thresholds"], cache=m["prepared"]))
 
     def _append(self, feats):
         """Write a batch's feature rows into the ring buffer of the newest ``size`` images (order is irrelevant to
@@ -228,23 +229,31 @@ class TritonPythonModel:
         """The rolling window's gauges: its size, mean intensity and predicted class shares."""
         m, metrics = self.monitor, self.metrics
         core = m["core"]
-        metrics["window"].set(m["filled"])
-        metrics["intensity"].set(float(current["intensity_mean"].mean()))
+        self._set(metrics["window"], m["filled"])
+        self._set(metrics["intensity"], float(current["intensity_mean"].mean()))
         classes = current[core.CLASS_FEATURE].astype(np.int64)
         shares = np.bincount(classes, minlength=len(m["class_names"])) / max(1, len(classes))
         for metric, share in zip(metrics["share"], shares, strict=True):
-            metric.set(float(share))
+            self._set(metric, float(share))
 
     def _publish_test(self, result):
         """The gauges of one drift test: score, per-feature PSI and p-value, the alarm (with hysteresis)."""
         m, metrics = self.monitor, self.metrics
         metrics["checks"].increment(1)
-        metrics["score"].set(result.score)
+        self._set(metrics["score"], result.score)
         for f in result.features:
             if f.feature in metrics["psi"]:
-                metrics["psi"][f.feature].set(float(f.psi))
-                metrics["p_value"][f.feature].set(float(f.p_value))
-        metrics["detected"].set(1.0 if m["alarm"].update(result.drifted) else 0.0)
+                self._set(metrics["psi"][f.feature], float(f.psi))
+                self._set(metrics["p_value"][f.feature], float(f.p_value))
+        self._set(metrics["detected"], 1.0 if m["alarm"].update(result.drifted) else 0.0)
+
+    def _set(self, metric, value):
+        """Set a gauge unless it already holds ``value``: each set is a round trip to the Triton process on the
+        serving core, and the window's size, the alarm and the class shares mostly stay as they were."""
+        published = self.monitor["published"]
+        if published.get(id(metric)) != value:
+            metric.set(value)
+            published[id(metric)] = value
 
     def _check(self, request):
         """The request's input array, or an error message saying what is wrong with its form (name, dtype, shape);

@@ -258,9 +258,15 @@ def test_engines_served_efficiency_pinned_and_shared(quick_run: tuple[Path, str]
             assert row["server_cpus"] == [str(cpus[-1])] and row["server_processes"] >= 2  # + Python-backend stub
             assert row["client_cpus"] == [",".join(map(str, cpus[:-1]))] or len(cpus) > 2
             assert row["ort_threads"] == 1
+            # CPU time per image, server tree against in-process: both counted, of the same order (a tree that
+            # missed the stubs, or counted the clients, would be off by far more than this range)
+            assert row["server_cpu_ms_per_image"] > 0 and row["ort_cpu_ms_per_image"] > 0
+            assert 0.1 < row["cpu_time_ratio"] < 3
+        else:
+            assert row["cpu_time_ratio"] is None  # a spinning thread pool's CPU time is not work
     names = [t["name"] for t in data["targets"] if t["name"].startswith("Triton served")]
     assert len(names) == sum(r["layout"] == "pinned" for r in served["rows"])
-    assert "Served efficiency" in quick_run[1] and "client CPU" in quick_run[1]
+    assert "Served efficiency" in quick_run[1] and "client CPU" in quick_run[1] and "CPU ms/img" in quick_run[1]
 
 
 def test_latency_sweep_and_the_batcher_choice_export_writes(quick_run: tuple[Path, str], tmp_path: Path) -> None:

@@ -74,6 +74,48 @@ def test_features_of_a_batch():
         drift.image_features(np.zeros((8, 8)))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_row_percentiles_are_numpys_bit_for_bit(dtype):
+    """The served model's percentile shortcut must not move the features away from the reference profiles that
+    ``np.percentile`` wrote: every row length, ties, constant rows, and NaN rows (handed to numpy)."""
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        rows = rng.random((int(rng.integers(1, 12)), int(rng.integers(1, 900)))).astype(dtype)
+        if trial % 3 == 1:
+            rows = np.round(rows * 5) / 5  # many ties, like quantised pixels
+        if trial % 7 == 0:
+            rows[0] = 0.25
+        for q in ((5.0, 95.0), (0.0, 50.0, 100.0), (33.3,)):
+            expected = np.percentile(rows, list(q), axis=1)
+            got = drift.row_percentiles(rows, q)
+            assert got.dtype == expected.dtype and np.array_equal(got, expected)
+    rows = rng.random((3, 40)).astype(dtype)
+    rows[1, 7] = np.nan
+    got = drift.row_percentiles(rows, (5.0, 95.0))
+    assert np.isnan(got[:, 1]).all() and np.array_equal(got, np.percentile(rows, [5, 95], axis=1), equal_nan=True)
+
+
+def test_compare_with_a_prepared_reference_gives_the_same_result():
+    """The served model keeps the reference prepared between tests (``cache``); every field of the result must be
+    what a fresh comparison gives, window after window, and a new reference array must not reuse the old bins."""
+    rng = np.random.default_rng(5)
+    ref = {"intensity_mean": rng.normal(0.4, 0.05, 78), "predicted_class": rng.integers(0, 2, 78).astype(float)}
+    th = drift.DriftThresholds(min_window=30)
+    cache: dict = {}
+    verdicts = set()
+    for n, shift in [(64, 0.0), (256, 0.08), (40, -0.05), (256, 0.0), (100, 0.2)]:
+        window = {"intensity_mean": rng.normal(0.4 + shift, 0.05, n),
+                  "predicted_class": (rng.random(n) < 0.3 + shift).astype(float)}
+        fresh = drift.compare(ref, window, num_classes=2, thresholds=th)
+        assert drift.compare(ref, window, num_classes=2, thresholds=th, cache=cache).as_dict() == fresh.as_dict()
+        verdicts.add(fresh.verdict)
+    assert verdicts == {"drift", "no drift"} and set(cache) == set(ref)
+    moved = {**ref, "intensity_mean": ref["intensity_mean"] + 0.1}
+    window = {"intensity_mean": rng.normal(0.5, 0.05, 64), "predicted_class": np.zeros(64)}
+    assert (drift.compare(moved, window, num_classes=2, thresholds=th, cache=cache).as_dict()
+            == drift.compare(moved, window, num_classes=2, thresholds=th).as_dict())
+
+
 def test_hysteresis_needs_consecutive_checks():
     alarm = drift.Hysteresis(on=2, off=3)
     seen = [alarm.update(v) for v in (True, False, True, True, False, False, True, False, False, False)]

@@ -307,6 +307,25 @@ def test_template_batches_valid_requests_and_rejects_bad_ones(tmp_path: Path, mo
     assert model.session is None
 
 
+def test_template_sets_a_gauge_only_when_its_value_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each gauge set is a round trip to the Triton process; a value the gauge already holds is not sent again,
+    and every new value (NaN included, which never equals itself) is."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils([]))
+    spec = importlib.util.spec_from_file_location("medops_template_model_set", TEMPLATE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    model.monitor = {"published": {}}
+    window, alarm = types.SimpleNamespace(sent=[]), types.SimpleNamespace(sent=[])
+    window.set, alarm.set = window.sent.append, alarm.sent.append
+    for value in (256, 256, 200, 256, 256):
+        model._set(window, value)
+    for value in (0.0, 0.0, 1.0, 1.0, float("nan"), float("nan"), 0.0):
+        model._set(alarm, value)
+    assert window.sent == [256, 200, 256]
+    assert alarm.sent[:2] == [0.0, 1.0] and np.isnan(alarm.sent[2:4]).all() and alarm.sent[4:] == [0.0]
+
+
 # ---------------------------------------------------------------- real server
 
 
