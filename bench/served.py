@@ -60,16 +60,20 @@ def pinned(cpus: Sequence[int]) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, ...), or None once it has ended."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
 def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants (from ``/proc/<pid>/stat``)."""
     parents: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
+        if entry.name.isdigit() and (fields := _stat_fields(entry.name)) and fields[1].isdigit():
+            parents[int(entry.name)] = int(fields[1])
     tree, frontier = [pid], [pid]
     while frontier:
         frontier = [child for child, parent in parents.items() if parent in frontier]
@@ -112,11 +116,8 @@ def tree_cpu_seconds(pid: int) -> float:
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0.0
     for child in process_tree(pid):
-        try:
-            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # a process that ended in between
-            continue
-        total += (int(fields[11]) + int(fields[12])) / ticks
+        if fields := _stat_fields(child):  # None: a process that ended in between
+            total += (int(fields[11]) + int(fields[12])) / ticks
     return total
 
 

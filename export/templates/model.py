@@ -42,6 +42,11 @@ def choose_providers(available):
     return chosen or ["CPUExecutionProvider"]
 
 
+def stack(pairs):
+    """The arrays of (index, array) pairs as one batch (a lone array as it is: no copy for one request)."""
+    return pairs[0][1] if len(pairs) == 1 else np.concatenate([a for _, a in pairs], axis=0)
+
+
 class TritonPythonModel:
     """One model instance: one onnxruntime session, batched over all requests of an ``execute`` call."""
 
@@ -279,7 +284,7 @@ class TritonPythonModel:
         others get their 400 in ``responses``. One check over the whole batch in the usual case where every input is
         valid (numpy's per-call cost is most of a one-image check); per request only when the batch fails, so each
         client still gets its own reason."""
-        batch = arrays[0][1] if len(arrays) == 1 else np.concatenate([a for _, a in arrays], axis=0)
+        batch = stack(arrays)
         if self.input_check.value_problem(batch) is None:
             return batch, arrays
         valid = []
@@ -291,7 +296,7 @@ class TritonPythonModel:
                 valid.append((i, array))
         if not valid:
             return None, valid
-        return (valid[0][1] if len(valid) == 1 else np.concatenate([a for _, a in valid], axis=0)), valid
+        return stack(valid), valid
 
     def _error(self, message):
         """The client's fault: HTTP 400 / gRPC INVALID_ARGUMENT, with the reason."""
