@@ -12,7 +12,10 @@ threads are the clients, to the other cores. The figures per model and request s
 * the client's own CPU cost per request: this process's CPU time (user + system, all threads) over the requests;
 * Triton's per-request statistics (its statistics extension): queue, compute input, compute infer and compute
   output, each the change of the cumulative nanoseconds over the change of the request count, and the mean batch
-  the dynamic batcher formed (inferences over executions).
+  the dynamic batcher formed (inferences over executions);
+* with one onnxruntime thread: the CPU time of Triton's processes per served image against in-process onnxruntime's,
+  split into onnxruntime, the served model's Python and Triton, and Triton's own least CPU per request with the
+  best ratio it allows the model (``bench/serving_cost.py``).
 
 The same is measured with server and clients sharing every core (the former figure), as a second, labelled line.
 Pinning uses :func:`os.sched_setaffinity` on every thread of every process of the server tree and of this
@@ -26,6 +29,7 @@ import json
 import os
 import resource
 import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from bench import common
+from bench.serving_cost import FloorTwins, stub_counters, stub_figures
 from medops.model_version import INPUT_NAME
 
 STAT_KEYS = ("queue", "compute_input", "compute_infer", "compute_output")
@@ -110,15 +115,23 @@ def _task_cpus(pid: int, tid: str) -> str:
     return "?"
 
 
+def process_cpu_seconds_of(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` (every thread, ended ones included), or None once it has ended.
+
+    Read from the process's POSIX CPU-time clock, to the nanosecond: Linux's clock id for a process is
+    ``~pid << 3 | 2`` (CPUCLOCK_SCHED). ``/proc/<pid>/stat`` counts in 10 ms ticks, too coarse for a fraction of a
+    millisecond per request over a few seconds of serving; it is the fallback where the clock cannot be read."""
+    try:
+        return time.clock_gettime(((~pid) << 3) | 2)
+    except (OSError, OverflowError):
+        fields = _stat_fields(pid)
+        return None if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` and its descendants, every thread (``/proc/<pid>/stat``). CPU time leaves
-    out the time a virtual CPU is stolen by its host, which wall-clock throughput on a shared VM does not."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for child in process_tree(pid):
-        if fields := _stat_fields(child):  # None: a process that ended in between
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
+    """User + system CPU time of ``pid`` and its descendants, every thread. CPU time leaves out the time a virtual
+    CPU is stolen by its host, which wall-clock throughput on a shared VM does not."""
+    return sum(seconds for child in process_tree(pid) if (seconds := process_cpu_seconds_of(child)) is not None)
 
 
 def process_cpu_seconds() -> float:
@@ -238,12 +251,15 @@ def measure_layout(layout: str, models: list[ServedModel], repo: Path, server_cp
     threads = len(server_cpus) if server_cpus else cfg.threads
     work_repo = repository_with_threads(repo, repo.parent / f"repository_{layout}", threads)
     all_cpus = sorted(os.sched_getaffinity(0))
+    # Triton's own cost per request needs CPU time, so one onnxruntime thread (as the CPU time figures)
+    twins = FloorTwins.add(work_repo, [m.name for m in models]) if len(server_cpus or all_cpus) == 1 else None
     own = [os.getpid()]
     if client_cpus:
         pin_threads(own, client_cpus)  # this process's threads are the clients
     server = clients = None
     try:
-        server = start_server(work_repo, [m.name for m in models], server_cpus, cfg.python_shm_bytes)
+        names = [m.name for m in models] + (list(twins.names.values()) if twins else [])
+        server = start_server(work_repo, names, server_cpus, cfg.python_shm_bytes)
         tree = process_tree(server.process.pid)
         placement = {"server_cpus": thread_cpus(tree), "server_processes": len(tree),
                      "client_cpus": thread_cpus(own), "ort_threads": threads}
@@ -252,7 +268,7 @@ def measure_layout(layout: str, models: list[ServedModel], repo: Path, server_cp
         clients = ClientThreads()
         with pinned(server_cpus or all_cpus):
             sessions = {m.name: ort_session(m.onnx_path, threads) for m in models}
-        per_rep = _runs(models, sessions, server, clients, server_cpus or all_cpus, cfg)
+        per_rep = _runs(models, sessions, server, clients, server_cpus or all_cpus, cfg, twins)
     finally:
         if clients is not None:
             clients.close()
@@ -264,8 +280,9 @@ def measure_layout(layout: str, models: list[ServedModel], repo: Path, server_cp
 
 
 def _runs(models: list[ServedModel], sessions: dict[str, Any], server: Any, clients: Any, ort_cpus: list[int],
-          cfg: Any) -> dict[tuple[str, int], list[dict[str, Any]]]:
-    """Per (model, request batch): one dict per run with Triton's and onnxruntime's figures of that run."""
+          cfg: Any, twins: FloorTwins | None) -> dict[tuple[str, int], list[dict[str, Any]]]:
+    """Per (model, request batch): one dict per run with Triton's and onnxruntime's figures of that run (with
+    ``twins``, also Triton's own CPU per request, measured on the model's twin right after it)."""
     from bench.engines import Model
 
     ref_b = max(cfg.batches)
@@ -293,17 +310,20 @@ def _runs(models: list[ServedModel], sessions: dict[str, Any], server: Any, clie
                 n = min(cfg.max_requests, max(conc, int(cfg.min_seconds * ort_run["images_per_s"] / b)))
                 n = -(-n // conc) * conc
                 before, cpu0 = triton_stats(server.http_url, m.name), process_cpu_seconds()
-                server0 = tree_cpu_seconds(server.process.pid)
+                stub0, server0 = stub_counters(server.metrics_url, m.name), tree_cpu_seconds(server.process.pid)
                 result = clients.closed_loop(pool, n, b)
-                server1 = tree_cpu_seconds(server.process.pid)
+                server1, stub1 = tree_cpu_seconds(server.process.pid), stub_counters(server.metrics_url, m.name)
                 cpu1, after = process_cpu_seconds(), triton_stats(server.http_url, m.name)
                 result |= per_request(before, after)
                 # the reference brackets the served figure: this VM's speed drifts by 10-20 % within a minute
                 ort_after = in_process()
                 reference = (ort_run["images_per_s"] + ort_after["images_per_s"]) / 2
-                result |= cpu_time_figures((server1 - server0) / (result["calls"] * b) * 1e3,
-                                           (ort_run["cpu_ms_per_image"] + ort_after["cpu_ms_per_image"]) / 2,
+                ort_ms = (ort_run["cpu_ms_per_image"] + ort_after["cpu_ms_per_image"]) / 2
+                result |= cpu_time_figures((server1 - server0) / (result["calls"] * b) * 1e3, ort_ms,
                                            single_thread=len(ort_cpus) == 1)
+                result |= stub_figures(stub0, stub1, result["server_cpu_ms_per_image"], b)
+                if twins is not None:
+                    result |= twins.measure(clients, server, m.name, x, conc, n, ort_ms)
                 ort_run = ort_after
                 result |= {"rep": rep, "ort_images_per_s": reference, "in_flight": conc,
                            "client_cpu_ms_per_request": (cpu1 - cpu0) / result["calls"] * 1e3,
@@ -339,7 +359,8 @@ def _row(layout: str, placement: dict[str, Any], key: tuple[str, int], runs: lis
            "client_cpu_ms_per_request": med([r["client_cpu_ms_per_request"] for r in runs]),
            "client_cpu_share": med([r["client_cpu_share"] for r in runs]), "in_flight": runs[0]["in_flight"]}
     for k in (*(f"{s}_ms" for s in STAT_KEYS), "mean_batch", "server_cpu_ms_per_image", "ort_cpu_ms_per_image",
-              "cpu_time_ratio"):
+              "cpu_time_ratio", "triton_floor_cpu_ms_per_request", "best_ratio", "stub_onnxruntime_cpu_ms_per_image",
+              "stub_python_cpu_ms_per_image", "outside_execute_cpu_ms_per_request"):
         values = [r[k] for r in runs if r.get(k) is not None]
         row[k] = med(values) if values else None
     return row
@@ -364,7 +385,10 @@ def run_served(models: list[ServedModel], repo: Path, cfg: Any, log: Callable[[s
                       "thread count on the server's CPUs, median of the per-run ratios; client CPU = this process's "
                       "CPU time over requests; Triton statistics extension deltas per request; CPU time ratio = "
                       "in-process onnxruntime CPU per image over the server process tree's CPU per served image "
-                      "(pinned, one onnxruntime thread)"}
+                      "(pinned, one onnxruntime thread); Triton floor = the tree's CPU per request on the model's "
+                      "twin (templates/floor_model.py: burns the in-process CPU per image, answers zeros) less the "
+                      "burn; best ratio = in-process CPU / (in-process CPU + floor), per request; stub "
+                      "onnxruntime / Python = the served model's medops_*_cpu_seconds_total counters per image"}
 
 
 def newest_version(repository: str | Path, model: str, precision: str) -> Path | None:

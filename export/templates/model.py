@@ -11,12 +11,21 @@ import importlib.util
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import onnxruntime
 import triton_python_backend_utils as pb_utils
 
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+COST_FLUSH_AFTER = 32  # the CPU-time counters are sent once this many requests or images are pending (a round trip)
+COST_COUNTERS = {  # key: (Prometheus name, help)
+    "execute": ("medops_execute_cpu_seconds_total",
+                "CPU time of this stub in execute(), onnxruntime included (every thread of the stub)"),
+    "onnxruntime": ("medops_onnxruntime_cpu_seconds_total",
+                    "CPU time of this stub while onnxruntime runs (every thread of the stub)"),
+    "images": ("medops_execute_images_total", "images whose CPU time the two medops_*_cpu_seconds_total count"),
+}
 DRIFT_DEFAULTS = {"window": 256, "min_window": 64, "every": 32, "hysteresis_on": 2, "hysteresis_off": 3,
                   "alpha": 0.01, "psi_threshold": 0.2}
 
@@ -76,21 +85,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(f"{self.model_name}: {check_path} not found (re-export the model)")
         self.input_check = load_module(f"input_check_{self.model_name}_{args['model_version']}", check_path)
 
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Threads: config.pbtxt parameter ort_intra_op_threads, else $MEDOPS_ORT_THREADS, else 0 = onnxruntime's
-        # default (one per physical core); one inter-op thread, sequential execution (the CNN is a chain of ops).
-        # Pool threads do not busy-wait between requests (they share the cores with Triton's request threads);
-        # ort_allow_spinning / $MEDOPS_ORT_SPINNING "1" turns spinning back on.
-        ort_params = {k: v.get("string_value", "") for k, v in (self.model_config.get("parameters") or {}).items()}
-        options.intra_op_num_threads = int(ort_params.get("ort_intra_op_threads") or os.environ.get(
-            "MEDOPS_ORT_THREADS") or 0)
-        options.inter_op_num_threads = 1
-        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-        spinning = ort_params.get("ort_allow_spinning") or os.environ.get("MEDOPS_ORT_SPINNING") or "0"
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning == "1" else "0")
-        providers = choose_providers(onnxruntime.get_available_providers())
-        self.session = onnxruntime.InferenceSession(onnx_path, sess_options=options, providers=providers)
+        self.session, providers = self._session(onnx_path)
+        self._init_cost_counters(args["model_version"])
         try:
             self._init_monitoring(os.path.join(args["model_repository"], args["model_version"]), args["model_version"])
         except Exception as exc:  # a broken drift reference must not keep the model from serving
@@ -111,6 +107,24 @@ class TritonPythonModel:
             f"providers in use: {', '.join(self.session.get_providers())} (requested: {', '.join(providers)})"
         )
 
+    def _session(self, onnx_path):
+        """The onnxruntime session of ``model.onnx`` and the providers it was asked for."""
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Threads: config.pbtxt parameter ort_intra_op_threads, else $MEDOPS_ORT_THREADS, else 0 = onnxruntime's
+        # default (one per physical core); one inter-op thread, sequential execution (the CNN is a chain of ops).
+        # Pool threads do not busy-wait between requests (they share the cores with Triton's request threads);
+        # ort_allow_spinning / $MEDOPS_ORT_SPINNING "1" turns spinning back on.
+        ort_params = {k: v.get("string_value", "") for k, v in (self.model_config.get("parameters") or {}).items()}
+        options.intra_op_num_threads = int(ort_params.get("ort_intra_op_threads") or os.environ.get(
+            "MEDOPS_ORT_THREADS") or 0)
+        options.inter_op_num_threads = 1
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        spinning = ort_params.get("ort_allow_spinning") or os.environ.get("MEDOPS_ORT_SPINNING") or "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning == "1" else "0")
+        providers = choose_providers(onnxruntime.get_available_providers())
+        return onnxruntime.InferenceSession(onnx_path, sess_options=options, providers=providers), providers
+
     def _verify_files(self, version_dir, version):
         """Refuse to load a version whose files differ from the SHA-256 digests (and HMAC signature, with
         MEDOPS_MODEL_SIGNING_KEY) export recorded in metadata.json: ``integrity.py`` is medops/integrity.py."""
@@ -126,6 +140,38 @@ class TritonPythonModel:
             pb_utils.Logger.log_error(message)
             raise pb_utils.TritonModelException(message)
         pb_utils.Logger.log_info(f"{self.model_name} v{version}: files verified against metadata.json")
+
+    def _init_cost_counters(self, version):
+        """Prometheus counters of this stub's CPU time in execute() and, within it, in onnxruntime, with the images
+        they cover: their difference is the served model's own Python (input checks, drift window, responses), and
+        Triton's CPU beyond execute() is the server's own. Kept here and sent once ``COST_FLUSH_AFTER``
+        requests or images are pending (a send is a round trip to the Triton process); the images counter moves
+        with them, so ratios of the three are exact over what was sent."""
+        self.cost = None
+        if not hasattr(pb_utils, "MetricFamily"):
+            return
+        labels = {"model": self.model_name, "version": str(version), "stub": str(os.getpid())}
+        self.cost_families = {k: pb_utils.MetricFamily(name=n, description=d, kind=pb_utils.MetricFamily.COUNTER)
+                              for k, (n, d) in COST_COUNTERS.items()}
+        self.cost = {"metrics": {k: f.Metric(labels=labels) for k, f in self.cost_families.items()},
+                     "pending": dict.fromkeys(COST_COUNTERS, 0.0), "requests": 0}
+
+    def _account(self, execute_s, onnxruntime_s, images, requests):
+        """Add one execute() to the CPU-time counters; send them once enough requests are pending."""
+        pending = self.cost["pending"]
+        pending["execute"] += execute_s
+        pending["onnxruntime"] += onnxruntime_s
+        pending["images"] += images
+        self.cost["requests"] += requests
+        if max(self.cost["requests"], pending["images"]) >= COST_FLUSH_AFTER:
+            self._flush_cost()
+
+    def _flush_cost(self):
+        for key, value in self.cost["pending"].items():
+            if value:
+                self.cost["metrics"][key].increment(value)
+        self.cost["pending"] = dict.fromkeys(COST_COUNTERS, 0.0)
+        self.cost["requests"] = 0
 
     def _parameter(self, key, default):
         value = (self.model_config.get("parameters") or {}).get(key, {}).get("string_value", "")
@@ -308,6 +354,19 @@ class TritonPythonModel:
         return [k for k, n in enumerate(self.output_names) if n in names] or self.all_outputs
 
     def execute(self, requests):
+        if self.cost is None:
+            return self._execute(requests, None)
+        start, ort = time.process_time(), [0.0, 0]  # onnxruntime's CPU seconds and images, set by _execute
+        responses = self._execute(requests, ort)
+        try:
+            self._account(time.process_time() - start, ort[0], ort[1], len(requests))
+        except Exception as exc:  # accounting must never cost a response
+            pb_utils.Logger.log_warn(f"{self.model_name}: CPU-time counters failed: {exc}")
+        return responses
+
+    def _execute(self, requests, ort):
+        """The responses to ``requests`` (one onnxruntime run over all valid ones); with ``ort``, a list that gets
+        onnxruntime's CPU seconds and the images it ran."""
         responses = [None] * len(requests)
         arrays = []  # (index, array) of the requests whose input has the right form
         for i, request in enumerate(requests):
@@ -322,7 +381,10 @@ class TritonPythonModel:
         if not valid:
             return responses
         try:
+            ort_start = time.process_time() if ort is not None else 0.0
             results = [np.ascontiguousarray(r) for r in self.session.run(self.onnx_outputs, {self.onnx_input: batch})]
+            if ort is not None:
+                ort[:] = [time.process_time() - ort_start, len(batch)]
             result = results[0] = results[0].astype(np.float32, copy=False)
         except Exception as exc:  # report to every client instead of killing the stub
             message = f"{self.model_name}: onnxruntime failed: {exc}"
@@ -343,6 +405,11 @@ class TritonPythonModel:
         return responses
 
     def finalize(self):
+        if getattr(self, "cost", None) is not None:
+            try:
+                self._flush_cost()
+            except Exception:  # the server may be going away
+                pass
         self.session = None
         self.monitor = None
         self.metrics = {}

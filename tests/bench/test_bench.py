@@ -262,11 +262,22 @@ def test_engines_served_efficiency_pinned_and_shared(quick_run: tuple[Path, str]
             # missed the stubs, or counted the clients, would be off by far more than this range)
             assert row["server_cpu_ms_per_image"] > 0 and row["ort_cpu_ms_per_image"] > 0
             assert 0.1 < row["cpu_time_ratio"] < 3
+            # Triton's own CPU per request, from the model's twin: more than nothing, less than the model's work
+            floor = row["triton_floor_cpu_ms_per_request"]
+            assert floor is not None and 0 < floor < row["ort_cpu_ms_per_image"] * row["request_batch"]
+            assert 0.5 < row["best_ratio"] < 1
+            # the served model's own counters: onnxruntime in the stub costs what it costs in-process (same order;
+            # a counter in the wrong unit or missing a thread would be far off), its Python is within execute()
+            assert 0.5 < row["stub_onnxruntime_cpu_ms_per_image"] / row["ort_cpu_ms_per_image"] < 2
+            assert 0 <= row["stub_python_cpu_ms_per_image"] < row["stub_onnxruntime_cpu_ms_per_image"]
+            assert row["outside_execute_cpu_ms_per_request"] is not None
         else:
             assert row["cpu_time_ratio"] is None  # a spinning thread pool's CPU time is not work
+            assert row["best_ratio"] is None
     names = [t["name"] for t in data["targets"] if t["name"].startswith("Triton served")]
     assert len(names) == sum(r["layout"] == "pinned" for r in served["rows"])
     assert "Served efficiency" in quick_run[1] and "client CPU" in quick_run[1] and "CPU ms/img" in quick_run[1]
+    assert "Server CPU, pinned" in quick_run[1] and "best ratio" in quick_run[1]
 
 
 def test_latency_sweep_and_the_batcher_choice_export_writes(quick_run: tuple[Path, str], tmp_path: Path) -> None:

@@ -32,6 +32,21 @@ def test_tree_cpu_seconds_counts_a_child_process() -> None:
         child.wait()
 
 
+def test_process_cpu_time_is_finer_than_proc_ticks() -> None:
+    """Read from the process's CPU-time clock: within a few ms of what the process itself counted, where
+    /proc/<pid>/stat's 10 ms ticks would be up to 20 ms short."""
+    child = subprocess.Popen([sys.executable, "-c", BURN.replace("print('done'", "print(time.process_time()")],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        own = float(child.stdout.readline())
+        seen = served.process_cpu_seconds_of(child.pid)
+        assert own <= seen < own + 0.005
+    finally:
+        child.kill()
+        child.wait()
+    assert served.process_cpu_seconds_of(child.pid) is None  # reaped
+
+
 def test_tree_cpu_seconds_of_a_missing_process_is_zero() -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()

@@ -146,6 +146,12 @@ def test_served_model_exposes_drift_gauges_that_trip_on_a_shift(exported_repo: P
         assert len(test) - 32 < clean[f'medops_drift_window_images{{model="{MODEL}",version="1"}}'] <= len(test) + 1
         shares = [v for k, v in clean.items() if k.startswith("medops_prediction_class_share")]
         assert len(shares) == 2 and sum(shares) == pytest.approx(1.0)
+        # the stub's CPU-time counters: sent once 32 images are pending, onnxruntime's share within execute()'s
+        images = clean[f'medops_execute_images_total{{model="{MODEL}",version="1"}}']
+        execute = clean[f'medops_execute_cpu_seconds_total{{model="{MODEL}",version="1"}}']
+        ort = clean[f'medops_onnxruntime_cpu_seconds_total{{model="{MODEL}",version="1"}}']
+        assert len(test) - 32 < images <= len(test)
+        assert 0 < ort <= execute < images  # and well under a second of CPU per image
         for _ in range(2):
             for i in range(0, len(brighter), 16):
                 client.infer(brighter[i:i + 16])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import socket
 import stat
@@ -324,6 +325,65 @@ def test_template_sets_a_gauge_only_when_its_value_changes(monkeypatch: pytest.M
         model._set(alarm, value)
     assert window.sent == [256, 200, 256]
     assert alarm.sent[:2] == [0.0, 1.0] and np.isnan(alarm.sent[2:4]).all() and alarm.sent[4:] == [0.0]
+
+
+class _FakeMetricFamily:
+    """pb_utils.MetricFamily's shape: families by name, each metric recording what was sent to Triton."""
+
+    COUNTER, GAUGE = "counter", "gauge"
+    made: dict[str, _FakeMetricFamily] = {}
+
+    def __init__(self, name: str, description: str, kind: str) -> None:
+        self.name, self.kind, self.metrics = name, kind, []
+        _FakeMetricFamily.made[name] = self
+
+    def Metric(self, labels: dict[str, str]) -> types.SimpleNamespace:  # noqa: N802 (Triton's name)
+        metric = types.SimpleNamespace(labels=labels, sent=[])
+        metric.increment = metric.sent.append
+        self.metrics.append(metric)
+        return metric
+
+
+def test_template_counts_its_cpu_time_in_execute_and_in_onnxruntime(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counters of the stub's CPU time in execute() and in onnxruntime, with the images they cover: sent once 32
+    requests or images are pending (each send is a round trip to Triton), the rest at finalize; nothing is lost or
+    counted twice, and onnxruntime's share never exceeds execute()'s."""
+    fake = _fake_pb_utils([])
+    fake.MetricFamily = _FakeMetricFamily
+    _FakeMetricFamily.made = {}
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    spec = importlib.util.spec_from_file_location("medops_template_model_cost", TEMPLATE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = write_model(tmp_path / "repo")
+    config = build_model_config("tiny", "python", channels=1, image_size=4, num_classes=3)
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json_format.MessageToJson(config), "model_repository": str(folder),
+                      "model_version": "1", "model_name": "tiny"})
+    families = _FakeMetricFamily.made
+    names = {"medops_execute_cpu_seconds_total", "medops_onnxruntime_cpu_seconds_total", "medops_execute_images_total"}
+    assert names <= set(families) and all(families[n].kind == "counter" for n in names)
+    execute, ort, images = (families[f"medops_{n}"].metrics[0] for n in (
+        "execute_cpu_seconds_total", "onnxruntime_cpu_seconds_total", "execute_images_total"))
+    assert execute.labels == {"model": "tiny", "version": "1", "stub": str(os.getpid())}
+
+    def one_image_requests(count: int) -> None:
+        for k in range(count):
+            response = model.execute([_FakeRequest({"image": _FakeTensor("image", BATCH[k % 5:k % 5 + 1])})])[0]
+            assert response.error is None
+
+    one_image_requests(31)
+    assert execute.sent == [] and images.sent == []  # nothing sent before 32 requests are pending
+    one_image_requests(1)
+    assert images.sent == [32] and len(execute.sent) == len(ort.sent) == 1
+    assert 0 < ort.sent[0] <= execute.sent[0]
+    one_image_requests(5)
+    model.execute([_FakeRequest({"image": _FakeTensor("image", BATCH[:4])}),  # one run of 4 + 1 images
+                   _FakeRequest({"image": _FakeTensor("image", BATCH[4:])})])
+    model.finalize()  # the pending 7 requests (10 images) are sent, not lost
+    assert images.sent == [32, 10] and len(execute.sent) == len(ort.sent) == 2
+    assert all(0 < o <= e for o, e in zip(ort.sent, execute.sent, strict=True))
 
 
 # ---------------------------------------------------------------- real server
