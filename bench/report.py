@@ -143,16 +143,18 @@ def _cpu_time(row: dict[str, Any]) -> str:
 
 def server_cpu_table(result: dict[str, Any]) -> Table | None:
     """Where the serving core's CPU goes (bench/serving_cost.py), pinned rows with one onnxruntime thread."""
-    rows = [r for r in (result.get("served") or {}).get("rows", []) if r.get("cpu_time_ratio") is not None]
+    rows = [r for r in (result.get("served") or {}).get("rows", [])
+            if r["layout"] == "pinned" and r.get("cpu_time_ratio") is not None]
     if not rows:
         return None
     table = Table(title="Server CPU, pinned, one onnxruntime thread: CPU time of Triton's processes per served image, "
                         "split by the served model's counters into onnxruntime and its own Python (execute() less "
-                        "onnxruntime) per image and Triton outside execute() per request; Triton's floor: the least "
-                        "it costs per request, on a twin of the model that only burns the in-process CPU per image; "
-                        "best ratio: in-process CPU / (in-process CPU + floor), an upper bound")
+                        "onnxruntime) per image and Triton outside execute() per request; floor: what any "
+                        "Python-backend model pays per request beyond its compute (Triton, reading the input, "
+                        "building the responses), on a twin of the model that only burns the in-process CPU per "
+                        "image; best ratio: in-process CPU / (in-process CPU + floor)")
     for col in ("model", "request", "served ms/img", "in-process ms/img", "ratio", "onnxruntime in server ms/img",
-                "model.py Python ms/img", "Triton outside execute() ms/req", "Triton floor ms/req", "best ratio"):
+                "model.py Python ms/img", "Triton outside execute() ms/req", "floor ms/req", "best ratio"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in sorted(rows, key=lambda r: (r["model"], r["request_batch"])):
         table.add_row(r["model"], f"{r['request_batch']} img", _f(r["server_cpu_ms_per_image"], ".3f"),
@@ -317,7 +319,7 @@ def _served_panel(ax: Any, served: dict[str, Any]) -> None:
     best = [next((r.get("best_ratio") for r in served["rows"] if r["layout"] == "pinned"
                   and (r["model"], r["request_batch"]) == k), None) for k in keys]
     if any(v is not None for v in best):
-        series["best Triton allows (its own CPU per request)"] = best
+        series["best the Python backend allows (floor)"] = best
     short = [m.replace(" (random weights)", "").replace("export ", "").replace(" 1 ch ", " ").replace(" 3 ch ", " 3ch ")
              for m, _ in keys]
     _bars(ax, [f"{m}\n{b} img/req" for m, (_, b) in zip(short, keys, strict=True)], series,
@@ -330,7 +332,8 @@ def _served_panel(ax: Any, served: dict[str, Any]) -> None:
     cpus = (f"pinned: server CPU {served['server_cpus']}, clients {served['client_cpus']}"
             if served.get("server_cpus") else "pinned: skipped")
     ax.set_title(f"served efficiency ({cpus}); dotted: goal 0.90\n{_in_flight(served)}\nby CPU time: in-process "
-                 "CPU per image / server CPU per image\nbest: in-process CPU / (in-process CPU + Triton's floor)",
+                 "CPU per image / server CPU per image\nbest: in-process CPU / (in-process CPU + the Python "
+                 "backend's floor)",
                  fontsize=8)
 
 
@@ -355,14 +358,14 @@ def _split_panel(ax: Any, rows: list[dict[str, Any]]) -> None:
     x = np.arange(len(rows))
     bottom = np.zeros(len(rows))
     for (name, values), color in zip(parts.items(), ("tab:blue", "tab:orange", "tab:gray"), strict=True):
-        share = np.array(values) / ref
+        share = np.maximum(np.array(values), 0) / ref  # each part is a median of its own: a small one can be < 0
         ax.bar(x, share, 0.6, bottom=bottom, label=name, color=color)
         bottom += share
     floors = [(i, r["triton_floor_cpu_ms_per_request"] / r["request_batch"] / r["ort_cpu_ms_per_image"])
               for i, r in enumerate(rows) if r.get("triton_floor_cpu_ms_per_request") is not None]
-    for i, floor in floors:  # Triton's least cost, stacked on the in-process cost
+    for i, floor in floors:  # what any Python-backend model pays beyond its compute, on the in-process cost
         ax.hlines(1 + floor, i - 0.3, i + 0.3, colors="black", linestyles="--", lw=1.2,
-                  label="in-process + Triton's floor (twin)" if i == floors[0][0] else None)
+                  label="in-process + floor (twin)" if i == floors[0][0] else None)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.axhline(1 / 0.9, color="red", ls=":", lw=1)
     short = [r["model"].replace(" (random weights)", "").replace("export ", "").replace(" 1 ch ", " ")

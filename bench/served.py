@@ -360,7 +360,7 @@ def _row(layout: str, placement: dict[str, Any], key: tuple[str, int], runs: lis
            "client_cpu_share": med([r["client_cpu_share"] for r in runs]), "in_flight": runs[0]["in_flight"]}
     for k in (*(f"{s}_ms" for s in STAT_KEYS), "mean_batch", "server_cpu_ms_per_image", "ort_cpu_ms_per_image",
               "cpu_time_ratio", "triton_floor_cpu_ms_per_request", "best_ratio", "stub_onnxruntime_cpu_ms_per_image",
-              "stub_python_cpu_ms_per_image", "outside_execute_cpu_ms_per_request"):
+              "stub_python_cpu_ms_per_image", "outside_execute_cpu_ms_per_request", "floor_images_per_s"):
         values = [r[k] for r in runs if r.get(k) is not None]
         row[k] = med(values) if values else None
     return row

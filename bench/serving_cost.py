@@ -9,13 +9,14 @@ batcher and the Python backend's shared-memory round trip to its stub. Two measu
   (:func:`stub_counters`, :func:`stub_figures`). onnxruntime in the stub against in-process onnxruntime shows
   what sharing the core with Triton costs the model itself; ``execute()`` less onnxruntime is the served model's
   Python (input checks, drift window, responses); the server tree's CPU beyond ``execute()`` is Triton's.
-* **Triton's floor**, with a twin of each model (``<name>_floor``): the same ``config.pbtxt`` (inputs, outputs,
+* **the floor**, with a twin of each model (``<name>_floor``): the same ``config.pbtxt`` (inputs, outputs,
   batcher) with ``templates/floor_model.py``, which reads each request's input, burns the in-process onnxruntime
   CPU time per image (thread CPU time, so the request rate and the batches match the real model's) and answers
-  zeros. The server tree's CPU per request less the burn is the least a Python-backend model pays
-  (``triton_floor_cpu_ms_per_request``); ``best_ratio`` = in-process CPU / (in-process CPU + floor) is the best
-  served ÷ in-process Triton's Python backend allows the model on these cores. A busy loop keeps the caches warmer
-  than onnxruntime does, so the floor is a lower bound of Triton's cost and ``best_ratio`` an upper bound.
+  zeros. The server tree's CPU per request less the burn is what any Python-backend model pays per request beyond
+  its compute: Triton's work plus reading the input and building the responses (``triton_floor_cpu_ms_per_request``);
+  ``best_ratio`` = in-process CPU / (in-process CPU + floor) is the best served ÷ in-process the Python backend
+  leaves the model on these cores. A busy loop keeps the caches warmer than onnxruntime does, so a real model may
+  pay a little more.
 
 Written here rather than with a profiler: the question is what each part costs as a whole, per request, at the
 real model's rate, across Triton's processes, which a sampling profiler of one process does not give.
@@ -36,18 +37,18 @@ import numpy as np
 TEMPLATE = Path(__file__).parent / "templates" / "floor_model.py"
 BURN_FILE = "burn_ms_per_image.txt"  # templates/floor_model.py reads it
 SUFFIX = "_floor"
-COUNTERS = {"execute": "medops_execute_cpu_seconds_total", "onnxruntime": "medops_onnxruntime_cpu_seconds_total",
-            "images": "medops_execute_images_total"}  # export/templates/model.py's COST_COUNTERS
+COST_COUNTERS = {"execute": "medops_execute_cpu_seconds_total", "onnxruntime": "medops_onnxruntime_cpu_seconds_total",
+            "images": "medops_execute_images_total"}  # names of export/templates/model.py's COST_COUNTERS
 
 
 def stub_counters(metrics_url: str, model: str) -> dict[str, float]:
     """The served model's CPU-time counters from Triton's metrics endpoint, summed over its stubs (0 where absent)."""
     with urllib.request.urlopen(metrics_url, timeout=10) as response:
         text = response.read().decode()
-    out = dict.fromkeys(COUNTERS, 0.0)
+    out = dict.fromkeys(COST_COUNTERS, 0.0)
     label = re.compile(rf'[{{,]model="{re.escape(model)}"[,}}]')
     for line in text.splitlines():
-        for key, name in COUNTERS.items():
+        for key, name in COST_COUNTERS.items():
             if line.startswith(name + "{") and label.search(line):
                 out[key] += float(line.rsplit(" ", 1)[1])
     return out

@@ -3,8 +3,9 @@
 Not a model: it pays only what every Python-backend model pays per request. ``execute`` reads each request's input
 tensor, spends the model's in-process CPU time per image (``burn_ms_per_image.txt``, written by the bench) in a busy
 loop on thread CPU time, so the twin's request rate and batches match the real model's, and answers zeros in the
-requested outputs. Triton's CPU per request beyond the burn is then its own: gRPC, the dynamic batcher and the
-round trip to this stub through shared memory.
+requested outputs. The CPU of Triton's processes per request beyond the burn is then what any Python-backend model
+pays: gRPC, the dynamic batcher, the round trip to this stub through shared memory, and the reading of inputs and
+building of responses below.
 """
 
 import json
@@ -31,7 +32,8 @@ class TritonPythonModel:
     def _burn_seconds(self):
         """Seconds of CPU per image, re-read when the bench rewrites the file (0 without one)."""
         try:
-            stamp = os.stat(self.burn_path).st_mtime_ns
+            info = os.stat(self.burn_path)
+            stamp = (info.st_ino, info.st_mtime_ns, info.st_size)  # the bench replaces the file: a new inode
             if stamp != self.burn_stamp:
                 with open(self.burn_path) as f:
                     self.burn_s = float(f.read()) / 1e3

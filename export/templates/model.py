@@ -144,9 +144,9 @@ class TritonPythonModel:
     def _init_cost_counters(self, version):
         """Prometheus counters of this stub's CPU time in execute() and, within it, in onnxruntime, with the images
         they cover: their difference is the served model's own Python (input checks, drift window, responses), and
-        Triton's CPU beyond execute() is the server's own. Kept here and sent once ``COST_FLUSH_AFTER``
-        requests or images are pending (a send is a round trip to the Triton process); the images counter moves
-        with them, so ratios of the three are exact over what was sent."""
+        Triton's CPU beyond execute() is the server's own. Kept here and sent once ``COST_FLUSH_AFTER`` requests or
+        images are pending (a send is a round trip to the Triton process, and its own CPU counts with the next
+        execute() calls); an execute() that ran no image is left out, so the three stay in step."""
         self.cost = None
         if not hasattr(pb_utils, "MetricFamily"):
             return
@@ -156,22 +156,29 @@ class TritonPythonModel:
         self.cost = {"metrics": {k: f.Metric(labels=labels) for k, f in self.cost_families.items()},
                      "pending": dict.fromkeys(COST_COUNTERS, 0.0), "requests": 0}
 
-    def _account(self, execute_s, onnxruntime_s, images, requests):
-        """Add one execute() to the CPU-time counters; send them once enough requests are pending."""
-        pending = self.cost["pending"]
-        pending["execute"] += execute_s
+    def _account(self, start, onnxruntime_s, images, requests):
+        """Add one execute() (begun at process time ``start``) to the counters; send them once enough are pending."""
+        if not images:  # every request refused, or onnxruntime failed: no image to count the time against
+            return
+        cost = self.cost
+        pending = cost["pending"]
+        pending["execute"] += time.process_time() - start
         pending["onnxruntime"] += onnxruntime_s
         pending["images"] += images
-        self.cost["requests"] += requests
-        if max(self.cost["requests"], pending["images"]) >= COST_FLUSH_AFTER:
+        cost["requests"] += requests
+        if max(cost["requests"], pending["images"]) >= COST_FLUSH_AFTER:
+            sending = time.process_time()
             self._flush_cost()
+            cost["pending"]["execute"] += time.process_time() - sending  # the send's CPU goes with the next ones
 
     def _flush_cost(self):
-        for key, value in self.cost["pending"].items():
+        """Send what is pending; it is cleared first, so a failed send loses that share rather than counting it
+        twice."""
+        pending, self.cost["pending"] = self.cost["pending"], dict.fromkeys(COST_COUNTERS, 0.0)
+        self.cost["requests"] = 0
+        for key, value in pending.items():
             if value:
                 self.cost["metrics"][key].increment(value)
-        self.cost["pending"] = dict.fromkeys(COST_COUNTERS, 0.0)
-        self.cost["requests"] = 0
 
     def _parameter(self, key, default):
         value = (self.model_config.get("parameters") or {}).get(key, {}).get("string_value", "")
@@ -354,19 +361,18 @@ class TritonPythonModel:
         return [k for k, n in enumerate(self.output_names) if n in names] or self.all_outputs
 
     def execute(self, requests):
-        if self.cost is None:
-            return self._execute(requests, None)
-        start, ort = time.process_time(), [0.0, 0]  # onnxruntime's CPU seconds and images, set by _execute
-        responses = self._execute(requests, ort)
-        try:
-            self._account(time.process_time() - start, ort[0], ort[1], len(requests))
-        except Exception as exc:  # accounting must never cost a response
-            pb_utils.Logger.log_warn(f"{self.model_name}: CPU-time counters failed: {exc}")
+        start = time.process_time()
+        responses, onnxruntime_s, images = self._execute(requests)
+        if self.cost is not None:
+            try:
+                self._account(start, onnxruntime_s, images, len(requests))
+            except Exception as exc:  # accounting must never cost a response
+                pb_utils.Logger.log_warn(f"{self.model_name}: CPU-time counters failed: {exc}")
         return responses
 
-    def _execute(self, requests, ort):
-        """The responses to ``requests`` (one onnxruntime run over all valid ones); with ``ort``, a list that gets
-        onnxruntime's CPU seconds and the images it ran."""
+    def _execute(self, requests):
+        """The responses to ``requests`` (one onnxruntime run over all valid ones), onnxruntime's CPU seconds (every
+        thread of this process) and the images it ran."""
         responses = [None] * len(requests)
         arrays = []  # (index, array) of the requests whose input has the right form
         for i, request in enumerate(requests):
@@ -376,21 +382,20 @@ class TritonPythonModel:
             else:
                 arrays.append((i, array))
         if not arrays:
-            return responses
+            return responses, 0.0, 0
         batch, valid = self._check_values(arrays, responses)
         if not valid:
-            return responses
+            return responses, 0.0, 0
         try:
-            ort_start = time.process_time() if ort is not None else 0.0
+            ort_start = time.process_time()
             results = [np.ascontiguousarray(r) for r in self.session.run(self.onnx_outputs, {self.onnx_input: batch})]
-            if ort is not None:
-                ort[:] = [time.process_time() - ort_start, len(batch)]
+            onnxruntime_s = time.process_time() - ort_start
             result = results[0] = results[0].astype(np.float32, copy=False)
         except Exception as exc:  # report to every client instead of killing the stub
             message = f"{self.model_name}: onnxruntime failed: {exc}"
             for i, _ in valid:
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
-            return responses
+            return responses, 0.0, 0
         if self.monitor is not None:
             try:
                 self._observe(batch, result, results[2] if len(results) > 2 else None)
@@ -402,7 +407,7 @@ class TritonPythonModel:
             outs = [pb_utils.Tensor(self.output_names[k], results[k][start:stop]) for k in self._wanted(requests[i])]
             responses[i] = pb_utils.InferenceResponse(output_tensors=outs)
             start = stop
-        return responses
+        return responses, onnxruntime_s, len(batch)
 
     def finalize(self):
         if getattr(self, "cost", None) is not None:

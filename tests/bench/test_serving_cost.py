@@ -10,7 +10,7 @@ import pytest
 
 from bench.serving_cost import (
     BURN_FILE,
-    COUNTERS,
+    COST_COUNTERS,
     TEMPLATE,
     FloorTwins,
     floor_figures,
@@ -52,7 +52,7 @@ def test_the_bench_reads_what_the_served_model_and_the_twin_use() -> None:
     from tests.conftest import REPO
 
     exported = _constant(REPO / "export" / "templates" / "model.py", "COST_COUNTERS")
-    assert {key: name for key, (name, _) in exported.items()} == COUNTERS
+    assert {key: name for key, (name, _) in exported.items()} == COST_COUNTERS
     assert _constant(TEMPLATE, "BURN_FILE") == BURN_FILE
 
 

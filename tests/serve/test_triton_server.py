@@ -349,7 +349,8 @@ def test_template_counts_its_cpu_time_in_execute_and_in_onnxruntime(tmp_path: Pa
     """Counters of the stub's CPU time in execute() and in onnxruntime, with the images they cover: sent once 32
     requests or images are pending (each send is a round trip to Triton), the rest at finalize; nothing is lost or
     counted twice, and onnxruntime's share never exceeds execute()'s."""
-    fake = _fake_pb_utils([])
+    log: list[str] = []
+    fake = _fake_pb_utils(log)
     fake.MetricFamily = _FakeMetricFamily
     _FakeMetricFamily.made = {}
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
@@ -371,7 +372,7 @@ def test_template_counts_its_cpu_time_in_execute_and_in_onnxruntime(tmp_path: Pa
     def one_image_requests(count: int) -> None:
         for k in range(count):
             response = model.execute([_FakeRequest({"image": _FakeTensor("image", BATCH[k % 5:k % 5 + 1])})])[0]
-            assert response.error is None
+            assert response.error is None, response.error.message
 
     one_image_requests(31)
     assert execute.sent == [] and images.sent == []  # nothing sent before 32 requests are pending
@@ -381,9 +382,22 @@ def test_template_counts_its_cpu_time_in_execute_and_in_onnxruntime(tmp_path: Pa
     one_image_requests(5)
     model.execute([_FakeRequest({"image": _FakeTensor("image", BATCH[:4])}),  # one run of 4 + 1 images
                    _FakeRequest({"image": _FakeTensor("image", BATCH[4:])})])
-    model.finalize()  # the pending 7 requests (10 images) are sent, not lost
-    assert images.sent == [32, 10] and len(execute.sent) == len(ort.sent) == 2
-    assert all(0 < o <= e for o, e in zip(ort.sent, execute.sent, strict=True))
+    refused = model.execute([_FakeRequest({"image": _FakeTensor("image", BATCH[:1] * 1e9)})])
+    assert refused[0].error is not None  # no image ran: its time is not counted against the others
+    assert model.cost["pending"]["images"] == 10 and model.cost["requests"] == 7
+
+    # a send that fails loses its share (logged), and never sends it twice: what was pending is cleared first
+    sent = ort.increment
+    ort.increment = lambda value: (_ for _ in ()).throw(RuntimeError("gone"))
+    one_image_requests(22)  # 10 + 22 = 32 images pending: a send, which fails after execute's
+    assert len(execute.sent) == 2 and len(ort.sent) == 1 and images.sent == [32]
+    assert model.cost["pending"]["images"] == 0 and model.cost["requests"] == 0
+    assert any("CPU-time counters failed: gone" in line for line in log)
+    ort.increment = sent
+    one_image_requests(3)
+    model.finalize()  # what is pending at the end is sent, not lost
+    assert images.sent == [32, 3] and len(execute.sent) == 3 and len(ort.sent) == 2
+    assert 0 < ort.sent[-1] <= execute.sent[-1]
 
 
 # ---------------------------------------------------------------- real server
