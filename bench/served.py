@@ -14,8 +14,8 @@ threads are the clients, to the other cores. The figures per model and request s
   output, each the change of the cumulative nanoseconds over the change of the request count, and the mean batch
   the dynamic batcher formed (inferences over executions);
 * with one onnxruntime thread: the CPU time of Triton's processes per served image against in-process onnxruntime's,
-  split into onnxruntime, the served model's Python and Triton, and Triton's own least CPU per request with the
-  best ratio it allows the model (``bench/serving_cost.py``).
+  split into onnxruntime, the served model's Python and Triton, and the floor any Python-backend model pays per
+  request beyond its compute, with the best ratio it leaves the model (``bench/serving_cost.py``).
 
 The same is measured with server and clients sharing every core (the former figure), as a second, labelled line.
 Pinning uses :func:`os.sched_setaffinity` on every thread of every process of the server tree and of this
@@ -251,7 +251,7 @@ def measure_layout(layout: str, models: list[ServedModel], repo: Path, server_cp
     threads = len(server_cpus) if server_cpus else cfg.threads
     work_repo = repository_with_threads(repo, repo.parent / f"repository_{layout}", threads)
     all_cpus = sorted(os.sched_getaffinity(0))
-    # Triton's own cost per request needs CPU time, so one onnxruntime thread (as the CPU time figures)
+    # the floor is read in CPU time, so it needs one onnxruntime thread (as the CPU time figures)
     twins = FloorTwins.add(work_repo, [m.name for m in models]) if len(server_cpus or all_cpus) == 1 else None
     own = [os.getpid()]
     if client_cpus:
@@ -282,7 +282,7 @@ def measure_layout(layout: str, models: list[ServedModel], repo: Path, server_cp
 def _runs(models: list[ServedModel], sessions: dict[str, Any], server: Any, clients: Any, ort_cpus: list[int],
           cfg: Any, twins: FloorTwins | None) -> dict[tuple[str, int], list[dict[str, Any]]]:
     """Per (model, request batch): one dict per run with Triton's and onnxruntime's figures of that run (with
-    ``twins``, also Triton's own CPU per request, measured on the model's twin right after it)."""
+    ``twins``, also the Python backend's floor per request, measured on the model's twin right after it)."""
     from bench.engines import Model
 
     ref_b = max(cfg.batches)

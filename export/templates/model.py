@@ -86,7 +86,11 @@ class TritonPythonModel:
         self.input_check = load_module(f"input_check_{self.model_name}_{args['model_version']}", check_path)
 
         self.session, providers = self._session(onnx_path)
-        self._init_cost_counters(args["model_version"])
+        try:
+            self._init_cost_counters(args["model_version"])
+        except Exception as exc:  # the counters must not keep the model from serving
+            self.cost = None
+            pb_utils.Logger.log_warn(f"{self.model_name}: CPU-time counters off: {type(exc).__name__}: {exc}")
         try:
             self._init_monitoring(os.path.join(args["model_repository"], args["model_version"]), args["model_version"])
         except Exception as exc:  # a broken drift reference must not keep the model from serving

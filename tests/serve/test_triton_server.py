@@ -400,6 +400,33 @@ def test_template_counts_its_cpu_time_in_execute_and_in_onnxruntime(tmp_path: Pa
     assert 0 < ort.sent[-1] <= execute.sent[-1]
 
 
+def test_template_serves_when_its_counters_cannot_be_registered(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Triton that refuses a metric family (a name clash, say) gets a model without counters, not a failed load."""
+    log: list[str] = []
+    fake = _fake_pb_utils(log)
+
+    class Refused(_FakeMetricFamily):
+        def __init__(self, name: str, description: str, kind: str) -> None:
+            raise RuntimeError(f"metric family {name} exists with another description")
+
+    fake.MetricFamily = Refused
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    spec = importlib.util.spec_from_file_location("medops_template_model_refused", TEMPLATE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = write_model(tmp_path / "repo")
+    config = build_model_config("tiny", "python", channels=1, image_size=4, num_classes=3)
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json_format.MessageToJson(config), "model_repository": str(folder),
+                      "model_version": "1", "model_name": "tiny"})
+    assert model.cost is None
+    assert any("CPU-time counters off: RuntimeError: metric family" in line for line in log)
+    response = model.execute([_FakeRequest({"image": _FakeTensor("image", BATCH[:2])})])[0]
+    assert response.error is None and response.output_tensors[0].as_numpy().shape == (2, 3)
+    model.finalize()
+
+
 # ---------------------------------------------------------------- real server
 
 
