@@ -414,9 +414,15 @@ def _served_targets(served: dict[str, Any] | None) -> list[dict[str, Any]]:
             f"{','.join(map(str, served['client_cpus']))}")
     return [common.target(f"Triton served / in-process onnxruntime b{served['reference_batch']} ({cpus}), "
                           f"requests of {r['request_batch']}, {r.get('in_flight', served['concurrency'])} in flight, "
-                          f"{r['model']}",
+                          f"{r['model']}{_ceiling(r)}",
                           r["served_over_in_process"], 0.90)
             for r in served["rows"] if r["layout"] == "pinned"]
+
+
+def _ceiling(row: dict[str, Any]) -> str:
+    """'; at most 0.92 (the Python backend's floor)' where the floor was measured (bench/serving_cost.py)."""
+    best = row.get("best_ratio")
+    return "" if best is None else f"; at most {best:.2f} (the Python backend's floor)"
 
 
 def _rows(cfg: EnginesConfig, models: dict[tuple[int, int], Model],
