@@ -17,6 +17,7 @@ import types
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -344,17 +345,14 @@ class _FakeMetricFamily:
         return metric
 
 
-def test_template_counts_its_cpu_time_in_execute_and_in_onnxruntime(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Counters of the stub's CPU time in execute() and in onnxruntime, with the images they cover: sent once 32
-    requests or images are pending (each send is a round trip to Triton), the rest at finalize; nothing is lost or
-    counted twice, and onnxruntime's share never exceeds execute()'s."""
+def _tiny_template_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metric_family: type) -> tuple[Any, list[str]]:
+    """The template's model, initialised on a tiny export with a stand-in pb_utils whose MetricFamily is
+    ``metric_family``; returns it and the log lines it wrote."""
     log: list[str] = []
     fake = _fake_pb_utils(log)
-    fake.MetricFamily = _FakeMetricFamily
-    _FakeMetricFamily.made = {}
+    fake.MetricFamily = metric_family
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
-    spec = importlib.util.spec_from_file_location("medops_template_model_cost", TEMPLATE)
+    spec = importlib.util.spec_from_file_location(f"medops_template_model_{metric_family.__name__}", TEMPLATE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     folder = write_model(tmp_path / "repo")
@@ -362,6 +360,16 @@ def test_template_counts_its_cpu_time_in_execute_and_in_onnxruntime(tmp_path: Pa
     model = module.TritonPythonModel()
     model.initialize({"model_config": json_format.MessageToJson(config), "model_repository": str(folder),
                       "model_version": "1", "model_name": "tiny"})
+    return model, log
+
+
+def test_template_counts_its_cpu_time_in_execute_and_in_onnxruntime(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counters of the stub's CPU time in execute() and in onnxruntime, with the images they cover: sent once 32
+    requests or images are pending (each send is a round trip to Triton), the rest at finalize; nothing is lost or
+    counted twice, and onnxruntime's share never exceeds execute()'s."""
+    _FakeMetricFamily.made = {}
+    model, log = _tiny_template_model(tmp_path, monkeypatch, _FakeMetricFamily)
     families = _FakeMetricFamily.made
     names = {"medops_execute_cpu_seconds_total", "medops_onnxruntime_cpu_seconds_total", "medops_execute_images_total"}
     assert names <= set(families) and all(families[n].kind == "counter" for n in names)
@@ -403,23 +411,11 @@ def test_template_counts_its_cpu_time_in_execute_and_in_onnxruntime(tmp_path: Pa
 def test_template_serves_when_its_counters_cannot_be_registered(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A Triton that refuses a metric family (a name clash, say) gets a model without counters, not a failed load."""
-    log: list[str] = []
-    fake = _fake_pb_utils(log)
-
     class Refused(_FakeMetricFamily):
         def __init__(self, name: str, description: str, kind: str) -> None:
             raise RuntimeError(f"metric family {name} exists with another description")
 
-    fake.MetricFamily = Refused
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
-    spec = importlib.util.spec_from_file_location("medops_template_model_refused", TEMPLATE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    folder = write_model(tmp_path / "repo")
-    config = build_model_config("tiny", "python", channels=1, image_size=4, num_classes=3)
-    model = module.TritonPythonModel()
-    model.initialize({"model_config": json_format.MessageToJson(config), "model_repository": str(folder),
-                      "model_version": "1", "model_name": "tiny"})
+    model, log = _tiny_template_model(tmp_path, monkeypatch, Refused)
     assert model.cost is None
     assert any("CPU-time counters off: RuntimeError: metric family" in line for line in log)
     response = model.execute([_FakeRequest({"image": _FakeTensor("image", BATCH[:2])})])[0]
