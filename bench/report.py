@@ -303,25 +303,26 @@ def engines_chart(result: dict[str, Any], path: Path) -> Path:
     return _save(fig, path, result["machine_line"])
 
 
+def _short_model(label: str) -> str:
+    """A served model's label short enough for an x tick: 'breastmnist v9 (fp32)', 'resnet18 28 px'."""
+    return (label.replace(" (random weights)", "").replace("export ", "").replace(" 1 ch ", " ")
+            .replace(" 3 ch ", " 3ch "))
+
+
 def _served_panel(ax: Any, served: dict[str, Any]) -> None:
     """Served / in-process per model and request size, pinned and shared, with the 0.90 goal."""
     keys = sorted({(r["model"], r["request_batch"]) for r in served["rows"]})
-    series = {}
-    for layout in ("pinned", "shared"):
-        values = [next((r["served_over_in_process"] for r in served["rows"] if r["layout"] == layout
-                        and (r["model"], r["request_batch"]) == k), None) for k in keys]
-        if any(v is not None for v in values):
-            series[layout] = values
-    cpu = [next((r.get("cpu_time_ratio") for r in served["rows"] if r["layout"] == "pinned"
-                 and (r["model"], r["request_batch"]) == k), None) for k in keys]
-    if any(v is not None for v in cpu):
-        series["pinned, by CPU time"] = cpu
-    best = [next((r.get("best_ratio") for r in served["rows"] if r["layout"] == "pinned"
-                  and (r["model"], r["request_batch"]) == k), None) for k in keys]
-    if any(v is not None for v in best):
-        series["best the Python backend allows (floor)"] = best
-    short = [m.replace(" (random weights)", "").replace("export ", "").replace(" 1 ch ", " ").replace(" 3 ch ", " 3ch ")
-             for m, _ in keys]
+
+    def per_key(field: str, layout: str) -> list[float | None]:
+        return [next((r.get(field) for r in served["rows"] if r["layout"] == layout
+                      and (r["model"], r["request_batch"]) == k), None) for k in keys]
+
+    candidates = {"pinned": per_key("served_over_in_process", "pinned"),
+                  "shared": per_key("served_over_in_process", "shared"),
+                  "pinned, by CPU time": per_key("cpu_time_ratio", "pinned"),
+                  "best the Python backend allows (floor)": per_key("best_ratio", "pinned")}
+    series = {name: values for name, values in candidates.items() if any(v is not None for v in values)}
+    short = [_short_model(m) for m, _ in keys]
     _bars(ax, [f"{m}\n{b} img/req" for m, (_, b) in zip(short, keys, strict=True)], series,
           f"Triton / in-process onnxruntime b{served['reference_batch']}")
     ax.axhline(0.9, color="red", ls=":", lw=1)
@@ -368,8 +369,7 @@ def _split_panel(ax: Any, rows: list[dict[str, Any]]) -> None:
                   label="in-process + floor (twin)" if i == floors[0][0] else None)
     ax.axhline(1.0, color="black", lw=0.8)
     ax.axhline(1 / 0.9, color="red", ls=":", lw=1)
-    short = [r["model"].replace(" (random weights)", "").replace("export ", "").replace(" 1 ch ", " ")
-             .replace(" 3 ch ", " 3ch ") for r in rows]
+    short = [_short_model(r["model"]) for r in rows]
     ax.set_xticks(x)
     ax.set_xticklabels([f"{m}\n{r['request_batch']} img/req" for m, r in zip(short, rows, strict=True)], fontsize=6,
                        rotation=30)
