@@ -329,14 +329,17 @@ def draw_figures(cfg: DictConfig, source: Any, ev: EvalData, names: list[str], p
     from medops.plots import plot_confusion, plot_reliability, plot_roc
 
     P, temperature = probs.ev, probs.temperature
+    binary = len(names) == 2 and threshold is not None
+    rule = f"P({names[pos]}) ≥ {threshold:.3f}" if binary else "arg-max decision"
     return {
         "ROC with operating point": plot_roc(P, ev.labels, names, out_dir / "roc.png", f"ROC, {cfg.split}",
                                              threshold, pos),
-        "Reliability diagram": plot_reliability(
+        "Calibration (reliability diagram and images per bin)": plot_reliability(
             {"model": (probs.raw, ev.labels), **({f"T={temperature:.2f}": (P, ev.labels)} if temperature else {})},
-            out_dir / "reliability.png"),
+            out_dir / "reliability.png", title=f"Calibration, {cfg.split}",
+            positive=(pos, names[pos]) if binary else None),
         "Confusion matrix": plot_confusion(np.array(evaluation["confusion_matrix"]), names,
-                                           out_dir / "confusion.png", f"Confusion, {cfg.split}"),
+                                           out_dir / "confusion.png", f"Confusion, {cfg.split}\n{rule}"),
         "Explanations (Grad-CAM and occlusion of the class logit) of correct and wrong predictions": explanation_grid(
             source.module.net, to_unit_range(ev.images), ev.labels, P, names, out_dir / "explanations.png",
             method="both"),  # also writes explanations.npz (maps, images, randomisation sanity check)
@@ -394,7 +397,9 @@ def multilabel_evaluation(cfg: DictConfig, probs: _Probabilities, val: EvalData,
     if probs.temperature:
         curves[f"T={probs.temperature:.2f}"] = label_columns(probs.ev, ev.labels)
     plots = {"ROC per label": plot_roc(probs.ev, ev.labels, names, out_dir / "roc.png", f"ROC per label, {cfg.split}"),
-             "Reliability diagram (every image and label)": plot_reliability(curves, out_dir / "reliability.png")}
+             "Reliability diagram (every image and label)": plot_reliability(
+                 curves, out_dir / "reliability.png", title=f"Calibration, {cfg.split}, every image and label",
+                 positive=(1, "label present"))}
     return evaluation, op, plots
 
 

@@ -39,6 +39,23 @@ def reliability_bins(P: Any, y: Any, n_bins: int = 15) -> dict[str, np.ndarray]:
     return {"edges": edges, "count": count, "confidence": mean_conf, "accuracy": accuracy}
 
 
+def positive_class_bins(p: Any, is_positive: Any, n_bins: int = 10) -> dict[str, np.ndarray]:
+    """Equal-width bins of the predicted probability of the positive class ``p``: count, mean predicted
+    probability and the observed share of positives per bin (the calibration plot of clinical prediction models);
+    ``error`` is their count-weighted mean gap, the ECE of ``p`` itself rather than of the top label."""
+    p = np.asarray(p, dtype=np.float64).reshape(-1)
+    positive = np.asarray(is_positive, dtype=np.float64).reshape(-1)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1], right=True), 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        predicted = np.bincount(idx, weights=p, minlength=n_bins) / count
+        observed = np.bincount(idx, weights=positive, minlength=n_bins) / count
+    filled = count > 0
+    error = float(np.sum(np.abs(observed - predicted)[filled] * count[filled]) / count.sum()) if len(p) else np.nan
+    return {"edges": edges, "count": count, "predicted": predicted, "observed": observed, "error": error}
+
+
 def expected_calibration_error(P: Any, y: Any, n_bins: int = 15) -> float:
     """Sum over bins of |accuracy - confidence| weighted by the bin's share of samples."""
     b = reliability_bins(P, y, n_bins)

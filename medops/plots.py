@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from medops.calibration import expected_calibration_error, reliability_bins
+from medops.calibration import expected_calibration_error, positive_class_bins, reliability_bins
 from medops.metrics import binary_auroc, roc_curve
 
 
@@ -80,21 +80,48 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: Path, t
     return path
 
 
-def plot_reliability(curves: dict[str, tuple[Any, Any]], path: str | Path, n_bins: int = 15,
-                     title: str = "Reliability diagram") -> Path:
-    """Accuracy against confidence per bin for each ``label -> (P, y)``, with the diagonal; saves a PNG."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    for label, (P, y) in curves.items():
-        b = reliability_bins(P, y, n_bins)
-        filled = b["count"] > 0
-        ece = expected_calibration_error(P, y, n_bins)
-        ax.plot(b["confidence"][filled], b["accuracy"][filled], "o-", label=f"{label} (ECE {ece:.3f})")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (max probability)", ylabel="accuracy", title=title)
-    ax.legend(loc="upper left", fontsize=8)
+def plot_reliability(curves: dict[str, tuple[Any, Any]], path: str | Path, n_bins: int | None = None,
+                     title: str = "Reliability diagram", positive: tuple[int, str] | None = None) -> Path:
+    """Reliability diagram of each ``label -> (P, y)`` with the diagonal, and below it the images per bin, so a bin
+    of two images is not read as a finding; saves a PNG (:func:`reliability_figure` draws it)."""
+    fig = reliability_figure(curves, n_bins, title, positive)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _plt().close(fig)
     return path
+
+
+def reliability_figure(curves: dict[str, tuple[Any, Any]], n_bins: int | None = None,
+                       title: str = "Reliability diagram", positive: tuple[int, str] | None = None) -> Any:
+    """The figure of :func:`plot_reliability`. With ``positive = (index, name)`` (binary tasks) it is the
+    calibration plot clinicians read: the observed share of the positive class against the predicted P(positive)
+    in 10 bins, each curve's legend giving the ECE of that probability. Otherwise accuracy against top-label
+    confidence in 15 bins, with the ECE of the reports' tables."""
+    fig, (ax, hist) = _plt().subplots(2, 1, figsize=(4.8, 6.0), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for k, (label, (P, y)) in enumerate(curves.items()):
+        x, observed, count, edges, legend = _reliability_curve(P, y, n_bins, positive)
+        filled = count > 0
+        ax.plot(x[filled], observed[filled], "o-", color=f"C{k}", label=f"{label} ({legend})")
+        hist.stairs(count, edges, color=f"C{k}", lw=1.5, label=label)
+    if positive is not None:
+        xlabel, ylabel = f"predicted P({positive[1]})", f"observed share {positive[1]}"
+    else:
+        xlabel, ylabel = "confidence (top-label probability)", "accuracy (share correct)"
+    ax.set(xlim=(0, 1), ylim=(-0.03, 1.03), ylabel=ylabel, title=title)
+    ax.legend(loc="best", fontsize=8)
+    hist.set(xlabel=xlabel, ylabel="images per bin")
+    return fig
+
+
+def _reliability_curve(P: Any, y: Any, n_bins: int | None,
+                       positive: tuple[int, str] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    """One curve of :func:`plot_reliability`: x, observed, count and bin edges per bin, and its legend figure."""
+    if positive is None:
+        b = reliability_bins(P, y, n_bins or 15)
+        ece = expected_calibration_error(P, y, n_bins or 15)
+        return b["confidence"], b["accuracy"], b["count"], b["edges"], f"ECE {ece:.3f}"
+    index, name = positive
+    b = positive_class_bins(np.asarray(P)[:, index], np.asarray(y).reshape(-1) == index, n_bins or 10)
+    return b["predicted"], b["observed"], b["count"], b["edges"], f"ECE of P({name}) {b['error']:.3f}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from medops.calibration import apply_temperature, expected_calibration_error, fit_temperature, nll
 
@@ -51,3 +52,18 @@ def test_ece_consistency_separates_sampling_noise_from_miscalibration() -> None:
     overconfident = np.stack([1 - p.round(), p.round()], axis=1).clip(0.001, 0.999)  # said 0/1, true rate p
     bad = ece_consistency(overconfident, calibrated, n_draws=400)
     assert bad["p_value"] < 0.01 and bad["ece"] > bad["null_p95"]
+
+
+def test_positive_class_bins_by_hand_and_on_calibrated_draws():
+    from medops.calibration import positive_class_bins
+
+    p = np.array([0.05, 0.05, 0.05, 0.05, 0.92, 0.98])
+    b = positive_class_bins(p, np.array([1, 0, 0, 0, 1, 0]), n_bins=10)
+    assert b["count"][0] == 4 and b["count"][9] == 2 and b["count"].sum() == 6
+    assert b["observed"][0] == 0.25 and b["predicted"][0] == 0.05
+    assert b["observed"][9] == 0.5 and b["predicted"][9] == 0.95
+    assert b["error"] == pytest.approx(4 / 6 * 0.20 + 2 / 6 * 0.45)
+    rng = np.random.default_rng(3)
+    risk = rng.beta(0.6, 1.4, 40000)  # skewed towards low risk, as a screening population is
+    assert positive_class_bins(risk, rng.random(40000) < risk)["error"] < 0.02
+    assert positive_class_bins(risk ** 0.3, rng.random(40000) < risk)["error"] > 0.2  # overstated risk
