@@ -108,6 +108,40 @@ def _per_class_section(ev: dict[str, Any]) -> str:
             f"<th>specificity</th><th>F1</th><th>AUROC (OvR)</th></tr>{per_class}</table>")
 
 
+CALIBRATION_TERMS = {
+    "ece": "expected calibration error of the top label (15 bins), before temperature scaling",
+    "nll": "mean negative log-likelihood of the true class, before temperature scaling",
+    "temperature": "temperature fitted on the validation split (> 1 softens, < 1 sharpens)",
+    "ece_calibrated": "expected calibration error after temperature scaling",
+    "nll_calibrated": "negative log-likelihood after temperature scaling",
+    "val_nll": "validation negative log-likelihood before (what the temperature minimises)",
+    "val_nll_calibrated": "validation negative log-likelihood after",
+    "ece_if_calibrated_median": "ECE a perfectly calibrated model shows on this many images: median",
+    "ece_if_calibrated_p95": "the same, 95th percentile (above it: miscalibrated beyond chance)",
+    "ece_consistency_p_value": "share of perfectly calibrated draws whose ECE reaches the observed one",
+}
+
+
+def _decision_rule(op: dict[str, Any]) -> str:
+    """The decision the threshold-dependent metrics are taken at: the training run's own figures use the arg-max,
+    so a reader comparing the two must see which one this table used."""
+    if op.get("label_thresholds"):
+        rule = "each label at its own threshold (above)"
+    elif op.get("threshold") is not None:
+        rule = f"the operating point, P({html.escape(op['positive_class'])}) ≥ {op['threshold']:.4f}"
+    else:
+        rule = "the arg-max class"
+    return (f"<p>Accuracy, balanced accuracy, sensitivity, specificity, precision, recall and F1 at {rule}; AUROC and "
+            "average precision over every threshold. 95% stratified bootstrap intervals.</p>")
+
+
+def _calibration_section(cal: dict[str, Any]) -> str:
+    """The calibration figures, each with what it measures (the JSON keys alone say little to a clinician)."""
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v)}</td><td>{html.escape(CALIBRATION_TERMS.get(k, ''))}"
+                   "</td></tr>" for k, v in cal.items())
+    return f"<h2>Calibration</h2><table><tr><th>figure</th><th>value</th><th>what it measures</th></tr>{rows}</table>"
+
+
 def write_html_report(result: dict[str, Any], plots: dict[str, Path], path: Path) -> Path:
     """One self-contained HTML page: the operating point, metrics with CIs, calibration, the explanation sanity
     check, plots and subgroups."""
@@ -137,12 +171,11 @@ def write_html_report(result: dict[str, Any], plots: dict[str, Path], path: Path
         )
     else:
         parts.append("<h2>Operating point</h2><p>Multi-class: the arg-max class.</p>")
-    parts += [f"<h2>Metrics ({html.escape(result['split'])})</h2>", _metrics_table(ev["metrics"])]
+    parts += [f"<h2>Metrics ({html.escape(result['split'])})</h2>", _decision_rule(op), _metrics_table(ev["metrics"])]
     parts.append(_per_class_section(ev))
     parts.append(_abnormal_section(result.get("abnormal")))
     if cal:
-        rows = "".join(f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>" for k, v in cal.items())
-        parts.append(f"<h2>Calibration</h2><table>{rows}</table>")
+        parts.append(_calibration_section(cal))
     parts.append(_explanations_section(result.get("explanations")))
     parts.append("<h2>Plots</h2>" + "".join(_img(p, name) for name, p in plots.items()))
     for column, groups in (result.get("subgroups") or {}).items():

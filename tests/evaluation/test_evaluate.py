@@ -42,6 +42,11 @@ def test_cli_on_trained_run(trained_run: Path, tmp_path: Path):
     result = json.loads((out / "evaluation.json").read_text())
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 3
+    # the calibration table says what each figure measures, next to the value a reader compares it with
+    ece_row = next(r for r in html.split("<tr>") if r.startswith("<td>ece</td>"))
+    assert f"<td>{result['calibration']['ece']:.3f}</td>" in ece_row and "top label (15 bins)" in ece_row
+    assert "<figcaption>Calibration (reliability diagram and images per bin)</figcaption>" in html
+    assert f"at the operating point, P(malignant) ≥ {result['operating_point']['threshold']:.4f};" in html
     op = json.loads((trained_run / "operating_point.json").read_text())
     assert op["chosen_on"] == "val" and op["threshold"] == result["operating_point"]["threshold"]
     assert op["temperature"] == pytest.approx(result["calibration"]["temperature"]) and op["temperature"] > 0
