@@ -16,9 +16,24 @@ OUT_OF_SCOPE = (
 LIMITATIONS = [
     "Trained and evaluated on a small public benchmark; figures carry wide uncertainty (see the split sizes).",
     "Low-resolution inputs remove detail a clinician would use.",
-    "Probabilities are not calibrated unless the metrics say so; the operating point was chosen on validation.",
     "Performance under distribution shift (new scanners, sites, populations) is unknown.",
 ]
+METRIC_NAMES = {"auroc": "AUROC", "acc": "accuracy", "precision": "precision (unweighted mean over the {over})",
+                "recall": "recall (unweighted mean over the {over})", "f1": "F1 (unweighted mean over the {over})",
+                "qwk": "quadratic-weighted kappa", "mae": "mean absolute grade error",
+                "loss": "loss (training objective)"}
+
+
+def limitations(metrics: dict[str, Any]) -> list[str]:
+    """The card's limitations: the fixed ones and what this version's calibration and operating point allow."""
+    cal = metrics.get("calibration") or {}
+    if cal.get("temperature"):
+        calibration = ("Probabilities are temperature-scaled on validation; read them as risks only as far as the "
+                       "calibration figures above allow.")
+    else:
+        calibration = "Probabilities are not calibrated (no temperature was fitted): do not read them as risks."
+    chosen = " The operating point was chosen on validation." if metrics.get("operating_point") else ""
+    return [*LIMITATIONS[:2], calibration + chosen, *LIMITATIONS[2:]]
 
 
 def per_class_figures(confusion: list[list[int]] | None, class_names: list[str]) -> list[dict[str, Any]]:
@@ -47,6 +62,12 @@ def architecture(model: dict[str, Any]) -> str:
 
 def build_card(meta: dict[str, Any]) -> dict[str, Any]:
     """The model card as a JSON-able dict, from the version's metadata."""
+    card = _card_sections(meta)
+    card["limitations"] = limitations(card["metrics"])
+    return card
+
+
+def _card_sections(meta: dict[str, Any]) -> dict[str, Any]:
     data = meta.get("data") or {}
     return {
         "model_details": {
@@ -73,7 +94,7 @@ def build_card(meta: dict[str, Any]) -> dict[str, Any]:
         "parity": meta["parity"],
         "precision": meta.get("precision"),
         "monitoring": meta.get("drift"),
-        "limitations": LIMITATIONS,
+        "limitations": None,
         "lineage": meta["lineage"],
     }
 
@@ -124,14 +145,11 @@ def render_markdown(card: dict[str, Any]) -> str:
               f"- Source: `{td['source']}`", f"- Fingerprint: `{td['fingerprint']}`",
               f"- Classes: {', '.join(td['class_names'])}", f"- Images per class (train): {td['counts']}", "",
               "## Evaluation data", "", f"- Test split of the same source, images per class: {ed['counts']}", "",
-              "## Metrics (best checkpoint)", "", "| metric | val | test |", "|---|---|---|"]
-    val, test = card["metrics"]["val"] or {}, card["metrics"]["test"] or {}
-    for key in ("auroc", "acc", "precision", "recall", "f1", "qwk", "mae", "loss"):  # qwk, mae: ordinal tasks
-        if key in val or key in test:
-            lines.append(f"| {key} | {_fmt(val.get(key))} | {_fmt(test.get(key))} |")
+              "## Metrics (best checkpoint)", ""]
+    lines += _metrics_table(card["metrics"], card["input_contract"].get("task"))
     per_class = card["metrics"]["per_class_test"]
     if per_class:
-        lines += ["", "| class (test) | support | sensitivity | precision |", "|---|---|---|---|"]
+        lines += ["", "| class (test, arg-max) | support | sensitivity | precision |", "|---|---|---|---|"]
         lines += [f"| {r['class']} | {r['support']} | {_fmt(r['sensitivity'])} | {_fmt(r['precision'])} |"
                   for r in per_class]
     lines += _positive_and_calibration(card["metrics"])
@@ -163,6 +181,26 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines += ["", "## Limitations", ""] + [f"- {item}" for item in card["limitations"]]
     lines += ["", "## Lineage", ""] + [f"- {k}: `{_fmt(v)}`" for k, v in card["lineage"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _metrics_table(metrics: dict[str, Any], task: str | None) -> list[str]:
+    """The training run's figures of the best checkpoint, saying which decision they are taken at: precision,
+    recall and F1 averaged over the classes are not the finding's own figures, which a binary card gives at the
+    operating point below."""
+    if task == "multilabel":
+        rule = "Accuracy, precision, recall and F1 at P >= 0.5 for each label, as training logged them."
+    else:
+        rule = "Accuracy, precision, recall and F1 at the arg-max class, as training logged them."
+    if metrics.get("operating_point"):
+        rule += " The finding's own sensitivity and specificity are the operating point's, below."
+    over = "labels" if task == "multilabel" else "classes"
+    lines = [rule, "", "| metric | val | test |", "|---|---|---|"]
+    val, test = metrics["val"] or {}, metrics["test"] or {}
+    for key in ("auroc", "acc", "precision", "recall", "f1", "qwk", "mae", "loss"):  # qwk, mae: ordinal tasks
+        if key in val or key in test:
+            name = METRIC_NAMES[key].format(over=over)
+            lines.append(f"| {name} | {_fmt(val.get(key))} | {_fmt(test.get(key))} |")
+    return lines
 
 
 def _label_thresholds(labels: dict[str, Any] | None) -> list[str]:

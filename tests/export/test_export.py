@@ -102,6 +102,10 @@ def test_cli_export_writes_a_parity_checked_version(tmp_path: Path, trained_run:
     assert f"{record['test']['auroc']:.4f}" in card and "not for clinical use" in card.lower()
     assert "Positive class (the finding): **malignant**" in card and f"T = {temperature:.3f}" in card
     assert f"{record['calibration']['test']['ece_after']:.4f} after" in card
+    # the training figures say which decision they are at: macro precision is not the finding's PPV
+    assert f"| precision (unweighted mean over the classes) | {record['val']['precision']:.4f} |" in card
+    assert "at the arg-max class" in card and "| class (test, arg-max) |" in card
+    assert "- Probabilities are temperature-scaled on validation" in card
 
 
 def test_versions_increment_and_old_versions_stay(tmp_path: Path, trained_run: Path) -> None:

@@ -128,3 +128,20 @@ def test_model_card_states_the_decision_parity() -> None:
     old = {k: v for k, v in report.as_dict().items() if not k.startswith("decision")}  # versions before the check
     meta["parity"] = [old]
     assert "argmax agreement 100.00% on 2 held-out images" in render_markdown(build_card(meta))
+
+
+def test_model_card_limitations_follow_the_calibration() -> None:
+    meta = {"name": "m", "version": 1, "target": "python", "created": "2026-11-28", "class_names": ["a", "b", "c"],
+            "input": {"task": "multilabel"}, "model": {}, "data": {}, "lineage": {}, "parity": [],
+            "metrics": {"val": {"precision": 0.5}, "test": {"precision": 0.25}}}
+    card = render_markdown(build_card(meta))
+    assert "- Probabilities are not calibrated (no temperature was fitted): do not read them as risks." in card
+    assert "| precision (unweighted mean over the labels) | 0.5000 | 0.2500 |" in card
+    assert "P >= 0.5 for each label" in card
+    assert "operating point" not in card.split("## Metrics")[1].split("## Clinical")[0]
+    threshold = {"method": "youden", "value": 0.3, "positive_class": "a",
+                 "test": dict.fromkeys(("acc", "sensitivity", "specificity"), 0.5)}
+    meta["metrics"] |= {"calibration": {"temperature": 1.4}, "threshold": threshold}
+    card = render_markdown(build_card(meta))
+    assert "- Probabilities are temperature-scaled on validation; read them as risks only as far as the calibration" \
+           " figures above allow. The operating point was chosen on validation." in card
