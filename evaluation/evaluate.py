@@ -278,8 +278,8 @@ def choose_operating_point(cfg: DictConfig, probs: _Probabilities, val: EvalData
     """The decision threshold chosen on validation (binary tasks; else argmax) and its operating-point record."""
     from medops.metrics import choose_threshold, evaluate_predictions
 
-    if len(names) != 2:
-        return None, {"method": "argmax", "threshold": None}
+    if len(names) != 2:  # the temperature still goes into the graph: an abnormal threshold is chosen on its output
+        return None, {"method": "argmax", "threshold": None, "temperature": probs.temperature, "chosen_on": "val"}
     threshold = choose_threshold(probs.val, val.labels, cfg.threshold.method, float(cfg.threshold.target), pos)
     op = {"method": str(cfg.threshold.method), "target": float(cfg.threshold.target), "threshold": threshold,
           "positive_class": names[pos], "positive_index": pos, "chosen_on": "val",

@@ -26,8 +26,7 @@ METRIC_NAMES = {"auroc": "AUROC", "acc": "accuracy", "precision": "precision (un
 
 def limitations(metrics: dict[str, Any]) -> list[str]:
     """The card's limitations: the fixed ones and what this version's calibration and operating point allow."""
-    cal = metrics.get("calibration") or {}
-    if cal.get("temperature"):
+    if metrics.get("temperature_in_graph"):
         calibration = ("Probabilities are temperature-scaled on validation; read them as risks only as far as the "
                        "calibration figures above allow.")
     else:
@@ -87,7 +86,8 @@ def _card_sections(meta: dict[str, Any]) -> dict[str, Any]:
                     "operating_point": meta["metrics"].get("threshold"),
                     "positive_class": data.get("positive_class"),
                     "calibration": meta["metrics"].get("calibration"),
-                    "abnormal": meta["metrics"].get("abnormal"), "labels": meta["metrics"].get("labels")},
+                    "abnormal": meta["metrics"].get("abnormal"), "labels": meta["metrics"].get("labels"),
+                    "temperature_in_graph": (meta.get("operating_point") or {}).get("temperature")},
         "clinical_evaluation": meta.get("evaluation"),
         "out_of_distribution": meta.get("ood"),
         "calibrated_operating_point": meta.get("operating_point"),
@@ -262,10 +262,18 @@ def _positive_and_calibration(metrics: dict[str, Any]) -> list[str]:
              f"these {consistency.get('n')} images; it would reach the observed ECE in "
              f"{consistency['p_value']:.0%} of such test sets."
              if consistency else "")
-    if cal.get("temperature"):
+    in_graph = metrics.get("temperature_in_graph")
+    if cal.get("temperature") and in_graph and abs(in_graph - cal["temperature"]) < 1e-6:
         lines += ["", f"Calibration: temperature scaling fitted on validation (T = {cal['temperature']:.3f}, inside "
                       f"the exported graph); test ECE {_fmt(test.get('ece_before'))} before, "
                       f"{_fmt(test.get('ece_after'))} after (15 bins).{noise}"]
+    elif in_graph:
+        lines += ["", f"Calibration: the exported graph applies T = {in_graph:.3f}, fitted on validation by "
+                      f"`evaluation.evaluate` (the clinical evaluation below has its figures)."]
+    elif cal.get("temperature"):
+        lines += ["", f"Calibration: training fitted T = {cal['temperature']:.3f} on validation, but this version's "
+                      "graph is NOT temperature-scaled (its operating point was chosen without one): it serves the "
+                      f"uncalibrated probabilities, test ECE {_fmt(test.get('ece_before'))} (15 bins)."]
     elif test:
         lines += ["", f"Calibration: not calibrated (`calibrate=false`); test ECE {_fmt(test.get('ece_before'))}."]
     return lines

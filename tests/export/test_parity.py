@@ -141,7 +141,12 @@ def test_model_card_limitations_follow_the_calibration() -> None:
     assert "operating point" not in card.split("## Metrics")[1].split("## Clinical")[0]
     threshold = {"method": "youden", "value": 0.3, "positive_class": "a",
                  "test": dict.fromkeys(("acc", "sensitivity", "specificity"), 0.5)}
-    meta["metrics"] |= {"calibration": {"temperature": 1.4}, "threshold": threshold}
+    meta["metrics"] |= {"calibration": {"temperature": 1.4, "test": {"ece_before": 0.2}}, "threshold": threshold}
+    card = render_markdown(build_card(meta))  # training fitted a temperature, the graph does not apply it
+    assert "graph is NOT temperature-scaled" in card and "uncalibrated probabilities, test ECE 0.2000" in card
+    assert "- Probabilities are not calibrated" in card
+    meta["operating_point"] = {"temperature": 1.4}
     card = render_markdown(build_card(meta))
+    assert "(T = 1.400, inside the exported graph)" in card
     assert "- Probabilities are temperature-scaled on validation; read them as risks only as far as the calibration" \
            " figures above allow. The operating point was chosen on validation." in card

@@ -8,6 +8,7 @@ N x K format. Tiny runs (small CNN of width 8, a few epochs): the tests check th
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -137,6 +138,30 @@ def test_ordinal_trains_exports_and_serves(tmp_path: Path, task_data: dict[str, 
                            str(tmp_path / "repo"), "--json", *map(str, pngs)).stdout)
     assert len(out) == 2 and sum(out[0]["probabilities"]) == pytest.approx(1.0, abs=1e-5)
     assert out[0]["top"][0]["class"] in GRADES
+
+
+def test_multiclass_evaluation_keeps_its_temperature_in_the_export(tmp_path: Path, task_data: dict[str, Path]) -> None:
+    """``evaluation.evaluate`` chooses the abnormal threshold on temperature-scaled P(abnormal): the export that takes
+    that threshold must apply the same temperature, or every served probability is read against the wrong cut."""
+    train("ordinal", task_data["ordinal"], GRADES, tmp_path / "run", "data.task=ordinal", "data.ordinal_cutoff=mid")
+    cmd = [sys.executable, "-m", "evaluation.evaluate", f"run={tmp_path / 'run'}", f"output_dir={tmp_path / 'eval'}",
+           "n_resamples=20", "wandb=off", f"hydra.run.dir={tmp_path / 'eval_log'}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    op = json.loads((tmp_path / "run" / "operating_point.json").read_text())
+    assert op["temperature"] > 0 and op["abnormal"]["classes"] == ["mid", "high"]
+    version = export(tmp_path / "run", tmp_path / "repo", "grades")
+    meta = json.loads((version / "metadata.json").read_text())
+    assert meta["operating_point"]["temperature"] == pytest.approx(op["temperature"])
+    assert meta["operating_point"]["abnormal"]["value"] == pytest.approx(op["abnormal"]["value"])
+    with (tmp_path / "eval" / "predictions_test.csv").open() as fh:
+        rows = {int(r["index"]): [float(r[f"p_{g}"]) for g in GRADES] for r in csv.DictReader(fh)}
+    evaluated = np.array([rows[i] for i in range(8)])  # the probabilities the threshold was chosen on
+    images = np.load(task_data["ordinal"])["test_images"][:8, None].astype(np.float32) / 255.0
+    session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    graph = session.run(["probabilities"], {"image": images})[0]
+    assert np.allclose(graph, evaluated, atol=1e-4)
+    assert "NOT temperature-scaled" not in (version / "MODEL_CARD.md").read_text()
 
 
 def test_multilabel_trains_exports_and_serves(tmp_path: Path, task_data: dict[str, Path], pngs: list[Path]) -> None:
