@@ -216,11 +216,15 @@ def source_datamodule(source: ExportSource, data_path: str | None = None) -> Any
     """The run's DataModule, prepared once per export (``data_path``: a MedMNIST .npz instead)."""
     from hydra.utils import instantiate
 
+    from datatools.validate_data import data_arguments
+    from medops.datasets import DataError
+
     cache = getattr(source, "datamodules", None)
     if cache is not None and data_path in cache:
         return cache[data_path]
-    data_cfg = dict((source.record.get("config") or {}).get("data") or {})
-    data_cfg.pop("validation", None)  # the data-quality settings are not DataModule arguments
+    # the data-quality settings are not DataModule arguments, but a run that left unreadable files out
+    # (allow_corrupt) is read without them again
+    data_cfg = data_arguments((source.record.get("config") or {}).get("data") or {})[0]
     if data_path:
         data_cfg = {"_target_": "train.datamodules.MedMNISTDataModule", "path": data_path, "md5": False}
     if not data_cfg:
@@ -229,7 +233,10 @@ def source_datamodule(source: ExportSource, data_path: str | None = None) -> Any
             "pass parity.data=<MedMNIST .npz> for the parity images"
         )
     dm = instantiate(data_cfg)
-    dm.prepare()
+    try:
+        dm.prepare()
+    except DataError as exc:  # a clear refusal, not a traceback
+        raise ExportError(f"the run's data cannot be read for the parity images: {exc}") from None
     if (dm.channels, dm.image_size) != source.input_shape[:2]:
         raise ExportError(
             f"parity data {dm.summary()['source']} has {dm.channels} channels at {dm.image_size} px, the model "

@@ -401,7 +401,9 @@ def start_record(cfg: DictConfig, out_dir: Path, dm: ImageClassificationDataModu
     what the recipe's rules chose for this data (``recipe``)."""
     record = new_record(out_dir, run_id=out_dir.name, environment=environment())
     record["config"] = OmegaConf.to_container(cfg, resolve=True)
-    record["config"]["data"].pop("validation", None)  # keeps the data config instantiable (export, serve)
+    # the DataModule's own arguments keep the data config instantiable (evaluate, export, serve); allow_corrupt
+    # stays as skip_unreadable, so they read the data as this run did
+    record["config"]["data"] = data_arguments(cfg.data)[0]
     record["data"] = dm.summary()
     record["data"]["tracked_version"] = tracked_version(record["data"].get("source") or "")  # DVC / Git LFS
     record["data_validation"] = data_validation

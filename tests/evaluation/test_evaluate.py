@@ -172,3 +172,28 @@ def test_evaluate_external_class_folder(tmp_path: Path, trained_run: Path) -> No
     result = json.loads((out / "evaluation.json").read_text())
     assert result["data"]["n"] == 24 and result["data"]["external"]
     assert sum(map(sum, result["evaluation"]["confusion_matrix"])) == 24
+
+
+def test_a_run_that_left_unreadable_files_out_is_evaluated_and_exported(tmp_path: Path) -> None:
+    """``data.validation.allow_corrupt=true`` trains on the readable files; evaluation and export read the data the
+    same way instead of refusing the run (or crashing) over the files training already left out."""
+    from tests.conftest import FAST, run_cli
+
+    labels = ["benign", "malignant"] * 20
+    splits = ["train"] * 24 + ["val"] * 8 + ["test"] * 8
+    manifest = write_image_csv(tmp_path, labels, ["A"] * 40, splits)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    with manifest.open("a") as fh:
+        fh.write("broken.png,benign,test,A\n")
+    run = tmp_path / "run"
+    run_cli(*FAST, "data=folder", f"data.path={manifest}", "data.image_size=28", "data.positive_class=malignant",
+            "data.validation.allow_corrupt=true", "trainer.max_epochs=1", run_dir=run)
+    assert json.loads((run / "run.json").read_text())["config"]["data"]["skip_unreadable"] is True
+    out = tmp_path / "eval"
+    run_evaluate(f"run={run}", f"output_dir={out}", "n_resamples=20", log_dir=tmp_path / "log")
+    assert json.loads((out / "evaluation.json").read_text())["evaluation"]["n"] == 8  # the broken file left out
+    proc = subprocess.run([sys.executable, "-m", "export", f"run={run}", "name=m",
+                           f"model_repository={tmp_path / 'repo'}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and (tmp_path / "repo" / "m" / "1" / "model.onnx").is_file()
