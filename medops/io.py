@@ -15,8 +15,8 @@ from PIL import Image, ImageOps
 from medops.dicom import minmax_to_uint8, read_dicom
 from medops.errors import ImageReadError
 
-__all__ = ["SUPPORTED_SUFFIXES", "fit_to_model", "load_for_model", "preprocess", "read_image", "resize", "to_channels",
-           "to_unit_range"]
+__all__ = ["SUPPORTED_SUFFIXES", "fit_to_model", "load_for_model", "preprocess", "read_image", "refuse_blank", "resize",
+           "to_channels", "to_unit_range"]
 
 SUPPORTED_SUFFIXES: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".npy"}
@@ -35,8 +35,9 @@ def read_image(
 
     PNG/JPEG/BMP/TIFF via Pillow, ``.npy`` via numpy, ``.dcm`` (or any file with the
     DICOM 'DICM' magic, whatever its suffix) via :func:`medops.dicom.read_dicom`.
-    16-bit/float greyscale and non-uint8 arrays are min-max scaled to 0..255; alpha is
-    dropped. ``window`` applies to DICOM only. ``frame`` selects a frame of a multi-frame
+    Float arrays already in [0, 1] (the model's own range) are taken as they are (x 255);
+    other 16-bit/float/integer greyscale is min-max scaled per image to 0..255; NaN or Inf
+    values are refused; alpha is dropped. ``window`` applies to DICOM only. ``frame`` selects a frame of a multi-frame
     DICOM or multi-page TIFF (required for those); for single-frame images it must be
     None or 0. Every failure raises ImageReadError naming the path.
     """
@@ -127,8 +128,9 @@ def load_for_model(
     window: tuple[float, float] | None = None,
     frame: int | None = None,
 ) -> np.ndarray:
-    """:func:`read_image` + :func:`preprocess`: a file -> float32 CxHxW in [0, 1]."""
-    return preprocess(read_image(path, window=window, frame=frame), size, channels)
+    """:func:`read_image` + :func:`preprocess`: a file -> float32 CxHxW in [0, 1] (a blank image is refused,
+    :func:`refuse_blank`)."""
+    return preprocess(refuse_blank(path, read_image(path, window=window, frame=frame)), size, channels)
 
 
 def _has_dicom_magic(path: str) -> bool:
@@ -173,6 +175,18 @@ def _read_npy(path: str, frame: int | None) -> np.ndarray:
         return arr
     if arr.dtype.kind not in "biuf":
         raise ImageReadError(path, f"unsupported array dtype {arr.dtype}")
+    return _to_uint8(path, arr)
+
+
+def _to_uint8(path: str, arr: np.ndarray) -> np.ndarray:
+    """A non-uint8 array as uint8: a float array in [0, 1] is already in the model's range (x 255, not stretched,
+    so the same pixels give the same answer as their 8-bit file); anything else min-max scaled per image."""
+    if arr.dtype.kind == "f":
+        finite = np.isfinite(arr)
+        if not finite.all():
+            raise ImageReadError(path, f"{int((~finite).sum())} NaN or Inf pixel values")
+        if arr.min() >= 0.0 and arr.max() <= 1.0:
+            return np.rint(arr.astype(np.float64) * 255.0).astype(np.uint8)
     return minmax_to_uint8(arr)
 
 
@@ -184,7 +198,7 @@ def _read_pillow(path: str, frame: int | None) -> np.ndarray:
             if index:
                 im.seek(index)
             im.load()
-            return _pil_to_array(ImageOps.exif_transpose(im))
+            return _pil_to_array(path, ImageOps.exif_transpose(im))
     except ImageReadError:
         raise
     except Image.UnidentifiedImageError as exc:
@@ -193,12 +207,12 @@ def _read_pillow(path: str, frame: int | None) -> np.ndarray:
         raise ImageReadError(path, f"cannot decode image ({type(exc).__name__}: {exc})") from exc
 
 
-def _pil_to_array(im: Image.Image) -> np.ndarray:
+def _pil_to_array(path: str, im: Image.Image) -> np.ndarray:
     mode = im.mode
     if mode == "L" or mode == "RGB":
         arr = np.array(im)
     elif mode in ("I", "F") or mode.startswith("I;16"):
-        arr = minmax_to_uint8(np.array(im))
+        arr = _to_uint8(path, np.array(im))
     elif mode in ("1", "LA", "La"):
         arr = np.array(im.convert("L"))
     elif mode in ("P", "PA"):
@@ -214,6 +228,17 @@ def _check_read(path: str, img: np.ndarray) -> np.ndarray:
     if 0 in img.shape:
         raise ImageReadError(path, f"empty image (shape {img.shape})")
     return np.ascontiguousarray(img)
+
+
+def refuse_blank(path: str | os.PathLike[str], img: np.ndarray) -> np.ndarray:
+    """``img``, or ImageReadError naming ``path`` when every pixel has the same value: there is nothing to classify,
+    yet a network still answers (an all-black input gets a confident class). Inference inputs only: a training set
+    with blank images is the data check's business (``datatools.validate_data``)."""
+    if img.size and img.min() == img.max():
+        value = img.flat[0]
+        shown = int(value) if img.dtype == np.uint8 else float(value)
+        raise ImageReadError(os.fspath(path), f"blank image: every pixel has the value {shown} (nothing to classify)")
+    return img
 
 
 def _check_hwc(img: np.ndarray) -> None:

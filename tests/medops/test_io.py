@@ -156,13 +156,49 @@ def test_npy_uint8_passes_through(tmp_path: Path) -> None:
 
 
 def test_npy_float_and_int16_are_min_max_scaled(tmp_path: Path) -> None:
-    np.save(tmp_path / "f.npy", np.array([[-2.0, 0.0], [2.0, np.nan]], dtype=np.float64))
-    assert read_image(tmp_path / "f.npy")[..., 0].tolist() == [[0, 128], [255, 0]]
+    np.save(tmp_path / "f.npy", np.array([[-2.0, 0.0], [2.0, 1.0]], dtype=np.float64))
+    assert read_image(tmp_path / "f.npy")[..., 0].tolist() == [[0, 128], [255, 191]]
     np.save(tmp_path / "i.npy", np.array([[-1000, 1000]], dtype=">i2"))
     assert read_image(tmp_path / "i.npy")[..., 0].tolist() == [[0, 255]]
-    np.save(tmp_path / "const.npy", np.full((4, 4), 3.5))
-    const = read_image(tmp_path / "const.npy")
-    assert const.shape == (4, 4, 1) and not const.any()
+
+
+def test_float_in_the_unit_range_is_the_model_range_not_stretched(tmp_path: Path) -> None:
+    """The same pixels give the same input whether they come as an 8-bit PNG or as floats in [0, 1]."""
+    pixels = np.array([[60, 100], [140, 180]], dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "p.png")
+    np.save(tmp_path / "u.npy", pixels.astype(np.float32) / 255.0)
+    Image.fromarray(pixels.astype(np.float32) / 255.0, mode="F").save(tmp_path / "u.tif")
+    expected = read_image(tmp_path / "p.png")
+    assert read_image(tmp_path / "u.npy").tolist() == expected.tolist() == read_image(tmp_path / "u.tif").tolist()
+    assert expected[..., 0].tolist() == pixels.tolist()
+
+
+def test_nan_or_inf_pixels_are_refused_with_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "nan.npy"
+    np.save(path, np.array([[0.2, np.nan], [0.5, np.inf]]))
+    with pytest.raises(ImageReadError, match="2 NaN or Inf pixel values") as err:
+        read_image(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(("name", "arr", "value"), [
+    ("const.npy", np.full((4, 4), 3.5), 0),  # min-max scaled first: a constant float array is all zeros
+    ("black.npy", np.zeros((4, 4), dtype=np.uint8), 0),
+    ("white.png", np.full((4, 4), 255, dtype=np.uint8), 255),
+])
+def test_a_blank_image_is_refused_for_inference(tmp_path: Path, name: str, arr: np.ndarray, value: int) -> None:
+    """Nothing to classify, yet a network answers (an all-black image got P(malignant) 0.88): inference refuses it,
+    naming the file; reading it for a training set still works (the data check reports it there)."""
+    path = tmp_path / name
+    np.save(path, arr) if name.endswith(".npy") else Image.fromarray(arr).save(path)
+    with pytest.raises(ImageReadError, match=f"blank image: every pixel has the value {value} ") as err:
+        load_for_model(path, 28, 1)
+    assert str(path) in str(err.value)
+    assert read_image(path).shape == (4, 4, 1)
+    almost = np.full((4, 4), value, np.uint8)
+    almost[0, 0] = 1 if value == 0 else 254  # one pixel of contrast is an image
+    np.save(tmp_path / "almost.npy", almost)
+    assert load_for_model(tmp_path / "almost.npy", 28, 1).shape == (1, 28, 28)
 
 
 @pytest.mark.parametrize(
