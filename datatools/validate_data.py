@@ -2,17 +2,19 @@
 
 ``python -m datatools.validate_data [data=folder data.path=...]`` writes ``report.json``, ``report.md`` and
 ``report.html`` into ``output_dir`` (default: the Hydra run folder), prints a summary and exits 1 on
-leakage (exact duplicates across splits, a patient in two splits) or corrupt files, unless
-``data.validation.allow_leakage=true`` / ``data.validation.allow_corrupt=true``.
+leakage (exact duplicates across splits, a patient in two splits), corrupt files or label problems, unless
+``data.validation.allow_leakage=true`` / ``allow_corrupt=true`` / ``allow_label_issues=true``.
 
-Checks: counts per split and class and the class-imbalance ratio; unreadable or empty files (path and
-reason); image geometry and, for folders, the distribution of original sizes with outliers; exact
-duplicates (pixel hash) within and across splits; near-duplicates across splits (dHash candidates found by
-multi-index hashing, confirmed by pixel correlation: :func:`check_near_duplicates`, shown side by side in the
-HTML report); patients/studies in more than one split (CSV ``patient_id`` or
-``study_id``); intensity statistics per split and a shift warning when the standardized mean difference
-of per-image means exceeds ``shift_threshold``. Training runs the same checks after loading the data
-(:func:`run_validation`).
+Checks: counts per split and class and the class-imbalance ratio; label values that are no usable class
+(spelling variants, missing-value markers such as ``NaN``, classes with too few images: :func:`check_labels`;
+violations unless ``data.validation.allow_label_issues=true``); unreadable or empty files (path and reason);
+image geometry and, for folders, the distribution of original sizes with outliers; exact duplicates (pixel hash)
+within and across splits (within a split with conflicting labels: a label violation); near-duplicates across
+splits (dHash candidates found by multi-index hashing, confirmed by pixel correlation:
+:func:`check_near_duplicates`, shown side by side in the HTML report); patients/studies in more than one split
+(CSV ``patient_id`` or ``study_id``); intensity statistics per split and a shift warning when the standardized
+mean difference of per-image means exceeds ``shift_threshold``. Training runs the same checks after loading the
+data (:func:`run_validation`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "enabled": True,
     "allow_leakage": False,
     "allow_corrupt": False,
+    "allow_label_issues": False,  # true: label problems (check_labels, conflicting duplicates) warn instead of failing
     "near_duplicates": "auto",  # auto/true: always (any size); false: never
     "near_duplicate_hamming": 6,  # hash candidates: dHash Hamming distance (horizontal or vertical hash)
     "near_duplicate_max_shift": 1,  # px: shifted copies hashed and correlated at up to this shift
@@ -434,6 +437,90 @@ def check_counts(data: SplitArrays, present: list[str], warnings: list[str]) -> 
             "imbalance_ratio": imbalance}
 
 
+ALLOW_LABELS = " (data.validation.allow_label_issues=true: warn and train anyway)"
+# label values that mean "no label" in spreadsheets and pandas exports; a class of that name must be declared in
+# data.class_names (then it is taken as meant)
+MISSING_LABELS = frozenset({"", "nan", "none", "null", "na", "n/a", "nil", "missing", "undefined", "?", "-"})
+MIN_CLASS_IMAGES = 3  # a class needs an image in each of train, val and test to be learned, selected on and tested
+
+
+def label_key(name: str) -> str:
+    """A label as compared for spelling variants: runs of whitespace collapsed and trimmed, case folded."""
+    return " ".join(str(name).split()).casefold()
+
+
+def _class_entry(data: SplitArrays, present: list[str], ids: dict[str, list[str]], c: int) -> dict[str, Any]:
+    """A class's name, image count and up to 3 example paths (or ``split[index]``)."""
+    examples: list[str] = []
+    for s in present:
+        examples += [ids[s][int(i)] for i in np.flatnonzero(data.labels[s] == c)[: 3 - len(examples)]]
+    total = int(sum(int((data.labels[s] == c).sum()) for s in present))
+    return {"label": data.class_names[c], "images": total, "examples": examples}
+
+
+def _n(count: int, word: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def _entry_text(e: dict[str, Any]) -> str:
+    return f"{e['label']!r} ({_n(e['images'], 'image')}, e.g. {', '.join(e['examples']) or 'none'})"
+
+
+def _too_few(data: SplitArrays, present: list[str], ids: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """Classes with no training images or fewer than ``MIN_CLASS_IMAGES`` in all, with their per-split counts."""
+    out = []
+    for c in range(len(data.class_names)):
+        counts = {s: int((data.labels[s] == c).sum()) for s in present}
+        if sum(counts.values()) < MIN_CLASS_IMAGES or counts.get("train", 1) == 0:
+            out.append({**_class_entry(data, present, ids, c), "per_split": counts})
+    return out
+
+
+def check_labels(data: SplitArrays, present: list[str], ids: dict[str, list[str]], settings: dict[str, Any],
+                 warnings: list[str], violations: list[str]) -> dict[str, Any]:
+    """Label values that are not distinct, usable classes (single-label data; multi-label columns are not checked).
+
+    * spelling variants: names equal after :func:`label_key` (``Malignant`` / ``malignant`` / ``malignant  x``);
+    * missing values: names such as ``NaN``, ``None``, ``null``, ``n/a`` (``MISSING_LABELS``) unless the classes
+      are declared in ``data.class_names``;
+    * too few images: a class without training images, or with fewer than ``MIN_CLASS_IMAGES`` in all (it cannot
+      be in train, val and test).
+
+    Each is a violation naming the labels, their counts and example paths, a warning with ``allow_label_issues``.
+    """
+    found: dict[str, list[Any]] = {"spelling_variants": [], "missing_like": [], "too_few": []}
+    if any(data.labels[s].ndim == 2 for s in present):
+        return found
+    names, allowed = data.class_names, bool(settings["allow_label_issues"])
+    variants: dict[str, list[int]] = defaultdict(list)
+    for c, name in enumerate(names):
+        variants[label_key(name)].append(c)
+    for cs in (cs for cs in variants.values() if len(cs) > 1):
+        group = [_class_entry(data, present, ids, c) for c in cs]
+        found["spelling_variants"].append(group)
+        _flag("labels: " + " vs ".join(_entry_text(e) for e in group) + " differ only in case or whitespace and "
+              "would be trained as separate classes: use one spelling per class" + ALLOW_LABELS,
+              allowed, warnings, violations)
+    if data.info.get("class_order") != "configured":
+        for c in (c for c, name in enumerate(names) if label_key(name) in MISSING_LABELS):
+            e = _class_entry(data, present, ids, c)
+            found["missing_like"].append(e)
+            _flag(f"labels: {_entry_text(e)} looks like a missing value, not a class: label these images or drop "
+                  "them (a class really named so: declare data.class_names)" + ALLOW_LABELS,
+                  allowed, warnings, violations)
+    for e in _too_few(data, present, ids):
+        found["too_few"].append(e)
+        split_counts = ", ".join(f"{s} {n}" for s, n in e["per_split"].items())
+        why = ("no training images, so it cannot be learned" if e["per_split"].get("train", 1) == 0 else
+               f"fewer than {MIN_CLASS_IMAGES}, one for each of train, val and test, so it cannot be learned, "
+               "selected on and tested")
+        _flag(f"labels: class {e['label']!r} has {_n(e['images'], 'image')} ({split_counts}; e.g. "
+              f"{', '.join(e['examples']) or 'none'}): {why}; add images, merge it into another class or drop its "
+              "rows" + ALLOW_LABELS, allowed, warnings, violations)
+    return found
+
+
 def _channels(shape: tuple[int, ...]) -> int:
     return shape[2] if len(shape) > 2 else 1
 
@@ -494,16 +581,22 @@ def check_sizes(data: SplitArrays, present: list[str], meta: dict[str, Any], ids
     return geometry
 
 
-def _within_split_duplicates(present: list[str], hashes: dict[str, list[str]],
+def _within_split_duplicates(data: SplitArrays, present: list[str], hashes: dict[str, list[str]],
                              where: dict[str, list[tuple[str, int]]], ids: dict[str, list[str]],
                              limit: int) -> dict[str, Any]:
-    """Groups of identical images inside each split."""
+    """Groups of identical images inside each split, and those whose copies carry different labels."""
     within = {}
     for s in present:
         c = Counter(hashes[s])
         groups = [h for h, n in c.items() if n > 1]
+        members = {h: [i for ss, i in where[h] if ss == s] for h in groups}
+        conflicting = [h for h in groups if len({_label_text(data, s, i) for i in members[h]}) > 1]
         within[s] = {"groups": len(groups), "images": int(sum(c[h] for h in groups)),
-                     "examples": [[ids[s][i] for ss, i in where[h] if ss == s] for h in groups[:limit]]}
+                     "examples": [[ids[s][i] for i in members[h]] for h in groups[:limit]],
+                     "conflicting_labels": len(conflicting),
+                     "conflicting_examples": [{"images": [ids[s][i] for i in members[h]],
+                                               "labels": [_label_text(data, s, i) for i in members[h]]}
+                                              for h in conflicting[:limit]]}
     return within
 
 
@@ -545,12 +638,19 @@ def check_exact_duplicates(data: SplitArrays, present: list[str], hashes: dict[s
     for s in present:
         for i, h in enumerate(hashes[s]):
             where[h].append((s, i))
-    within = _within_split_duplicates(present, hashes, where, ids, limit)
+    within = _within_split_duplicates(data, present, hashes, where, ids, limit)
     cross = _cross_split_duplicates(data, where, ids, limit)
     for s in present:
-        if within[s]["groups"]:
-            warnings.append(f"{within[s]['groups']} groups of exact duplicates within {s} "
-                            f"({within[s]['images']} images)")
+        w = within[s]
+        if w["groups"]:
+            warnings.append(f"{w['groups']} groups of exact duplicates within {s} ({w['images']} images; "
+                            f"{w['conflicting_labels']} with conflicting labels)")
+        if w["conflicting_labels"]:
+            msg = (f"labels: {_n(w['conflicting_labels'], 'group')} of identical images within {s} carry "
+                   "conflicting labels (one image, two truths: correct the labels or drop the copies), e.g. "
+                   + "; ".join(" = ".join(f"{i} ({lab})" for i, lab in zip(e["images"], e["labels"], strict=True))
+                               for e in w["conflicting_examples"][:3]) + ALLOW_LABELS)
+            _flag(msg, settings["allow_label_issues"], warnings, violations)
     if cross["groups"]:
         msg = (f"leakage: {cross['groups']} exact-duplicate groups across splits ({cross['images']} images; "
                f"{cross['by_splits']}), e.g. "
@@ -731,6 +831,7 @@ def validate(data: SplitArrays | None, errors: list[tuple[str, str]], meta: dict
     present = [s for s in SPLITS if s in data.labels]
     report.update(check_counts(data, present, warnings))
     ids = _ids(data, meta)
+    report["labels"] = check_labels(data, present, ids, settings, warnings, violations)
     report["geometry"] = check_sizes(data, present, meta, ids, int(settings["max_listed"]), warnings)
     hashes = {s: pixel_hashes(data.images[s]) for s in present}
     report["duplicates"] = check_exact_duplicates(data, present, hashes, ids, settings, warnings, violations)
@@ -746,6 +847,9 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     return {
         "corrupt": report.get("corrupt", {}).get("count", 0),
         "duplicates_within": {s: v["groups"] for s, v in dup.get("within_split", {}).items()},
+        "duplicates_within_conflicting": {s: v.get("conflicting_labels", 0)
+                                          for s, v in dup.get("within_split", {}).items()},
+        "label_issues": {k: len(v) for k, v in (report.get("labels") or {}).items()},
         "leakage_exact_duplicates": dup.get("cross_split", {}).get("groups", 0),
         "leakage_by_splits": dup.get("cross_split", {}).get("by_splits", {}),
         "near_duplicate_pairs": report.get("near_duplicates", {}).get("pairs"),
@@ -790,6 +894,16 @@ def _near_rows(near: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _label_rows(labels: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [("label spelling variants", " | ".join(" vs ".join(_entry_text(e) for e in g)
+                                                  for g in labels.get("spelling_variants", [])) or "none")]
+    rows.append(("labels like missing values", "; ".join(_entry_text(e) for e in labels.get("missing_like", []))
+                 or "none"))
+    rows.append(("classes with too few images", "; ".join(f"{_entry_text(e)} {e['per_split']}"
+                                                          for e in labels.get("too_few", [])) or "none"))
+    return rows if labels else []
+
+
 def _rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     dup = report.get("duplicates", {})
     cross = dup.get("cross_split", {})
@@ -800,8 +914,13 @@ def _rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("corrupt / unreadable files", str(report["corrupt"]["count"])))
     for f in report["corrupt"]["files"][: int(report["settings"]["max_listed"])]:
         rows.append(("  unreadable", f"{f['path']}: {f['reason']}"))
+    rows += _label_rows(report.get("labels") or {})
     for s, w in dup.get("within_split", {}).items():
-        rows.append((f"exact duplicates within {s}", f"{w['groups']} groups, {w['images']} images"))
+        rows.append((f"exact duplicates within {s}", f"{w['groups']} groups, {w['images']} images; "
+                                                    f"{w.get('conflicting_labels', 0)} with conflicting labels"))
+        for e in w.get("conflicting_examples", [])[:10]:
+            rows.append(("  conflicting labels", " = ".join(f"{i} ({lab})" for i, lab in
+                                                            zip(e["images"], e["labels"], strict=True))))
     if cross:
         rows.append(("exact duplicates across splits (leakage)",
                      f"{cross['groups']} groups, {cross['images']} images {cross['by_splits']}; "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,8 @@ def resolve_task(declared: str | None, data: SplitArrays) -> str:
     """The task of ``data``: ``declared`` (``data.task``) checked against the labels, or for ``auto``/``None``:
     ``multilabel`` for N x K labels (K > 1), ``ordinal`` for a known ordinal MedMNIST file (RetinaMNIST),
     else ``binary`` for 2 classes and ``multiclass`` for more. Raises :class:`DataError` when the declared
-    task does not fit the labels."""
+    task does not fit the labels, or for ``ordinal`` when the class order came from sorting names
+    (:func:`check_grade_order`)."""
     task = str(declared or "auto").lower()
     multi = is_multilabel(data.labels["train"])
     if task == "auto":
@@ -66,6 +68,8 @@ def resolve_task(declared: str | None, data: SplitArrays) -> str:
     if task in ("multiclass", "ordinal") and len(data.class_names) < 3:
         raise DataError(f"{data.source}: data.task={task} needs at least 3 classes, the data has "
                         f"{len(data.class_names)} (use binary)")
+    if task == "ordinal":
+        check_grade_order(data, "data.task=ordinal")
     return task
 
 
@@ -441,20 +445,44 @@ def npz_split(path: Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
     return images, labels
 
 
+MAX_LISTED = 20  # problems listed one by one in an error message; the rest are counted
+
+
+def listing(lines: Sequence[str], limit: int = MAX_LISTED) -> str:
+    """The first ``limit`` lines, indented one per line, then ``... and N more``."""
+    more = f"\n  ... and {len(lines) - limit} more" if len(lines) > limit else ""
+    return "\n  " + "\n  ".join(lines[:limit]) + more
+
+
+def _row_problem(row: Mapping[str, str]) -> str | None:
+    """Why a manifest row cannot be used, or ``None``."""
+    empty = [c for c in ("path", "label") if not row.get(c)]
+    if empty:
+        return f"empty {' and '.join(empty)}"
+    split = row.get("split") or ""
+    if split and split.lower() not in SPLIT_ALIASES:
+        return f"unknown split {split!r}; use train, val or test"
+    return None
+
+
 def read_manifest(csv_path: Path, group_column: str | None = None) -> list[Sample]:
-    """Rows of a ``path,label[,split][,patient_id]`` CSV (paths relative to the CSV's folder); errors name the row."""
-    samples = []
-    for line, row in manifest_rows(csv_path, ("path", "label")):
-        if not row["path"] or not row["label"]:
-            raise DataError(f"{csv_path}:{line}: empty path or label")
-        split = row.get("split") or None
-        if split is not None:
-            if split.lower() not in SPLIT_ALIASES:
-                raise DataError(f"{csv_path}:{line}: unknown split {split!r}; use train, val or test")
-            split = SPLIT_ALIASES[split.lower()]
+    """Rows of a ``path,label[,split][,patient_id]`` CSV (paths relative to the CSV's folder). Malformed rows (empty
+    path or label, unknown split) raise one :class:`DataError` that lists them all by line (the first
+    ``MAX_LISTED``, then a count)."""
+    samples, bad = [], []
+    rows = manifest_rows(csv_path, ("path", "label"))
+    for line, row in rows:
+        problem = _row_problem(row)
+        if problem:
+            bad.append(f"{csv_path}:{line}: {problem}")
+            continue
+        split = SPLIT_ALIASES[row["split"].lower()] if row.get("split") else None
         path = Path(row["path"])
         group = (row.get(group_column) or None) if group_column else None
         samples.append(Sample(path if path.is_absolute() else csv_path.parent / path, row["label"], split, group))
+    if bad:
+        raise DataError(f"{csv_path}: {len(bad)} of {len(rows)} rows are malformed (fix or delete them):"
+                        f"{listing(bad)}")
     if not samples:
         raise DataError(f"{csv_path}: manifest has no rows")
     return samples
@@ -477,13 +505,71 @@ def scan_class_folders(root: Path) -> list[Sample]:
     return samples
 
 
-def label_index(labels: list[str], class_names: list[str] | None, source: str) -> tuple[np.ndarray, list[str]]:
-    names = list(class_names) if class_names else sorted(set(labels), key=lambda s: (not s.isdigit(), s.zfill(12)))
+NUMERIC_CLASS = re.compile(r"[+-]?[0-9]+")
+# the order a class list's provenance guarantees: declared (data.class_names), numeric names (grades 0, 1, 2...) or
+# MedMNIST label indices; ``alphabetical`` and ``mixed`` orders come from the names' spelling, not their meaning
+MEANINGFUL_ORDERS = ("configured", "numeric", "index")
+
+
+def class_sort_key(name: str) -> tuple[int, int, str, str]:
+    """Sort key of derived class names: numeric names (``0``, ``2``, ``10``, ``-1``) first, by integer value; then
+    the others alphabetically, ignoring case (ties by the exact spelling)."""
+    if NUMERIC_CLASS.fullmatch(name):
+        return (0, int(name), "", name)
+    return (1, 0, name.casefold(), name)
+
+
+def class_order(labels: Sequence[str]) -> tuple[list[str], str]:
+    """The distinct label values in class order (:func:`class_sort_key`) and how that order was made: ``numeric``
+    (every name an integer), ``alphabetical`` (none) or ``mixed`` (numbers first, then the names)."""
+    names = sorted(set(labels), key=class_sort_key)
+    numeric = [bool(NUMERIC_CLASS.fullmatch(n)) for n in names]
+    return names, "numeric" if all(numeric) else ("mixed" if any(numeric) else "alphabetical")
+
+
+def _legacy_order(labels: Sequence[str]) -> list[str]:
+    """The order label_index gave before numbers and names were sorted apart (names left-padded with zeros, so
+    longer names came last: [cyst, tumor, normal]); runs trained then keep it in their run record."""
+    return sorted(set(labels), key=lambda s: (not s.isdigit(), s.zfill(12)))
+
+
+def label_index(labels: list[str], class_names: list[str] | None, source: str,
+                info: dict[str, Any] | None = None) -> tuple[np.ndarray, list[str]]:
+    """Class indices of ``labels`` and the class names: ``class_names`` when configured (its order is the class
+    order), else the distinct labels in :func:`class_order`. ``info`` (a dict) receives ``class_order``:
+    ``configured``, ``numeric``, ``alphabetical`` or ``mixed``. Raises :class:`DataError` for labels outside the
+    configured classes."""
+    if class_names:
+        names, order = [str(n) for n in class_names], "configured"
+    else:
+        names, order = class_order(labels)
+        if order == "mixed":
+            log.warning("%s: class names mix numbers and words %s: numbers come first by value, then the words "
+                        "alphabetically; set data.class_names to give the order", source, names)
+        if _legacy_order(labels) != names:
+            log.warning("%s: classes in order %s; runs trained before this order was fixed recorded %s (see their "
+                        "run.json data.class_names): re-reading their data needs data.class_names=[%s]", source,
+                        names, _legacy_order(labels), ",".join(_legacy_order(labels)))
+    if info is not None:
+        info["class_order"] = order
     index = {name: i for i, name in enumerate(names)}
     unknown = sorted(set(labels) - set(index))
     if unknown:
         raise DataError(f"{source}: labels {unknown} are not among the configured classes {names}")
     return np.array([index[label] for label in labels], dtype=np.int64), names
+
+
+def check_grade_order(data: SplitArrays, why: str) -> None:
+    """Refuse ordered use of the classes (``data.task=ordinal``, ``data.ordinal_cutoff``) when their order came
+    from sorting their names (grade order is clinical meaning, not spelling: mild < moderate < severe sorts as
+    mild < moderate < severe only by luck). Numeric names, declared ``data.class_names`` and MedMNIST indices pass;
+    data without a recorded ``class_order`` (built in code) are taken as ordered by their maker."""
+    order = data.info.get("class_order")
+    if order is None or order in MEANINGFUL_ORDERS:
+        return
+    raise DataError(f"{data.source}: {why} needs the classes in grade order, which their names cannot give (sorted "
+                    f"by spelling they are {data.class_names}): declare them lowest grade first, "
+                    f"'data.class_names=[{','.join(data.class_names)}]' reordered to your grade order")
 
 
 ZENODO_RECORD = "https://zenodo.org/records/10519652/files"
@@ -562,7 +648,8 @@ def load_medmnist_npz(path: str | Path, class_names: list[str] | None = None) ->
         num_classes = int(max(int(labels[s].max(initial=0)) for s in SPLITS)) + 1
     # with configured names, a label beyond them is reported by validate_splits (file, split, index)
     names = list(class_names) if class_names else [str(i) for i in range(max(num_classes, 2))]
-    info = {"format": "medmnist", "md5": file_md5(path), "licence": "CC BY 4.0" if path.stem in OFFICIAL_MD5 else None}
+    info = {"format": "medmnist", "md5": file_md5(path), "licence": "CC BY 4.0" if path.stem in OFFICIAL_MD5 else None,
+            "class_order": "configured" if class_names else "index"}
     if path.stem.split("_")[0] in ORDINAL_MEDMNIST:
         info["ordinal"] = True  # ordered grades: data.task=auto trains it as ordinal
     return SplitArrays(images, labels, names, source=str(path), info=info)
@@ -622,7 +709,8 @@ class FolderDataset:
         if self.scan_result is not None:
             return self.scan_result
         samples, column = self._samples()
-        labels, names = label_index([s.label for s in samples], self.configured_class_names, str(self.path))
+        order: dict[str, Any] = {}
+        labels, names = label_index([s.label for s in samples], self.configured_class_names, str(self.path), order)
         images = np.zeros((len(samples), self.size, self.size, self.out_channels), dtype=np.uint8)
         ok = np.ones(len(samples), dtype=bool)
         shapes: list[tuple[int, ...]] = [()] * len(samples)
@@ -649,7 +737,7 @@ class FolderDataset:
                 class_names=names,
                 source=str(self.path),
                 info={"format": "csv" if self.path.suffix.lower() == ".csv" else "folder", "files": len(samples),
-                      "group_column": column},
+                      "group_column": column, **order},
                 groups={s: [samples[i].group for i in index[s]] for s in SPLITS} if column else {},
             )
             result.paths = {s: [str(samples[i].path) for i in index[s]] for s in SPLITS}
@@ -686,9 +774,9 @@ class FolderDataset:
         if result.errors and (not self.skip_unreadable or result.data is None):
             total = len(result.errors) + (int(result.data.info["files"]) if result.data else 0)
             lines = [f"{path}: {reason}" for path, reason in result.errors]
-            shown = "\n  ".join(lines[:20])
-            more = f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else ""
-            raise DataError(f"{self.path}: {len(lines)} of {total} images cannot be used:\n  {shown}{more}")
+            fix = ("fix or remove them, or set data.validation.allow_corrupt=true to leave them out (with a warning) "
+                   "and use the rest" if result.data is not None else "no image could be read")
+            raise DataError(f"{self.path}: {len(lines)} of {total} images cannot be used ({fix}):{listing(lines)}")
         if result.errors:
             log.warning("%s: skipping %d unreadable files (allow_corrupt): %s", self.path, len(result.errors),
                         ", ".join(p for p, _ in result.errors[:5]))

@@ -21,6 +21,7 @@ from datatools.validate_data import (
     pixel_hashes,
     popcount64,
     run_validation,
+    summary,
     to_html,
     validate,
     validate_source,
@@ -396,3 +397,59 @@ def test_training_fails_on_leak_and_default_trains_with_record(tmp_path: Path) -
     from datatools.data_version import fingerprint
 
     assert record["data"]["fingerprint"] == fingerprint(BREASTMNIST)
+
+
+def _label_problem_csv(root: Path) -> Path:
+    """``_split_csv`` (a, b: 4 per split) plus a case variant ``A`` (3 rows), ``NaN`` labels (2), a class ``rare``
+    with one image, and a train image copied into train under label b (identical images, conflicting labels)."""
+    extra = [{"path": str(_noise_png(root / "x" / f"A{i}.png", 100 + i).relative_to(root)), "label": "A",
+              "split": s} for i, s in enumerate(("train", "val", "test"))]
+    extra += [{"path": str(_noise_png(root / "x" / f"nan{i}.png", 200 + i).relative_to(root)), "label": "NaN",
+               "split": "train"} for i in range(2)]
+    extra += [{"path": str(_noise_png(root / "x" / "rare.png", 300).relative_to(root)), "label": "rare",
+               "split": "train"}]
+    csv_path = _split_csv(root, extra=extra)
+    shutil.copy(root / "train" / "a" / "0.png", root / "x" / "copy_b.png")
+    with csv_path.open("a") as fh:
+        fh.write("x/copy_b.png,b,train\n")
+    return csv_path
+
+
+def test_label_problems_are_violations_naming_labels_counts_and_paths(tmp_path: Path) -> None:
+    csv_path = _label_problem_csv(tmp_path)
+    report = run_validation(FolderDataModule(str(csv_path), image_size=32), {})
+    violations = [v for v in report["violations"] if v.startswith("labels:")]
+    assert len(violations) == 5, report["violations"]
+    case, nan = (next(v for v in violations if key in v) for key in ("case or whitespace", "missing value"))
+    assert "'A' (3 images, e.g. " in case and "A0.png" in case and "'a' (12 images, e.g. " in case
+    assert "'NaN' (2 images, e.g. " in nan and "nan0.png" in nan
+    rare = next(v for v in violations if "class 'rare'" in v)
+    assert "has 1 image (train 1, val 0, test 0" in rare and "rare.png" in rare and "fewer than 3" in rare
+    assert any("class 'NaN' has 2 images" in v for v in violations)  # too few as well
+    conflict = next(v for v in violations if "conflicting labels" in v)
+    assert "1 group of identical images within train carry conflicting labels" in conflict
+    assert "0.png (a)" in conflict and "copy_b.png (b)" in conflict
+    assert all("data.validation.allow_label_issues=true" in v for v in violations)
+    assert report["labels"]["spelling_variants"][0][0]["label"] == "A"
+    assert report["duplicates"]["within_split"]["train"]["conflicting_labels"] == 1
+    assert summary(report)["label_issues"] == {"spelling_variants": 1, "missing_like": 1, "too_few": 2}
+    assert summary(report)["duplicates_within_conflicting"]["train"] == 1
+    page = to_html(report)
+    assert "label spelling variants" in page and "copy_b.png (b)" in page
+
+    allowed = run_validation(FolderDataModule(str(csv_path), image_size=32), {"allow_label_issues": True})
+    assert not allowed["violations"] and sum(w.startswith("labels:") for w in allowed["warnings"]) == 5
+
+
+def test_declared_class_names_are_not_missing_values_and_clean_labels_pass(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    rows = [{"path": str(_noise_png(root / f"{label}{i}.png", 10 * k + i).relative_to(root)), "label": label,
+             "split": ("train", "val", "test")[i % 3]}
+            for k, label in enumerate(("none", "mild", "severe")) for i in range(6)]
+    csv_path = write_csv(root / "m.csv", rows)
+    undeclared = run_validation(FolderDataModule(str(csv_path), image_size=32), {})
+    assert [e["label"] for e in undeclared["labels"]["missing_like"]] == ["none"]
+    declared = run_validation(FolderDataModule(str(csv_path), image_size=32, class_names=["none", "mild", "severe"]),
+                              {})
+    assert declared["violations"] == [] and declared["labels"] == {"spelling_variants": [], "missing_like": [],
+                                                                   "too_few": []}

@@ -11,10 +11,14 @@ from medops.datasets import (
     DataError,
     SplitArrays,
     canonical_split,
+    class_order,
     grouped_folds,
+    label_index,
     manifest_rows,
     npz_split,
     positive_index,
+    read_manifest,
+    resolve_task,
     split_fold,
 )
 
@@ -99,3 +103,70 @@ def test_split_fold_uses_the_groups_and_keeps_them_aligned() -> None:
     assert sorted(seen) == list(range(100))
     plain = SplitArrays(images=data.images, labels=data.labels, class_names=["a", "b"], source="mem")
     assert split_fold(plain, 0, 4, seed=7).info["fold_grouped_by"] is None  # no groups: stratified by sample
+
+
+@pytest.mark.parametrize(("labels", "expected", "kind"), [
+    (["tumor", "cyst", "normal"], ["cyst", "normal", "tumor"], "alphabetical"),  # was [cyst, tumor, normal]
+    (["tumor", "benign"], ["benign", "tumor"], "alphabetical"),  # was [tumor, benign]
+    (["severe", "mild", "moderate"], ["mild", "moderate", "severe"], "alphabetical"),  # was [mild, severe, moderate]
+    (["Tumor", "benign", "a_very_long_class_name"], ["a_very_long_class_name", "benign", "Tumor"], "alphabetical"),
+    (["10", "2", "1", "0"], ["0", "1", "2", "10"], "numeric"),
+    (["-1", "3", "007"], ["-1", "3", "007"], "numeric"),
+    (["other", "10", "Bone", "2"], ["2", "10", "Bone", "other"], "mixed"),  # numbers by value first, then words
+])
+def test_class_order_is_numbers_by_value_then_names_alphabetically(labels: list[str], expected: list[str],
+                                                                   kind: str) -> None:
+    assert class_order(labels) == (expected, kind)
+    info: dict = {}
+    index, names = label_index(labels, None, "mem", info)
+    assert names == expected and info["class_order"] == kind
+    assert [names[i] for i in index] == labels  # every label maps back to itself
+
+
+def test_a_binary_folder_without_declared_finding_takes_the_second_name_in_sorted_order() -> None:
+    _, names = label_index(["tumor", "benign", "tumor"], None, "mem")
+    assert names[positive_index(names, None)] == "tumor"  # conf/data/folder.yaml: the second name in sorted order
+
+
+def test_declared_class_names_keep_their_order_and_the_changed_order_is_announced(
+        caplog: pytest.LogCaptureFixture) -> None:
+    info: dict = {}
+    index, names = label_index(["severe", "mild", "moderate"], ["mild", "moderate", "severe"], "mem", info)
+    assert names == ["mild", "moderate", "severe"] and index.tolist() == [2, 0, 1]
+    assert info["class_order"] == "configured"
+    with caplog.at_level("WARNING"):
+        label_index(["tumor", "cyst", "normal"], None, "mem")
+    assert "recorded ['cyst', 'tumor', 'normal']" in caplog.text
+    assert "data.class_names=[cyst,tumor,normal]" in caplog.text
+
+
+def _grades(order: str | None) -> SplitArrays:
+    labels = {s: np.array([0, 1, 2, 0, 1, 2]) for s in ("train", "val", "test")}
+    images = {s: np.zeros((6, 4, 4, 1), np.uint8) for s in labels}
+    info = {} if order is None else {"class_order": order}
+    return SplitArrays(images, labels, ["mild", "moderate", "severe"], source="grades.csv", info=info)
+
+
+def test_ordinal_task_refuses_a_grade_order_sorted_from_names() -> None:
+    with pytest.raises(DataError, match=r"data.task=ordinal needs the classes in grade order.*"
+                                        r"'data.class_names=\[mild,moderate,severe\]'"):
+        resolve_task("ordinal", _grades("alphabetical"))
+    with pytest.raises(DataError, match="grade order"):
+        resolve_task("ordinal", _grades("mixed"))
+    for order in ("configured", "numeric", "index", None):  # declared, numbers, MedMNIST indices, built in code
+        assert resolve_task("ordinal", _grades(order)) == "ordinal"
+    assert resolve_task("multiclass", _grades("alphabetical")) == "multiclass"  # no order needed
+
+
+def test_a_manifest_lists_every_malformed_row_with_a_count(tmp_path: Path) -> None:
+    rows = ["path,label,split", "a.png,x,train", "b.png,,train", ",y,", "c.png,y,holdout"]
+    rows += [f"d{i}.png,,train" for i in range(25)] + ["e.png,y,val"]
+    csv = tmp_path / "m.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError) as err:
+        read_manifest(csv)
+    message = str(err.value)
+    assert f"{csv}: 28 of 30 rows are malformed" in message
+    assert f"{csv}:3: empty label" in message and f"{csv}:4: empty path" in message
+    assert f"{csv}:5: unknown split 'holdout'" in message and "... and 8 more" in message
+    assert message.count("empty label") == 18  # the first 20 problems are listed one by one

@@ -137,6 +137,9 @@ def test_csv_missing_and_corrupt_files_all_reported(tmp_path: Path, png_folder: 
     message = str(err.value)
     assert "2 of 42 images cannot be used" in message
     assert "missing.png" in message and "corrupt.png" in message
+    # the message names the setting that trains on the rest, and that setting exists under that name
+    assert "set data.validation.allow_corrupt=true to leave them out" in message
+    assert "allow_corrupt: false" in (REPO / "conf/data/validation/default.yaml").read_text()
 
 
 def test_csv_bad_columns_and_unknown_split(tmp_path: Path) -> None:
@@ -193,3 +196,57 @@ def test_modality_is_read_from_dicom_files_or_declared(tmp_path: Path) -> None:
     assert dm.summary()["modalities"] == ["CT"]
     declared = FolderDataModule(str(tmp_path), image_size=16, val_fraction=0.34, test_fraction=0.34, modality="us")
     assert declared.summary()["modalities"] == ["US"]  # declared wins, upper-case like DICOM's defined terms
+
+
+def _grade_folder(root: Path, names: tuple[str, ...]) -> Path:
+    """Class folders of 10 noisy grey PNGs each, one brightness per class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(len(names))
+    for k, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = rng.integers(0, 30, (8, 8)) + 60 * k
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_ordinal_folder_data_need_the_grade_order_declared(tmp_path: Path) -> None:
+    root = _grade_folder(tmp_path / "grades", ("severe", "mild", "moderate"))
+    with pytest.raises(DataError, match=r"data.task=ordinal needs the classes in grade order"):
+        FolderDataModule(str(root), image_size=8, task="ordinal").setup()
+    with pytest.raises(DataError, match=r"data.ordinal_cutoff=moderate needs the classes in grade order"):
+        FolderDataModule(str(root), image_size=8, ordinal_cutoff="moderate").setup()
+    dm = FolderDataModule(str(root), image_size=8, task="ordinal", ordinal_cutoff="moderate",
+                          class_names=["mild", "moderate", "severe"])
+    dm.setup()
+    assert dm.task == "ordinal" and dm.class_names == ["mild", "moderate", "severe"]
+    assert dm.abnormal == [1, 2]  # moderate and severe; the old sort made it severe < moderate
+    assert dm.summary()["class_order"] == "configured"
+    plain = FolderDataModule(str(root), image_size=8)  # unordered use of the same data is fine
+    plain.setup()
+    assert plain.class_names == ["mild", "moderate", "severe"] and plain.summary()["class_order"] == "alphabetical"
+
+
+def test_numeric_grade_folders_are_ordered_by_value(tmp_path: Path) -> None:
+    dm = FolderDataModule(str(_grade_folder(tmp_path / "g", ("10", "2", "1"))), image_size=8, task="ordinal",
+                          ordinal_cutoff="2")
+    dm.setup()
+    assert dm.class_names == ["1", "2", "10"] and dm.abnormal == [1, 2] and dm.task == "ordinal"
+
+
+def test_binary_folder_without_declared_finding_takes_the_second_sorted_name(tmp_path: Path) -> None:
+    dm = FolderDataModule(str(_grade_folder(tmp_path / "b", ("tumor", "benign"))), image_size=8)
+    dm.setup()
+    assert dm.class_names == ["benign", "tumor"] and dm.positive_class == "tumor"
+
+
+def test_breastmnist_class_order_is_unaffected(breastmnist: Path) -> None:
+    named = MedMNISTDataModule(str(breastmnist), class_names=["malignant", "normal_or_benign"],
+                               positive_class="malignant")
+    named.setup()
+    assert named.class_names == ["malignant", "normal_or_benign"] and named.positive_class == "malignant"
+    assert named.summary()["class_order"] == "configured" and named.class_counts("train") == [147, 399]
+    bare = MedMNISTDataModule(str(breastmnist))
+    bare.setup()
+    assert bare.class_names == ["0", "1"] and bare.summary()["class_order"] == "index"

@@ -31,6 +31,7 @@ from medops.datasets import (
     SplitArrays,
     channel_stats,
     check_fold,
+    check_grade_order,
     fingerprint_of,
     label_counts,
     positive_index,
@@ -38,7 +39,7 @@ from medops.datasets import (
     split_fold,
     validate_splits,
 )
-from medops.dicom import dicom_modality
+from medops.dicom import UNRECOGNISED_MODALITY, dicom_modality
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ class ImageClassificationDataModule(L.LightningDataModule):
             if self.task == "binary":
                 positive_index(data.class_names, self.declared_positive)  # a class the data lacks fails here
             if self.task != "multilabel":
+                if self.ordinal_cutoff not in (None, ""):  # "this grade and every later one": needs a real order
+                    check_grade_order(data, f"data.ordinal_cutoff={self.ordinal_cutoff}")
                 abnormal_indices(data.class_names, self.declared_abnormal, self.ordinal_cutoff)  # unknown: fails here
             elif self.declared_abnormal or self.ordinal_cutoff is not None:
                 log.warning("data.abnormal_classes/ordinal_cutoff apply to multi-class data; ignored for multi-label")
@@ -189,7 +192,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         meta = self.file_meta() if hasattr(self, "file_meta") else {}
         paths = [p for split in (meta.get("paths") or {}).values() for p in split]
         found = {dicom_modality(p) for p in paths[:: max(1, len(paths) // 200)]}
-        return sorted(m for m in found if m)
+        return sorted(m for m in found if m and m != UNRECOGNISED_MODALITY)  # free text says nothing of the data
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Samples per class; multi-label: positives per label."""

@@ -23,7 +23,9 @@ class FolderDataModule(ImageClassificationDataModule):
         path: a ``.csv`` manifest or a folder of class sub-folders (optionally under train/val/test).
         image_size: square side the images are resized to.
         channels: 1 (grayscale) or 3 (RGB).
-        class_names: label order; default: sorted label values.
+        class_names: label order; default: numeric labels by value, then the others alphabetically ignoring
+            case (:func:`medops.datasets.class_order`). Required, in grade order, for ``task=ordinal`` and
+            ``ordinal_cutoff`` unless the labels are numbers.
         val_fraction, test_fraction: used for samples without a split, stratified by label and seeded.
         window: DICOM window ``[center, width]``; default: the file's own window, else min-max.
         group_column: CSV column of patient/study ids; ``auto`` (default): ``patient_id`` or ``study_id`` when
