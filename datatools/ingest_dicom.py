@@ -3,6 +3,7 @@
     python -m datatools.ingest_dicom SRC DST [--format png|npz] [--window C W] [--salt S]
         [--label-from folder|none] [--nifti-axis 2] [--sidecar] [--patient-split VAL TEST] [--size 64]
         [--pixels quarantine|clean|keep]
+    python -m datatools.ingest_dicom SRC --locate N [N ...]
 
 * DICOM files with or without ``.dcm`` (recognised by the 'DICM' magic), single- and multi-frame
   (each frame -> one image), read with :func:`medops.read_dicom` (modality LUT + windowing:
@@ -20,7 +21,7 @@
 * Burned-in text: a DICOM file that may carry it (BurnedInAnnotation YES, or absent for US, SC, OT, XC, ES,
   GM, SM, PX, IO, secondary capture or no modality: :func:`medops.deid_pixels.burned_in_reason`) is, with
   ``--pixels quarantine`` (the default), not written at all: it is listed under ``quarantined`` in
-  ``ingest_report.json`` with the reason, and logged with its path relative to SRC. ``--pixels clean`` writes
+  ``ingest_report.json`` with the reason, and logged by its number. ``--pixels clean`` writes
   it with the text regions masked (:data:`medops.deid_pixels.MASK_RULE`: top and bottom bands and small
   near-white components; the sidecar declares the Clean Pixel Data Option); ``--pixels keep`` writes it as
   it is, an explicit opt-in that is logged. Both list every such file under ``pixels.files`` in the report.
@@ -28,8 +29,12 @@
   ``labels`` (int), ``class_names``, ``patient_ids``, ``splits``; no PNGs and no manifest.
 * ``--sidecar``: a de-identified copy of each DICOM header (no pixel data) as JSON in ``DST/headers/``
   (:func:`medops.deid.deidentify`: the whole PS3.15 Annex E Basic Profile table, at every sequence depth).
-* Unreadable files (corrupt, no pixel data...) go to ``DST/ingest_report.json`` as (path relative
-  to SRC, technical reason) and the run goes on. Exit status 0 unless no image was written.
+* Unreadable files (corrupt, no pixel data...) go to ``DST/ingest_report.json`` with a technical reason
+  and the run goes on. Exit status 0 unless no image was written.
+* No source path is written into DST or its log (a folder or file name can carry a patient's name): the
+  report and the log name a source file by its number in SRC's sorted listing (``file``) and the salted digest
+  its images carry in their names (``source``). ``python -m datatools.ingest_dicom SRC --locate N [N ...]``
+  prints the paths of those numbers on the operator's terminal.
 * The salt comes from ``--salt`` or ``MEDOPS_DEID_SALT``; it is never written anywhere. Logs
   (stderr and ``DST/ingest.log``) carry counts and output names only, never header values.
 """
@@ -99,6 +104,21 @@ def _h(*parts: str, n: int = 10) -> str:
     return hashlib.sha256("|".join(parts).encode("utf-8")).hexdigest()[:n]
 
 
+def source_key(salt: str, rel: Path) -> str:
+    """The salted digest of a source file's path relative to SRC: in its images' names and its report entries."""
+    return _h(salt, "file", rel.as_posix(), n=8)
+
+
+def source_files(src: Path) -> list[Path]:
+    """The files under ``src`` in the order ingest numbers them (``file`` in the report, from 1)."""
+    return sorted(p for p in src.rglob("*") if p.is_file())
+
+
+def _entry(number: int, rel: Path, salt: str, reason: str) -> dict[str, object]:
+    """A report entry: the source file by number and digest, never by path (see the module docstring)."""
+    return {"file": number, "source": source_key(salt, rel), "reason": reason}
+
+
 def _has_dicom_magic(path: Path) -> bool:
     try:
         with path.open("rb") as fh:
@@ -124,7 +144,7 @@ def _read_header(path: Path, rel: Path) -> pydicom.Dataset:
 
 
 def _dicom_items(path: Path, rel: Path, label: str, args: argparse.Namespace, dst: Path,
-                 result: Result) -> list[Item]:
+                 result: Result, number: int) -> list[Item]:
     """The frames of one DICOM file; raises :class:`Quarantined` for possible burned-in text under the default mode."""
     ds = _read_header(path, rel)
     has_pixels = any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
@@ -137,7 +157,7 @@ def _dicom_items(path: Path, rel: Path, label: str, args: argparse.Namespace, ds
         frames = 1
     pid = pseudonym(str(ds.get("PatientID", "") or ""), args.salt)
     series = _h(remap_uid(str(ds.get("SeriesInstanceUID", "") or ""), args.salt), n=8)
-    key = _h(args.salt, "file", rel.as_posix(), n=8)
+    key = source_key(args.salt, rel)
     stem = f"{pid}_{series}_{key}"
     images, masked = [], []
     for frame in range(max(frames, 1)):
@@ -150,7 +170,7 @@ def _dicom_items(path: Path, rel: Path, label: str, args: argparse.Namespace, ds
             masked.append(fraction)
         images.append(Item(img, f"{stem}_{frame:04d}", label, pid, _pixels_state(reason, args.pixels)))
     if reason:
-        _record_burned_in(result, rel, reason, args.pixels, masked)
+        _record_burned_in(result, _entry(number, rel, args.salt, reason), args.pixels, masked)
     if args.sidecar:
         _write_sidecar(ds, dst / "headers" / f"{stem}.json", args.salt, pixels_cleaned=bool(masked))
     return images
@@ -162,15 +182,15 @@ def _pixels_state(reason: str | None, mode: str) -> str:
     return "masked" if mode == "clean" else "kept"
 
 
-def _record_burned_in(result: Result, rel: Path, reason: str, mode: str, masked: list[float]) -> None:
-    """One ``pixels.files`` entry of the report, and a log line naming the file (never a header value)."""
-    entry: dict[str, object] = {"path": rel.as_posix(), "reason": reason}
+def _record_burned_in(result: Result, entry: dict[str, object], mode: str, masked: list[float]) -> None:
+    """One ``pixels.files`` entry of the report, and a log line naming the file by number (never a header value)."""
+    name = f"file {entry['file']} (source {entry['source']})"
     if mode == "clean":
         entry.update(action="masked", masked_fraction=round(max(masked, default=0.0), 4))
-        log.info("%s: possible burned-in text masked (--pixels clean)", rel.as_posix())
+        log.info("%s: possible burned-in text masked (--pixels clean)", name)
     else:
         entry["action"] = "kept as is (--pixels keep)"
-        log.warning("%s: possible burned-in text written unmasked (--pixels keep)", rel.as_posix())
+        log.warning("%s: possible burned-in text written unmasked (--pixels keep)", name)
     result.burned_in.append(entry)
 
 
@@ -213,17 +233,18 @@ def _file_items(path: Path, src: Path, dst: Path, args: argparse.Namespace, resu
         if is_nifti(path):
             return _nifti_items(path, rel, label, args)
         if path.suffix.lower() == ".dcm" or _has_dicom_magic(path):
-            return _dicom_items(path, rel, label, args, dst, result)
+            return _dicom_items(path, rel, label, args, dst, result, number)
     except ImageReadError as err:
-        result.errors.append({"path": rel.as_posix(), "reason": err.reason})
-        log.warning("file %d of %d could not be ingested (see ingest_report.json)", number, total)
+        result.errors.append(_entry(number, rel, args.salt, err.reason))
+        log.warning("file %d of %d (source %s) could not be ingested (see ingest_report.json)", number, total,
+                    source_key(args.salt, rel))
         return None
     except Quarantined as q:
-        result.quarantined.append({"path": rel.as_posix(), "reason": q.reason})
-        log.warning("quarantined %s: %s; not written (--pixels clean masks text regions, --pixels keep writes it)",
-                    rel.as_posix(), q.reason)
+        result.quarantined.append(_entry(number, rel, args.salt, q.reason))
+        log.warning("quarantined file %d of %d (source %s): %s; not written (--pixels clean masks text regions, "
+                    "--pixels keep writes it)", number, total, source_key(args.salt, rel), q.reason)
         return None
-    result.skipped.append({"path": rel.as_posix(), "reason": "not a DICOM or NIfTI file"})
+    result.skipped.append(_entry(number, rel, args.salt, "not a DICOM or NIfTI file"))
     return None
 
 
@@ -287,7 +308,7 @@ def write_report(dst: Path, files_seen: int, result: Result, fmt: str, pixels: s
 def ingest(args: argparse.Namespace) -> Result:
     """Ingest every file under ``args.src`` into ``args.dst`` (see the module docstring)."""
     src, dst = Path(args.src), Path(args.dst)
-    files = sorted(p for p in src.rglob("*") if p.is_file())
+    files = source_files(src)
     dst.mkdir(parents=True, exist_ok=True)
     result = Result()
     rows: list[dict[str, str]] = []
@@ -315,7 +336,7 @@ def ingest(args: argparse.Namespace) -> Result:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m datatools.ingest_dicom", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="folder of DICOM / NIfTI files (class sub-folders with --label-from folder)")
-    parser.add_argument("dst", help="output folder")
+    parser.add_argument("dst", nargs="?", help="output folder")
     parser.add_argument("--format", choices=("png", "npz"), default="png")
     parser.add_argument("--window", nargs=2, type=float, metavar=("C", "W"), default=None,
                         help="DICOM window center/width (default: the file's own, else min-max)")
@@ -330,8 +351,16 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="files that may carry burned-in text: not written (quarantine, the default), written "
                              "with text regions masked (clean) or written as they are (keep)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--locate", type=int, nargs="+", metavar="N",
+                        help="print the paths under SRC of the report's file numbers N (nothing is ingested)")
     args = parser.parse_args(argv)
     args.salt = args.salt or os.environ.get(SALT_ENV)
+    if not Path(args.src).is_dir():
+        parser.error("SRC is not a folder")
+    if args.locate:
+        return args
+    if args.dst is None:
+        parser.error("DST is required (or --locate N to see which source files a report names)")
     if not args.salt:
         parser.error(f"a salt is required: --salt or ${SALT_ENV}")
     if args.window is not None:
@@ -341,8 +370,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         if val < 0 or test < 0 or val + test >= 1:
             parser.error("--patient-split fractions must be >= 0 and sum to < 1")
         args.patient_split = (val, test)
-    if not Path(args.src).is_dir():
-        parser.error("SRC is not a folder")
     return args
 
 
@@ -366,8 +393,24 @@ def ingest_logging(dst: Path) -> Iterator[None]:
             h.close()
 
 
+def locate(src: Path, numbers: list[int], salt: str | None) -> int:
+    """Print the path under ``src`` of each report file number (and, with the salt, the digest to check it against
+    the report's ``source``): on the operator's terminal only, never into DST."""
+    files = source_files(src)
+    missing = [n for n in numbers if not 1 <= n <= len(files)]
+    for n in numbers:
+        if n not in missing:
+            rel = files[n - 1].relative_to(src)
+            print(f"{n}\t{rel.as_posix()}" + (f"\t{source_key(salt, rel)}" if salt else ""))
+    if missing:
+        print(f"no file numbered {', '.join(map(str, missing))}: {src} now holds {len(files)} files", file=sys.stderr)
+    return 2 if missing else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    if args.locate:
+        return locate(Path(args.src), args.locate, args.salt)
     dst = Path(args.dst)
     with ingest_logging(dst):
         result = ingest(args)

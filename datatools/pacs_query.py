@@ -102,7 +102,7 @@ def pull_one(client: Any, uids: tuple[str, str, str], key: str, args: argparse.N
     try:
         ds = retrieve_instance(client, *uids)
     except PacsError as exc:
-        return {"rows": [], "errors": [{"path": f"{key}.dcm", "reason": str(exc)}]}
+        return {"rows": [], "errors": [{"file": number, "source": key, "reason": str(exc)}]}
     with as_file(ds) as path:
         renamed = path.with_name(f"{key}.dcm")  # the report names the instance by its salted digest only
         path.rename(renamed)

@@ -34,6 +34,12 @@ def _ingest(src: Path, dst: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+def path_of(src: Path, entry: dict) -> str:
+    from datatools.ingest_dicom import source_files
+
+    return source_files(src)[entry["file"] - 1].relative_to(src).as_posix()
+
+
 def _manifest(dst: Path) -> list[dict[str, str]]:
     with (dst / "manifest.csv").open(newline="") as fh:
         return list(csv.DictReader(fh))
@@ -242,17 +248,18 @@ def test_burned_in_text_modes(burned_tree: Path, tmp_path: Path, mode: str) -> N
     states = sorted(r["pixels"] for r, _ in images.values())
     assert report["pixels"]["mode"] == mode
     if mode == "quarantine":
-        assert {q["path"] for q in report["quarantined"]} == FLAGGED
-        reasons = {q["path"]: q["reason"] for q in report["quarantined"]}
+        reasons = {path_of(burned_tree, q): q["reason"] for q in report["quarantined"]}
+        assert set(reasons) == FLAGGED
         assert reasons["us/us_yes.dcm"] == "BurnedInAnnotation is YES"
         assert "modality US" in reasons["us/us_absent.dcm"] and "secondary capture" in reasons["other/sc_as_ct.dcm"]
         assert states == ["as_is", "as_is"] and report["images_written"] == 2
         assert len(list((dst / "headers").glob("*.json"))) == 2  # nothing at all is written from a quarantined file
-        for path in FLAGGED:
-            assert f"quarantined {path}" in proc.stderr and f"quarantined {path}" in log
+        for q in report["quarantined"]:
+            line = f"quarantined file {q['file']} of 5 (source {q['source']}): {q['reason']}"
+            assert line in proc.stderr and line in log
         return
     assert report["quarantined"] == [] and report["images_written"] == 5
-    files = {f["path"]: f for f in report["pixels"]["files"]}
+    files = {path_of(burned_tree, f): f for f in report["pixels"]["files"]}
     assert set(files) == FLAGGED
     expected = "masked" if mode == "clean" else "kept"
     assert states == sorted(["as_is", "as_is", expected, expected, expected])
