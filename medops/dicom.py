@@ -120,6 +120,8 @@ def read_dicom(
     name = os.fspath(path)
     if not os.path.isfile(name):
         raise ImageReadError(name, "file not found" if not os.path.exists(name) else "not a regular file")
+    if os.path.getsize(name) == 0:  # else pydicom reads an empty dataset: "no pixel data" would mislead
+        raise ImageReadError(name, "empty file (0 bytes)")
     try:
         with quiet_pydicom():  # pydicom's warnings and log records can quote header values
             return _read(name, window, frame)

@@ -30,7 +30,9 @@ metadata and inference never need it. ``--start-server`` locks its private serve
 
 Exit codes: 0 success; 1 an input failed (predict, batch), a model-control request was refused, or the server
 could not start (start), a promotion was refused by its gate (promote); 2 the server is down or the model is
-missing (predict, batch), a rollout command failed, and usage errors; 3 drift detected (drift --fail-on-drift).
+missing (predict, batch), the server stopped answering mid-run (batch: the rows written are kept), the CSV to resume
+holds another model's, version's or input's rows (batch: nothing changed), a rollout command failed, and usage
+errors; 3 drift detected (drift --fail-on-drift).
 
 Torch-free: nothing here (or in what it imports) needs torch or Lightning.
 """
@@ -388,7 +390,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from medops.run_record import RunRecordError, latest_run
     from serve.batch import compare_with_run, run_batch
     from serve.contract import ServeError
-    from serve.inputs import iter_inputs
+    from serve.inputs import iter_inputs, skipped_text
 
     if args.dicomweb or args.input is None:
         return cmd_dicomweb(args)
@@ -403,9 +405,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
                     return EXIT_INPUT
                 if info:
                     err.print(f"input: {escape(_describe(info))}", soft_wrap=True)
+                if info.get("skipped"):
+                    err.print(f"[yellow]warning[/yellow]: skipped {escape(skipped_text(info['skipped']))}",
+                              soft_wrap=True)
                 summary = run_batch(items, backend, args.out, workers=args.workers, in_flight=args.in_flight,
                                     batch_size=args.batch_size, resume=not args.no_resume,
-                                    progress=sys.stderr.isatty())
+                                    progress=sys.stderr.isatty(), source=_source(info))
                 _rollout_report(backend, Path(f"{args.out}.rollout.json"))
             finally:
                 backend.close()
@@ -426,6 +431,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
         err.print(f"[yellow]{errors} input(s) failed; see the error column of {escape(str(args.out))}[/yellow]")
         return EXIT_INPUT
     return EXIT_OK
+
+
+def _source(info: dict[str, Any]) -> str:
+    """The input a batch row came from, as the CSV's ``source`` records it: the absolute path, and the split."""
+    split = f" split {info['split']}" if info.get("split") else ""
+    return f"{Path(info['source']).resolve()}{split}"
 
 
 # -- predict / batch from a PACS (DICOMweb) ---------------------------------------------------------------------

@@ -2,8 +2,16 @@
 
 Reading and preprocessing run in a thread pool while up to ``in_flight`` requests of ``batch_size`` images are
 in flight, so Triton's dynamic batcher sees a steady stream. Rows are appended and flushed as requests complete;
-a rerun on the same CSV skips the inputs already predicted. One unreadable image or one failed request costs
-only its rows (written with the error), never the run.
+a rerun on the same CSV skips the inputs already predicted, provided they were made by the same model version from
+the same input source (else it refuses and changes nothing). One unreadable image or one failed request costs only its
+rows (written with the error), never the run; a server that stops answering (``DOWN_AFTER`` requests in a row
+cannot connect) ends the run with :class:`serve.contract.ServerUnreachable`, the rows written so far kept.
+
+The ``predicted`` column is the version's decision (:func:`serve.predict.serving_rule`): at its operating point when
+it has one (binary: P(positive class) >= threshold; multi-label: each label at or above its threshold), else the
+arg-max class; ``decision_rule`` says which, ``argmax`` keeps the arg-max class, and ``abnormal`` the abnormal call
+of a multi-class model with a declared abnormal set. The summary's accuracy, sensitivity and specificity are taken
+at that decision.
 
 Privacy: rows and messages carry the input path and :mod:`medops`'s error reason only (medops never puts DICOM
 header values in a reason); the only header value read is the DICOM Modality, a defined term (CT, US...), for
@@ -42,16 +50,18 @@ from rich.table import Table
 from rich.text import Text
 
 import medops
+from medops.decision import DecisionRule
 from medops.dicom import modality_warning
 from medops.metrics import auroc_or_none as auroc
 from medops.model_version import OUTPUT_NAME
 from medops.run_record import RunRecordError, read_record
 from serve.client import TritonBackend
-from serve.contract import Backend, ModelInfo, ServeError, infer_outputs
+from serve.contract import Backend, ModelInfo, ServeError, ServerUnreachable, infer_outputs
 from serve.inputs import InputItem, load_item, parse_label
-from serve.predict import label_thresholds, ood_fields
+from serve.predict import ood_fields, rule_text, serving_rule
 
 __all__ = [
+    "DOWN_AFTER",
     "BatchSummary",
     "auroc",
     "compare_with_run",
@@ -62,11 +72,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+DOWN_AFTER = 3  # requests in a row that cannot reach the server: it is down, the run stops
+
 
 def csv_columns(class_names: Sequence[str]) -> list[str]:
-    """The predictions CSV header for a model with these classes."""
-    return ["key", "path", "label", "predicted", "predicted_index", *[f"prob_{c}" for c in class_names],
-            "model", "version", "ood_score", "ood_flag", "warning", "error"]
+    """The predictions CSV header for a model with these classes: ``predicted`` (the decision; ``predicted_index``
+    its class index, empty for multi-label), ``decision_rule``, ``argmax``, ``abnormal`` (1/0 for a multi-class model
+    with a declared abnormal set, else empty), one ``prob_<class>`` per class, ``model``, ``version``, ``source``
+    (the input the row came from), the out-of-distribution columns, ``warning`` and ``error``."""
+    return ["key", "path", "label", "predicted", "predicted_index", "decision_rule", "argmax", "abnormal",
+            *[f"prob_{c}" for c in class_names], "model", "version", "source", "ood_score", "ood_flag", "warning",
+            "error"]
 
 
 @dataclass
@@ -76,8 +92,12 @@ class BatchSummary:
     ``done_now`` counts inputs processed by this run (predicted or failed), ``skipped`` those already in the CSV,
     ``errors`` this run's failed inputs. ``latency_ms`` holds p50/p95/p99 of the per-request time around
     ``backend.infer`` (None without a successful request). ``labelled``/``accuracy``/``auroc`` cover all predicted
-    rows of the CSV with a label, resumed ones included; AUROC is that of P(class 1) for two classes, else the
-    macro one-vs-rest mean over classes present; None when fewer than two classes are present.
+    rows of the CSV with a label, resumed ones included. ``accuracy`` is that of the decision (``decision``: the
+    rule in words; ``threshold``: the operating point of a binary decision, else None), ``sensitivity`` and
+    ``specificity`` those of the call ``call`` (e.g. ``P(malignant) >= 0.2016``) for ``positive`` (the positive
+    class, or ``abnormal``; both empty for a plain arg-max decision), ``accuracy_argmax`` that of the arg-max
+    class. AUROC (threshold-free) is that of P(class 1) for two classes, else the macro one-vs-rest mean over classes
+    present; None when fewer than two classes are present.
     """
 
     total: int
@@ -97,6 +117,13 @@ class BatchSummary:
     version: str = ""
     ood_flagged: int = 0
     warnings: int = 0
+    decision: str = "arg-max class (no operating point)"
+    threshold: float | None = None
+    positive: str = ""
+    call: str = ""
+    sensitivity: float | None = None
+    specificity: float | None = None
+    accuracy_argmax: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,15 +145,27 @@ class BatchSummary:
             ("requests", str(self.requests)),
             ("latency p50 / p95 / p99", latency),
             ("rows in CSV", str(self.rows)),
+            ("decision (CSV column predicted)", self.decision),
             ("labelled rows", str(self.labelled)),
-            ("accuracy", _fmt(self.accuracy)),
-            ("AUROC", _fmt(self.auroc)),
+            *self.metric_rows(),
             ("out-of-distribution (ood_flag)", str(self.ood_flagged)),
             ("rows with a warning", str(self.warnings)),
             ("predictions", self.out_csv),
         ):
             table.add_row(name, value)
         return table
+
+
+    def metric_rows(self) -> list[tuple[str, str]]:
+        """(name, value) of the labelled metrics, each name saying the decision it is taken at."""
+        accuracy = f"accuracy at {self.decision}" if self.threshold is not None else "accuracy (arg-max class)"
+        rows = [(accuracy, _fmt(self.accuracy))]
+        if self.positive:
+            rows += [(f"sensitivity for {self.positive} at {self.call}", _fmt(self.sensitivity)),
+                     (f"specificity for {self.positive} at {self.call}", _fmt(self.specificity))]
+        if self.threshold is not None:
+            rows.append(("accuracy (arg-max class)", _fmt(self.accuracy_argmax)))
+        return [*rows, ("AUROC (threshold-free)", _fmt(self.auroc))]
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -182,10 +221,11 @@ class _Senders:
 class _Writer:
     """Appends prediction rows to the CSV and flushes them."""
 
-    def __init__(self, path: Path, columns: list[str], info: ModelInfo) -> None:
-        self.info = info
+    def __init__(self, path: Path, columns: list[str], info: ModelInfo, source: str = "") -> None:
+        self.info, self.source = info, source
         self.width = len(info.class_names)
-        self.thresholds = label_thresholds(info)  # multi-label: each label's threshold; None otherwise
+        self.rule = serving_rule(info)
+        self.rule_text = rule_text(self.rule, info.class_names)
         new = not path.exists() or path.stat().st_size == 0
         self.fh = path.open("a", newline="", encoding="utf-8")
         self.writer = csv.writer(self.fh)
@@ -199,19 +239,20 @@ class _Writer:
         return self.info.class_names[label] if 0 <= label < self.width else str(label)
 
     def prediction(self, item: InputItem, probs: np.ndarray, ood: dict[str, Any]) -> None:
-        index = int(np.argmax(probs))
         warnings = [w for w in (modality_warning(item.path, self.info.modalities) if item.path else None,) if w]
         if ood.get("ood_flag"):
             warnings.append("out of distribution (ood_score above the validation threshold)")
-        predicted = self.info.class_names[index] if self.thresholds is None else label_set(probs, self.thresholds)
-        self.writer.writerow([item.key, item.path or "", self.label_text(item.label), predicted,
-                              index, *(format(float(p), ".9g") for p in probs), self.info.name, self.info.version,
-                              ood.get("ood_score", ""), {True: "1", False: "0"}.get(ood.get("ood_flag"), ""),
-                              "; ".join(warnings), ""])
+        predicted, index, abnormal = decide(self.rule, probs, self.info.class_names)
+        self.writer.writerow([item.key, item.path or "", self.label_text(item.label), predicted, index,
+                              self.rule_text, self.info.class_names[int(np.argmax(probs))], abnormal,
+                              *(format(float(p), ".9g") for p in probs), self.info.name, self.info.version,
+                              self.source, ood.get("ood_score", ""),
+                              {True: "1", False: "0"}.get(ood.get("ood_flag"), ""), "; ".join(warnings), ""])
 
     def error(self, item: InputItem, message: str) -> None:
-        self.writer.writerow([item.key, item.path or "", self.label_text(item.label), "", "", *[""] * self.width,
-                              self.info.name, self.info.version, "", "", "", " ".join(message.split())])
+        self.writer.writerow([item.key, item.path or "", self.label_text(item.label), "", "", self.rule_text, "", "",
+                              *[""] * self.width, self.info.name, self.info.version, self.source, "", "", "",
+                              " ".join(message.split())])
 
     def flush(self) -> None:
         self.fh.flush()
@@ -223,10 +264,19 @@ class _Writer:
 NO_LABEL = "(none)"  # multi-label: no label at or above its threshold
 
 
-def label_set(probs: np.ndarray, thresholds: dict[str, float]) -> str:
-    """A multi-label prediction for the CSV: the labels at or above their thresholds joined by ``+``, or ``(none)``."""
-    present = [name for (name, t), p in zip(thresholds.items(), probs, strict=True) if p >= t]
-    return "+".join(present) or NO_LABEL
+def decide(rule: DecisionRule, probs: np.ndarray, class_names: Sequence[str]) -> tuple[str, str, str]:
+    """One image's ``predicted``, ``predicted_index`` and ``abnormal`` cells under ``rule``: the class at the
+    operating point (binary), the labels at or above their thresholds joined by ``+`` or ``(none)`` (multi-label;
+    no index), or the arg-max class (and ``1``/``0`` for the abnormal call when the rule has one)."""
+    if rule.kind == "labels":
+        present = [name for name, p, t in zip(class_names, probs, rule.label_thresholds, strict=True) if p >= t]
+        return "+".join(present) or NO_LABEL, "", ""
+    decided = rule.decide(np.asarray(probs)[None, :])[0]
+    if rule.kind == "threshold":
+        index = rule.positive_index if bool(decided[0]) else 1 - rule.positive_index
+        return class_names[index], str(index), ""
+    abnormal = ("1" if int(decided[1]) else "0") if len(decided) > 1 else ""
+    return class_names[int(decided[0])], str(int(decided[0])), abnormal
 
 
 def read_predictions(out_csv: str | Path, class_names: Sequence[str]) -> list[dict[str, str]]:
@@ -241,7 +291,8 @@ def read_predictions(out_csv: str | Path, class_names: Sequence[str]) -> list[di
             return []
         if header != columns:
             raise ServeError(f"{path}: existing predictions have columns {header}, but this model writes "
-                             f"{columns}; write to another file or turn resume off")
+                             f"{columns}; nothing was changed: pass --no-resume to start over, or write to another "
+                             "--out")
         rows: dict[str, dict[str, str]] = {}
         for record in reader:
             if len(record) != len(columns):
@@ -256,24 +307,28 @@ def read_predictions(out_csv: str | Path, class_names: Sequence[str]) -> list[di
 
 def _complete(row: dict[str, str], class_names: Sequence[str]) -> bool:
     try:
-        probs = [float(row[f"prob_{c}"]) for c in class_names]
-        index = int(row["predicted_index"])
+        [float(row[f"prob_{c}"]) for c in class_names]
     except ValueError:
         return False
-    if not (row["model"] and 0 <= index < len(probs)):
+    if not (row["model"] and row["argmax"] in class_names):
         return False
-    if row["predicted"] == class_names[index]:
-        return True
+    if row["predicted"] in class_names:
+        return row["predicted_index"] == str(list(class_names).index(row["predicted"]))
     return row["predicted"] == NO_LABEL or set(row["predicted"].split("+")) <= set(class_names)  # multi-label
 
 
-def _prepare_csv(path: Path, columns: list[str], class_names: Sequence[str], resume: bool) -> set[str]:
-    """Keys already predicted (resume) after rewriting the CSV with just those rows; else a fresh, empty CSV."""
+def _prepare_csv(path: Path, columns: list[str], info: ModelInfo, source: str, resume: bool) -> set[str]:
+    """Keys already predicted (resume) after rewriting the CSV with just those rows; else a fresh, empty CSV.
+
+    Raises ServeError, changing nothing, when the rows to resume were made by another model or version, or from
+    another input source."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not resume or not path.exists():
         path.unlink(missing_ok=True)
         return set()
-    kept = [row for row in read_predictions(path, class_names) if not row["error"]]
+    rows = read_predictions(path, info.class_names)
+    _check_same_origin(path, rows, info, source)
+    kept = [row for row in rows if not row["error"]]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
@@ -281,6 +336,19 @@ def _prepare_csv(path: Path, columns: list[str], class_names: Sequence[str], res
         writer.writerows(kept)
     os.replace(tmp, path)  # failed and cut-short rows are dropped and redone
     return {row["key"] for row in kept}
+
+
+def _check_same_origin(path: Path, rows: list[dict[str, str]], info: ModelInfo, source: str) -> None:
+    """Refuse to resume rows made by another model version or from another input (``source``)."""
+    wanted = (info.name, str(info.version), source)
+    other = next(((r["model"], r["version"], r["source"]) for r in rows
+                  if (r["model"], r["version"], r["source"]) != wanted), None)
+    if other is None:
+        return
+    raise ServeError(
+        f"{path} holds predictions of {other[0]} v{other[1]} from {other[2] or 'an unnamed input'}, but this run "
+        f"uses {info.name} v{info.version} on {source or 'an unnamed input'}; resuming would mix them, so nothing "
+        "was changed: pass --no-resume to start over, or write to another --out")
 
 
 def _check_arguments(items: Sequence[InputItem], workers: int, in_flight: int, batch_size: int) -> None:
@@ -310,13 +378,14 @@ def _latency_ms(latencies: list[float]) -> dict[str, float | None]:
 
 class _BatchRun:
     """One pass over the items still to predict: a read pool feeding up to ``in_flight`` requests, the CSV writer
-    and the progress bar; ``done``, ``errors`` and ``latencies`` count what it did."""
+    and the progress bar; ``done``, ``errors`` and ``latencies`` count what it did. ``DOWN_AFTER`` requests in a
+    row that cannot reach the server stop it with :class:`ServerUnreachable` (the rows written so far are kept)."""
 
     def __init__(self, backend: Backend, info: ModelInfo, out: Path, columns: list[str], total: int, *,
-                 workers: int, in_flight: int, batch_size: int, progress: bool) -> None:
-        self.info = info
+                 workers: int, in_flight: int, batch_size: int, progress: bool, source: str = "") -> None:
+        self.info, self.out = info, out
         self.workers, self.in_flight, self.batch_size = workers, in_flight, batch_size
-        self.writer = _Writer(out, columns, self.info)
+        self.writer = _Writer(out, columns, self.info, source)
         self.senders = _Senders(backend)
         self.loader = ThreadPoolExecutor(workers, thread_name_prefix="medops-read")
         self.sender = ThreadPoolExecutor(in_flight, thread_name_prefix="medops-infer")
@@ -325,6 +394,7 @@ class _BatchRun:
         self.latencies: list[float] = []
         self.done = 0
         self.errors = 0
+        self.unreachable = 0  # requests in a row that could not reach the server
         self.inflight: dict[Future, list[InputItem]] = {}
 
     def run(self, todo: list[InputItem]) -> None:
@@ -399,10 +469,21 @@ class _BatchRun:
         """The rows of one finished request: predictions, or an error row per image."""
         try:
             outputs, seconds = fut.result()
+        except ServerUnreachable as exc:
+            self.unreachable += 1
+            if self.unreachable >= DOWN_AFTER:
+                raise ServerUnreachable(
+                    f"the server stopped answering: {self.unreachable} requests in a row could not reach it (last: "
+                    f"{exc}); the {self.done - self.errors} prediction(s) of this run written so far are kept in "
+                    f"{self.out}: rerun the same command to resume once the server is back") from exc
+            for item in group:
+                self._failed(item, str(exc))
+            return
         except ServeError as exc:
             for item in group:
                 self._failed(item, str(exc))
             return
+        self.unreachable = 0
         probs = np.asarray(outputs[OUTPUT_NAME])
         if probs.shape != (len(group), len(self.info.class_names)):
             for item in group:
@@ -424,21 +505,27 @@ class _BatchRun:
 
 
 def run_batch(items: Sequence[InputItem], backend: Backend, out_csv: str | Path, *, workers: int = 2,
-              in_flight: int = 4, batch_size: int = 16, resume: bool = True, progress: bool = True) -> BatchSummary:
+              in_flight: int = 4, batch_size: int = 16, resume: bool = True, progress: bool = True,
+              source: str = "") -> BatchSummary:
     """Predict every item with ``backend`` into ``out_csv``, one row per input; see the module docstring.
 
     ``workers`` threads read and preprocess; up to ``in_flight`` requests of ``batch_size`` images run at once.
-    With ``resume`` and an existing ``out_csv``, items whose key already has a prediction there are skipped and
-    rows of previously failed items are redone; without it the CSV is started afresh.
+    ``source`` names the input (written to each row). With ``resume`` and an existing ``out_csv``, items whose key
+    already has a prediction there are skipped and rows of previously failed items are redone; without it the CSV
+    is started afresh.
+
+    Raises:
+        ServeError: the rows to resume came from another model, version or source (nothing changed).
+        ServerUnreachable: the server stopped answering mid-run (the rows written so far are kept).
     """
     _check_arguments(items, workers, in_flight, batch_size)
     info = backend.info
     out = Path(out_csv)
     columns = csv_columns(info.class_names)
-    done_keys = _prepare_csv(out, columns, info.class_names, resume)
+    done_keys = _prepare_csv(out, columns, info, source, resume)
     todo = [item for item in items if item.key not in done_keys]
     run = _BatchRun(backend, info, out, columns, len(todo), workers=workers, in_flight=in_flight,
-                    batch_size=batch_size, progress=progress)
+                    batch_size=batch_size, progress=progress, source=source)
     started = time.perf_counter()
     run.run(todo)
     seconds = time.perf_counter() - started
@@ -449,18 +536,33 @@ def _summarise(run: _BatchRun, out: Path, *, total: int, skipped: int, seconds: 
     """The summary of a finished run, with metrics over every row now in the CSV."""
     info = run.info
     rows = read_predictions(out, info.class_names)
-    labelled, accuracy, auc = _metrics(rows, info.class_names)
+    rule = run.writer.rule
     return BatchSummary(
         total=total, done_now=run.done, skipped=skipped, errors=run.errors, seconds=seconds,
         images_per_s=run.done / seconds if seconds > 0 else 0.0, latency_ms=_latency_ms(run.latencies),
-        accuracy=accuracy, auroc=auc, labelled=labelled, rows=len(rows), requests=len(run.latencies),
-        out_csv=str(out), model=info.name, version=info.version,
+        rows=len(rows), requests=len(run.latencies), out_csv=str(out), model=info.name, version=info.version,
         ood_flagged=sum(row["ood_flag"] == "1" for row in rows), warnings=sum(bool(row["warning"]) for row in rows),
+        decision=run.writer.rule_text, threshold=rule.threshold if rule.kind == "threshold" else None,
+        **_call(rule, info.class_names), **_metrics(rows, info.class_names, rule),
     )
 
 
-def _metrics(rows: list[dict[str, str]], class_names: Sequence[str]) -> tuple[int, float | None, float | None]:
-    labels, probs = [], []
+def _call(rule: DecisionRule, class_names: Sequence[str]) -> dict[str, str]:
+    """``positive`` and ``call`` of a binary operating point (the positive class) or an abnormal call (``abnormal``);
+    nothing for a plain arg-max decision or multi-label."""
+    if rule.kind == "threshold":
+        return {"positive": str(rule.positive_class), "call": f"P({rule.positive_class}) >= {rule.threshold:.4f}"}
+    if rule.kind == "argmax" and rule.abnormal_indices and rule.abnormal_threshold is not None:
+        names = " + ".join(class_names[i] for i in rule.abnormal_indices)
+        return {"positive": "abnormal", "call": f"P({names}) >= {rule.abnormal_threshold:.4f}"}
+    return {}
+
+
+def _metrics(rows: list[dict[str, str]], class_names: Sequence[str], rule: DecisionRule) -> dict[str, Any]:
+    """``labelled``, ``accuracy`` of the ``predicted`` decision, ``accuracy_argmax``, ``auroc`` and, for a binary
+    operating point or an abnormal call, ``sensitivity`` and ``specificity`` over the predicted rows with a
+    single-class label."""
+    labelled = []
     for row in rows:
         if row["error"] or not row["label"]:
             continue
@@ -468,20 +570,33 @@ def _metrics(rows: list[dict[str, str]], class_names: Sequence[str]) -> tuple[in
             label = parse_label(row["label"], class_names)
         except ServeError:
             continue
-        if label is None:
-            continue
-        labels.append(label)
-        probs.append([float(row[f"prob_{c}"]) for c in class_names])
-    if not labels:
-        return 0, None, None
-    y = np.array(labels, dtype=np.int64)
-    p = np.array(probs, dtype=np.float64)
-    accuracy = float(np.mean(np.argmax(p, axis=1) == y))
-    return len(labels), accuracy, auroc(y, p)
+        if label is not None:
+            labelled.append((label, row))
+    if not labelled:
+        return {}
+    y = np.array([label for label, _ in labelled], dtype=np.int64)
+    p = np.array([[float(row[f"prob_{c}"]) for c in class_names] for _, row in labelled], dtype=np.float64)
+    decided = np.array([row["predicted_index"] == str(label) for label, row in labelled])
+    out: dict[str, Any] = {"labelled": len(labelled), "accuracy": float(decided.mean()),
+                           "accuracy_argmax": float(np.mean(p.argmax(1) == y)), "auroc": auroc(y, p)}
+    if rule.kind == "threshold":
+        truth = y == rule.positive_index
+        called = np.array([row["predicted"] == rule.positive_class for _, row in labelled])
+    elif rule.abnormal_indices and rule.abnormal_threshold is not None:
+        truth = np.isin(y, rule.abnormal_indices)
+        called = np.array([row["abnormal"] == "1" for _, row in labelled])
+    else:
+        return out
+    out["sensitivity"] = float(called[truth].mean()) if truth.any() else None
+    out["specificity"] = float((~called[~truth]).mean()) if (~truth).any() else None
+    return out
 
 
 def compare_with_run(summary: BatchSummary, run_json: str | Path) -> Table:
-    """The batch's accuracy and AUROC next to the training run's ``test`` metrics (``run.json`` or its folder)."""
+    """The batch's metrics next to the training run's ``test`` metrics (``run.json`` or its folder), like with like:
+    each row says the decision both sides use. The arg-max accuracy is compared with the run's accuracy (taken at
+    the arg-max); a binary version's operating-point figures with the run's test figures at its own operating point,
+    when that is the same threshold; AUROC is threshold-free."""
     try:
         record = read_record(run_json)
     except RunRecordError as exc:
@@ -494,16 +609,43 @@ def compare_with_run(summary: BatchSummary, run_json: str | Path) -> Table:
     table.add_column("batch", justify="right")
     table.add_column("training test", justify="right")
     table.add_column("difference", justify="right")
-    for name, mine, theirs in (("accuracy", summary.accuracy, test.get("acc")),
-                               ("AUROC", summary.auroc, test.get("auroc"))):
+    notes = [f"run record: {path}"]
+    rows = _operating_point_rows(summary, record.raw.get("threshold") or {}, notes)
+    argmax = summary.accuracy_argmax if summary.threshold is not None else summary.accuracy
+    rows += [("accuracy (arg-max class)", argmax, test.get("acc")),
+             ("AUROC (threshold-free)", summary.auroc, test.get("auroc"))]
+    for name, mine, theirs in rows:
         theirs = float(theirs) if isinstance(theirs, (int, float)) else None
         diff = f"{mine - theirs:+.4f}" if mine is not None and theirs is not None else "n/a"
         table.add_row(name, _fmt(mine), _fmt(theirs), diff)
     table.add_row("labelled images", str(summary.labelled), "n/a" if n_test is None else str(n_test), "")
-    notes = [f"run record: {path}"]
     if not test:
         notes.append("the run has no test metrics")
     if summary.labelled == 0:
         notes.append("no labelled predictions in the batch")
     table.caption = "; ".join(notes)
     return table
+
+
+def _operating_point_rows(summary: BatchSummary, run_threshold: dict[str, Any],
+                          notes: list[str]) -> list[tuple[str, float | None, Any]]:
+    """The rows at a binary version's operating point: the run's test figures only where the run chose the same
+    threshold for the same class (else n/a, and a note says why)."""
+    if summary.threshold is None:
+        notes.append(f"decision of both: the arg-max class (the batch's predicted column: {summary.decision})")
+        return []
+    value, theirs = run_threshold.get("value"), run_threshold.get("test") or {}
+    same = (isinstance(value, (int, float)) and abs(float(value) - summary.threshold) <= 1e-6
+            and run_threshold.get("positive_class") in (None, summary.positive))
+    if same:
+        notes.append(f"operating-point rows: both at {summary.decision}")
+    elif isinstance(value, (int, float)):
+        notes.append(f"the run's operating point (P({run_threshold.get('positive_class')}) >= {float(value):.4f}) "
+                     f"is not the version's ({summary.decision}): no like-for-like figure")
+        theirs = {}
+    else:
+        notes.append("the run recorded no operating point")
+        theirs = {}
+    return [(f"accuracy at {summary.decision}", summary.accuracy, theirs.get("acc")),
+            (f"sensitivity for {summary.positive}", summary.sensitivity, theirs.get("sensitivity")),
+            (f"specificity for {summary.positive}", summary.specificity, theirs.get("specificity"))]

@@ -20,6 +20,7 @@ from serve.contract import (
     Backend,
     ModelInfo,
     ServeError,
+    ServerUnreachable,
     check_batch,
     chunks,
     joined,
@@ -45,7 +46,8 @@ def with_retries(call: Callable[[], T], what: str, retries: int, backoff: float)
             message = str(exc)
             retryable = _is_connection_error(exc, status, message)
             if not retryable or attempt == retries:
-                raise ServeError(f"{what} failed: {message or type(exc).__name__}") from exc
+                error = ServerUnreachable if retryable and _is_unreachable(exc, message) else ServeError
+                raise error(f"{what} failed: {message or type(exc).__name__}") from exc
             log.warning("%s failed (%s); retrying in %.1f s", what, message or type(exc).__name__, delay)
             time.sleep(delay)
             delay *= 2
@@ -56,6 +58,24 @@ def _is_connection_error(exc: Exception, status: str, message: str) -> bool:
     text = f"{type(exc).__name__} {status} {message}".lower()
     return any(s in text for s in ("unavailable", "connection", "refused", "timed out", "timeout", "reset by peer",
                                    "broken pipe", "deadline"))
+
+
+_UNREACHABLE = ("refused", "unreachable", "unavailable", "reset by peer", "broken pipe", "failed to connect",
+                "connection closed", "connection aborted", "remote end closed", "no route to host",
+                "name or service not known", "connection reset")
+
+
+def _is_unreachable(exc: BaseException, message: str) -> bool:
+    """The server is not there (refused, unreachable, reset, closed, gRPC UNAVAILABLE), as opposed to a slow answer
+    (a timeout) or a refusal of the request (4xx): an OSError connection error anywhere in the chain, or its words."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    status = str(getattr(exc, "status", lambda: "")() or "")
+    text = f"{type(exc).__name__} {status} {message}".lower()
+    return any(s in text for s in _UNREACHABLE)
 
 
 class TritonBackend:
@@ -134,7 +154,7 @@ class TritonBackend:
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout
         result = with_retries(lambda: self.client.infer(self.info.name, [inp], **kwargs),
-                              f"inference on {self.info.name}", self.retries, self.backoff)
+                              f"inference on {self.info.name} at Triton {self.url}", self.retries, self.backoff)
         return {name: result.as_numpy(name) for name in names}
 
     def infer_outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:

@@ -21,6 +21,11 @@ class ServeError(RuntimeError):
     """A clear, user-facing failure: server down, model missing, bad input."""
 
 
+class ServerUnreachable(ServeError):
+    """The server could not be reached (connection refused, host unreachable, connection reset, gRPC UNAVAILABLE),
+    after the retries: the server is down, not a problem of one input. The message names the URL."""
+
+
 @dataclass
 class ModelInfo:
     """What a client needs to know about a served model: its input contract and classes."""

@@ -8,6 +8,7 @@ Torch-free: numpy and :mod:`medops` only.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +43,9 @@ def iter_inputs(source: str | Path, *, split: str | None = "test",
     """List the inputs in ``source`` and describe them.
 
     * a folder: every file below it (recursive; suffixes in :data:`medops.SUPPORTED_SUFFIXES` or none; hidden
-      files and folders skipped), sorted. When every first-level sub-folder holding images is named after a class
-      in ``class_names``, the sub-folder gives the label.
+      files and folders skipped, other files counted by extension in ``info["skipped"]``), sorted. When every
+      first-level sub-folder holding images is named after a class in ``class_names``, the sub-folder gives the
+      label.
     * a ``.csv`` manifest with a ``path`` column and optional ``label`` and ``split`` columns; paths are relative
       to the CSV's folder; a label is a class name (of ``class_names``) or a class index. With a ``split`` column,
       only rows of ``split`` are kept (``split=None`` keeps all rows).
@@ -52,15 +54,17 @@ def iter_inputs(source: str | Path, *, split: str | None = "test",
       ``#`` comments skipped; no labels.
 
     Returns ``(items, info)`` with info keys ``kind`` (folder/csv/npz/list), ``source``, ``split`` (the split applied,
-    or None), ``count`` and ``labelled``. Raises ServeError naming the path when the input is missing, empty or
+    or None), ``count``, ``labelled`` and for a folder ``skipped`` (extension -> files that are not read, e.g.
+    ``{".nii.gz": 2}``). Raises ServeError naming the path when the input is missing, empty or
     malformed.
     """
     path = Path(source)
     names = list(class_names) if class_names is not None else None
     if not path.exists():
         raise ServeError(f"{path}: input not found")
+    skipped: dict[str, int] = {}
     if path.is_dir():
-        items, kind, applied = _folder_items(path, names), "folder", None
+        (items, skipped), kind, applied = _folder_items(path, names), "folder", None
     elif path.suffix.lower() == ".csv":
         items, applied = _csv_items(path, split, names)
         kind = "csv"
@@ -74,7 +78,25 @@ def iter_inputs(source: str | Path, *, split: str | None = "test",
                          "or a MedMNIST .npz")
     info = {"kind": kind, "source": str(path), "split": applied, "count": len(items),
             "labelled": sum(item.label is not None for item in items)}
+    if kind == "folder":
+        info["skipped"] = skipped
     return items, info
+
+
+def skipped_text(skipped: dict[str, int]) -> str:
+    """``3 file(s) of types predict cannot read: .nii.gz 2, .nii 1``, or empty when none were skipped."""
+    if not skipped:
+        return ""
+    counts = ", ".join(f"{ext} {n}" for ext, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"{sum(skipped.values())} file(s) of types predict cannot read: {counts}"
+
+
+def _extension(path: Path) -> str:
+    """The file type as a person names it: ``.nii.gz`` for a compressed file, else the last suffix, lower case."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in (".gz", ".bz2", ".xz", ".zip"):
+        return "".join(suffixes[-2:])
+    return suffixes[-1] if suffixes else "(no suffix)"
 
 
 def load_item(item: InputItem, info: ModelInfo) -> np.ndarray:
@@ -83,7 +105,7 @@ def load_item(item: InputItem, info: ModelInfo) -> np.ndarray:
     try:
         if item.array is not None:
             array = item.array[..., None] if item.array.ndim == 2 else item.array
-            return medops.preprocess(array, info.size, info.channels)
+            return medops.preprocess(medops.refuse_blank(where, array), info.size, info.channels)
         if item.path is None:
             raise medops.ImageReadError(where, "input has neither a file path nor an array")
         return medops.load_for_model(item.path, info.size, info.channels, window=info.window)
@@ -116,16 +138,22 @@ def _is_image_file(path: Path) -> bool:
     return path.is_file() and (path.suffix.lower() in medops.SUPPORTED_SUFFIXES or path.suffix == "")
 
 
-def _folder_items(root: Path, class_names: list[str] | None) -> list[InputItem]:
+def _folder_items(root: Path, class_names: list[str] | None) -> tuple[list[InputItem], dict[str, int]]:
+    """The image files below ``root`` as items, and the other (not hidden) files counted by extension."""
     files = []
+    skipped: Counter[str] = Counter()
     for f in sorted(root.rglob("*")):
         rel = f.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not _is_image_file(f):
+        if any(part.startswith(".") for part in rel.parts) or not f.is_file():
+            continue
+        if not _is_image_file(f):
+            skipped[_extension(f)] += 1
             continue
         files.append(rel)
     if not files:
+        other = f"; skipped {skipped_text(dict(skipped))}" if skipped else ""
         raise ServeError(f"{root}: no image files found (suffixes {', '.join(sorted(medops.SUPPORTED_SUFFIXES))} "
-                         "or none)")
+                         f"or none){other}")
     first_level = {rel.parts[0] for rel in files if len(rel.parts) > 1}
     by_folder = bool(class_names) and bool(first_level) and first_level <= set(class_names or [])
     items = []
@@ -134,7 +162,7 @@ def _folder_items(root: Path, class_names: list[str] | None) -> list[InputItem]:
         if by_folder and len(rel.parts) > 1:
             label = list(class_names or []).index(rel.parts[0])
         items.append(InputItem(key=str(root / rel), path=str(root / rel), label=label))
-    return items
+    return items, dict(skipped)
 
 
 def _csv_items(csv_path: Path, split: str | None, class_names: list[str] | None

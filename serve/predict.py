@@ -24,11 +24,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from medops import ImageReadError, load_for_model
+from medops.decision import DecisionRule
 from medops.dicom import modality_warning
 from medops.model_version import OOD_FLAG_OUTPUT, OOD_SCORE_OUTPUT, OUTPUT_NAME
 from serve.contract import Backend, ModelInfo, infer_outputs
 
 __all__ = [
+    "decision_text",
     "failed",
     "label_thresholds",
     "predict_files",
@@ -36,6 +38,8 @@ __all__ = [
     "render_errors",
     "render_json",
     "render_table",
+    "rule_text",
+    "serving_rule",
     "top_k_classes",
 ]
 
@@ -99,14 +103,47 @@ def label_decision(probs: np.ndarray, thresholds: dict[str, float]) -> dict[str,
     return {"labels": [r["label"] for r in rows if r["present"]], "per_label": rows}
 
 
+def serving_rule(info: ModelInfo) -> DecisionRule:
+    """The decision the served version makes (:mod:`medops.decision`): each label against its threshold
+    (multi-label), P(positive class) >= the operating point (binary with one), the arg-max class plus
+    P(abnormal) >= its threshold (multi-class with a declared abnormal set), else the arg-max class."""
+    thresholds = label_thresholds(info)
+    if thresholds is not None:
+        return DecisionRule("labels", label_thresholds=tuple(thresholds.values()))
+    names = list(info.class_names)
+    if info.extra.get("abnormal_classes") and len(names) > 2:
+        abnormal = [names.index(c) for c in info.extra["abnormal_classes"] if c in names]
+        return DecisionRule("argmax", abnormal_indices=tuple(abnormal),
+                            abnormal_threshold=float(info.extra["abnormal_threshold"]))
+    threshold = info.extra.get("threshold")
+    if threshold is not None and len(names) == 2:
+        positive = names.index(info.extra["positive_class"]) if info.extra.get("positive_class") in names else 1
+        return DecisionRule("threshold", threshold=float(threshold), positive_index=positive,
+                            positive_class=names[positive])
+    return DecisionRule("argmax")
+
+
+def rule_text(rule: DecisionRule, class_names: Sequence[str]) -> str:
+    """The rule in words for a person: ``P(malignant) >= 0.2016``, ``each label at or above its own threshold``,
+    ``arg-max class; abnormal when P(b + c) >= 0.3000`` or ``arg-max class (no operating point)``."""
+    if rule.kind == "threshold":
+        return f"P({rule.positive_class}) >= {rule.threshold:.4f}"
+    if rule.kind == "labels":
+        return "each label at or above its own threshold"
+    if rule.abnormal_indices and rule.abnormal_threshold is not None:
+        abnormal = " + ".join(_class_name(class_names, i) for i in rule.abnormal_indices)
+        return f"arg-max class; abnormal when P({abnormal}) >= {rule.abnormal_threshold:.4f}"
+    return "arg-max class (no operating point)"
+
+
 def predict_files(paths: Iterable[str | os.PathLike[str]], backend: Backend, top_k: int = 3) -> list[dict[str, Any]]:
     """Predict each file with one request per file; one result per path, in order.
 
     A result is ``{"path", "top": [{"class", "probability"}...], "probabilities", "model", "version",
-    "latency_ms"}`` (``latency_ms``: the inference round trip, reading excluded), plus ``decision`` at the
-    operating point, ``ood_score``/``ood_flag`` when the version computes them (:mod:`medops.ood`) and
-    ``warnings`` (e.g. a DICOM whose Modality the model was not trained on); or ``{"path", "error"}`` for a file
-    that cannot be read: the other files are still predicted.
+    "latency_ms", "decision"}`` (``latency_ms``: the inference round trip, reading excluded; ``decision``: what the
+    version decides, at its operating point when it has one, with the ``rule`` in words), ``ood_score``/``ood_flag``
+    when the version computes them (:mod:`medops.ood`) and ``warnings`` (e.g. a DICOM whose Modality the model was
+    not trained on); or ``{"path", "error"}`` for a file that cannot be read: the other files are still predicted.
 
     Raises:
         ServeError: the backend failed (server down, model unloaded): not a problem of one input.
@@ -141,8 +178,10 @@ def prediction_result(path: str, outputs: dict[str, np.ndarray], info: ModelInfo
     }
     thresholds = label_thresholds(info)
     decision = label_decision(probs, thresholds) if thresholds else operating_point_decision(probs, info)
-    if decision is not None:
-        result["decision"] = decision
+    if decision is None:  # no operating point: the arg-max class, said so by the rule
+        decision = {"class": _class_name(info.class_names, int(np.argmax(probs)))}
+    decision["rule"] = rule_text(serving_rule(info), info.class_names)
+    result["decision"] = decision
     result |= ood_fields(outputs, 0)
     warnings = [w for w in (modality_warning(path, info.modalities),) if w]
     if result.get("ood_flag"):
@@ -182,8 +221,8 @@ def abnormal_decision(probs: np.ndarray, info: ModelInfo) -> dict[str, Any]:
     abnormal = [c for c in info.extra["abnormal_classes"] if c in info.class_names]
     p_abnormal = float(sum(probs[info.class_names.index(c)] for c in abnormal))
     threshold = float(info.extra["abnormal_threshold"])
-    return {"abnormal": p_abnormal >= threshold, "p_abnormal": round(p_abnormal, 6), "threshold": threshold,
-            "abnormal_classes": abnormal}
+    return {"class": info.class_names[int(np.argmax(probs))], "abnormal": p_abnormal >= threshold,
+            "p_abnormal": round(p_abnormal, 6), "threshold": threshold, "abnormal_classes": abnormal}
 
 
 def failed(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -197,10 +236,14 @@ def render_json(results: Sequence[dict[str, Any]]) -> str:
 
 
 def render_table(results: Sequence[dict[str, Any]], info: ModelInfo, backend_label: str = "") -> Table:
-    """The predictions as a rich table, one row per file and rank (files that could not be read are left out)."""
+    """The predictions as a rich table: per file its decision (in bold, at the version's operating point when it has
+    one; the caption states the rule) and one row per class with its probability (files that could not be read
+    are left out)."""
     where = f" via {backend_label}" if backend_label else ""
-    table = Table(title=f"{info.name} v{info.version}{where}", title_justify="left")
+    table = Table(title=f"{info.name} v{info.version}{where}", title_justify="left",
+                  caption=_rule_caption(info), caption_justify="left")
     table.add_column("file", overflow="fold")
+    table.add_column("decision")
     table.add_column("#", justify="right")
     table.add_column("class")
     table.add_column("probability", justify="right")
@@ -213,26 +256,56 @@ def render_table(results: Sequence[dict[str, Any]], info: ModelInfo, backend_lab
         table.add_column("threshold", justify="right")
         table.add_column("present")
     for result in results:
-        if "error" in result:  # reported on its own line by render_errors
-            continue
-        top = _table_entries(result)
-        for rank, entry in enumerate(top, start=1):
-            first = rank == 1
-            bold = entry.get("present", first)
-            cells = [
-                escape(result["path"]) if first else "",
-                str(rank),
-                f"[bold]{escape(entry['class'])}[/bold]" if bold else escape(entry["class"]),
-                f"{entry['probability']:.4f}",
-                f"{result['latency_ms']:.1f}" if first else "",
-            ]
-            if has_ood:
-                cells.append(ood_cell(result) if first else "")
-            if multilabel:
-                cells += [f"{entry['threshold']:.4f}" if "threshold" in entry else "",
-                          ("yes" if entry["present"] else "no") if "present" in entry else ""]
-            table.add_row(*cells, end_section=rank == len(top))
+        if "error" not in result:  # errors are reported on their own lines by render_errors
+            _add_file_rows(table, result, has_ood, multilabel)
     return table
+
+
+def _rule_caption(info: ModelInfo) -> str:
+    """What the decision column means: the rule, and where it comes from."""
+    rule = serving_rule(info)
+    text = rule_text(rule, info.class_names)
+    if rule.kind == "threshold":
+        return f"decision at {text} (the version's operating point, chosen on validation); class rows: probabilities"
+    if rule.kind == "labels":
+        return "decision: the labels at or above their own thresholds (chosen on validation)"
+    if rule.abnormal_indices:
+        return f"decision: {text} (the version's operating point); class rows: probabilities"
+    return (f"decision: the arg-max class ({info.name} v{info.version} has no operating point); "
+            "class rows: probabilities")
+
+
+def _add_file_rows(table: Table, result: dict[str, Any], has_ood: bool, multilabel: bool) -> None:
+    """One file: the decision on its first row, then its classes (or labels) by probability."""
+    top = _table_entries(result)
+    for rank, entry in enumerate(top, start=1):
+        first = rank == 1
+        cells = [
+            escape(result["path"]) if first else "",
+            f"[bold]{escape(decision_text(result))}[/bold]" if first else "",
+            str(rank),
+            f"[bold]{escape(entry['class'])}[/bold]" if entry.get("present") else escape(entry["class"]),
+            f"{entry['probability']:.4f}",
+            f"{result['latency_ms']:.1f}" if first else "",
+        ]
+        if has_ood:
+            cells.append(ood_cell(result) if first else "")
+        if multilabel:
+            cells += [f"{entry['threshold']:.4f}" if "threshold" in entry else "",
+                      ("yes" if entry["present"] else "no") if "present" in entry else ""]
+        table.add_row(*cells, end_section=rank == len(top))
+
+
+def decision_text(result: dict[str, Any]) -> str:
+    """A result's decision in a few words: the class, the labels present (``+``-joined, ``(none)``), or the class
+    and the abnormal call; the top class for a result without a decision."""
+    decision = result.get("decision") or {}
+    if "labels" in decision:
+        return "+".join(decision["labels"]) or "(none)"
+    name = decision.get("class") or (result.get("top") or [{}])[0].get("class", "")
+    if "abnormal" in decision:
+        return f"{name}, {'abnormal' if decision['abnormal'] else 'not abnormal'}"
+    return str(name)
 
 
 def _table_entries(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -234,6 +234,14 @@ def test_missing_pixel_data(tmp_path: Path) -> None:
     assert err.value.path == str(path)
 
 
+def test_empty_file_is_reported_as_empty(tmp_path: Path) -> None:
+    path = tmp_path / "empty.dcm"
+    path.write_bytes(b"")
+    with pytest.raises(ImageReadError) as err:
+        read_image(path)
+    assert err.value.reason == "empty file (0 bytes)" and err.value.path == str(path)
+
+
 def test_corrupt_compressed_pixel_data_is_reported_as_corrupt_not_as_a_missing_decoder(tmp_path: Path) -> None:
     ds = pydicom.dcmread(CT)
     ds.file_meta.TransferSyntaxUID = JPEGLSLossless

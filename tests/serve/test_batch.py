@@ -7,6 +7,9 @@ import io
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -28,6 +31,18 @@ DATA = REPO / "tests" / "data"
 CLASSES = ["benign", "malignant"]
 
 
+def operating_point(repository: Path, model: str = "breast") -> tuple[float, str]:
+    """The threshold and positive class export recorded for version 1 (read independently of serve)."""
+    op = json.loads((repository / model / "1" / "metadata.json").read_text())["operating_point"]
+    return float(op["threshold"]), str(op["positive_class"])
+
+
+def decided(probs: np.ndarray, classes: list[str], threshold: float, positive: str) -> str:
+    """The class at the operating point: the positive class when P(positive) >= threshold, else the other."""
+    pos = classes.index(positive)
+    return positive if probs[pos] >= threshold else classes[1 - pos]
+
+
 def read_rows(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as fh:
         return list(csv.DictReader(fh))
@@ -41,6 +56,16 @@ def render(table) -> str:
     console = Console(width=200, record=True, file=io.StringIO())
     console.print(table)
     return console.export_text()
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """A rendered rich table's body rows: first cell -> the other cells, stripped."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        if cells and cells[0]:
+            rows[cells[0]] = cells[1:]
+    return rows
 
 
 class FakeBackend:
@@ -137,9 +162,16 @@ def test_fake_backend_rows_metrics_and_concurrency(tmp_path: Path) -> None:
     assert summary.accuracy == pytest.approx(np.mean(p.argmax(1) == y))
     assert summary.auroc == pytest.approx(auroc(y, p))
     assert all(r["model"] == "fake" and r["version"] == "3" and r["error"] == "" for r in rows)
+    # no operating point: the decision is the arg-max class, and every row and the summary say so
+    assert all(r["predicted"] == r["argmax"] == CLASSES[int(np.argmax(probs_of(r, CLASSES)))] for r in rows)
+    assert {r["decision_rule"] for r in rows} == {"arg-max class (no operating point)"}
     assert summary.latency_ms["p50"] >= 50.0
     text = render(summary.table())
-    assert "fake" in text and "processed now" in text and f"{summary.accuracy:.4f}" in text
+    assert "fake" in text and "processed now" in text
+    shown = table_rows(text)
+    assert shown["decision (CSV column predicted)"] == ["arg-max class (no operating point)"]
+    assert shown["accuracy (arg-max class)"] == [f"{summary.accuracy:.4f}"]
+    assert not any(name.startswith("sensitivity") for name in shown)  # no operating point, no sensitivity
     assert summary.as_dict()["done_now"] == 20 and isinstance(summary, BatchSummary)
 
 
@@ -176,6 +208,103 @@ def test_resume_off_starts_afresh_and_other_model_is_refused(tmp_path: Path) -> 
         run_batch(items, FakeBackend(["a", "b", "c"]), out, progress=False)
     with pytest.raises(ServeError, match="not unique"):
         run_batch(items + items[:1], FakeBackend(), tmp_path / "dup.csv", progress=False)
+
+
+BREAST = ["malignant", "normal_or_benign"]
+# P(malignant) per image and its true class: the operating point 0.2 and the arg-max disagree on 0.401, 0.45 and 0.3
+CASES = [(0.401, "malignant"), (0.15, "normal_or_benign"), (0.9, "malignant"), (0.3, "normal_or_benign"),
+         (0.1, "malignant"), (0.45, "malignant")]
+
+
+class OperatingPointBackend:
+    """A binary model with an operating point, P(malignant) >= 0.2, answering each image with the probability
+    coded in its pixels (value k: CASES[k]), to put images on either side of the threshold."""
+
+    def __init__(self, version: str = "10", threshold: float = 0.2) -> None:
+        self.info = ModelInfo(name="breastmnist", version=version, input_name="image", output_name="probabilities",
+                              channels=1, size=8, max_batch_size=8, class_names=BREAST,
+                              extra={"threshold": threshold, "positive_class": "malignant"})
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        p = np.array([CASES[int(round(float(image.mean()) * 255))][0] for image in batch])
+        return np.stack([p, 1 - p], axis=1).astype(np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+def case_image(k: int) -> np.ndarray:
+    """Mean intensity k / 255 (the case the stand-in backend looks up), one pixel brighter: not a blank image,
+    which serving refuses."""
+    image = np.full((8, 8), k, np.uint8)
+    image[0, 0] = k + 1
+    return image
+
+
+def case_items() -> list[InputItem]:
+    return [InputItem(f"npz:test:{k}", None, BREAST.index(label), case_image(k)) for k, (_, label) in enumerate(CASES)]
+
+
+def test_predicted_is_the_decision_at_the_operating_point(tmp_path: Path) -> None:
+    out = tmp_path / "pred.csv"
+    summary = run_batch(case_items(), OperatingPointBackend(), out, progress=False)
+    rows = read_rows(out)
+    assert [r["predicted"] for r in rows] == ["malignant", "normal_or_benign", "malignant", "malignant",
+                                              "normal_or_benign", "malignant"]
+    assert [r["argmax"] for r in rows] == ["normal_or_benign", "normal_or_benign", "malignant", "normal_or_benign",
+                                           "normal_or_benign", "normal_or_benign"]
+    assert [r["predicted_index"] for r in rows] == ["0", "1", "0", "0", "1", "0"]
+    assert {r["decision_rule"] for r in rows} == {"P(malignant) >= 0.2000"}
+    # at the operating point: 4 of 6 right; malignant 3 of 4 found, normal 1 of 2 kept; the arg-max: 3 of 6
+    assert summary.accuracy == pytest.approx(4 / 6) and summary.accuracy_argmax == pytest.approx(3 / 6)
+    assert summary.sensitivity == pytest.approx(3 / 4) and summary.specificity == pytest.approx(1 / 2)
+    shown = table_rows(render(summary.table()))
+    assert shown["decision (CSV column predicted)"] == ["P(malignant) >= 0.2000"]
+    assert shown["accuracy at P(malignant) >= 0.2000"] == ["0.6667"]
+    assert shown["sensitivity for malignant at P(malignant) >= 0.2000"] == ["0.7500"]
+    assert shown["specificity for malignant at P(malignant) >= 0.2000"] == ["0.5000"]
+    assert shown["accuracy (arg-max class)"] == ["0.5000"]
+    assert shown["AUROC (threshold-free)"] == ["0.7500"]  # 6 of the 8 (normal, malignant) pairs ranked right
+
+
+def test_compare_with_run_compares_like_with_like(tmp_path: Path) -> None:
+    summary = run_batch(case_items(), OperatingPointBackend(), tmp_path / "pred.csv", progress=False)
+    run = write_run(tmp_path / "runs" / "r1", "completed", 0.8, 0.85, 1_000_000)
+    record = json.loads(run.read_text())
+    record["threshold"] = {"value": 0.2, "positive_class": "malignant",
+                           "test": {"acc": 0.7, "sensitivity": 0.5, "specificity": 0.75}}
+    run.write_text(json.dumps(record))
+    text = render(compare_with_run(summary, run))
+    shown = table_rows(text)
+    assert shown["accuracy at P(malignant) >= 0.2000"] == ["0.6667", "0.7000", "-0.0333"]
+    assert shown["sensitivity for malignant"] == ["0.7500", "0.5000", "+0.2500"]
+    assert shown["specificity for malignant"] == ["0.5000", "0.7500", "-0.2500"]
+    assert shown["accuracy (arg-max class)"] == ["0.5000", "0.8000", "-0.3000"]  # the run's acc is the arg-max's
+    assert "AUROC (threshold-free)" in shown and "both at P(malignant) >= 0.2000" in text
+
+    record["threshold"]["value"] = 0.35  # another operating point: its figures are not comparable
+    run.write_text(json.dumps(record))
+    text = render(compare_with_run(summary, run))
+    assert table_rows(text)["accuracy at P(malignant) >= 0.2000"] == ["0.6667", "n/a", "n/a"]
+    assert "P(malignant) >= 0.3500) is not the version's (P(malignant) >= 0.2000)" in " ".join(text.split())
+
+
+def test_resume_refuses_rows_of_another_version_or_source_and_changes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "out.csv"
+    run_batch(case_items(), OperatingPointBackend("10"), out, progress=False, source="/data/a.npz split test")
+    before = out.read_bytes()
+    with pytest.raises(ServeError) as err:
+        run_batch(case_items(), OperatingPointBackend("1"), out, progress=False, source="/data/a.npz split test")
+    message = str(err.value)
+    assert "breastmnist v10" in message and "breastmnist v1 " in message
+    assert "--no-resume" in message and "--out" in message
+    with pytest.raises(ServeError, match="from /data/a.npz split test, but .* on /data/b.npz split test"):
+        run_batch(case_items(), OperatingPointBackend("10"), out, progress=False, source="/data/b.npz split test")
+    assert out.read_bytes() == before  # nothing lost
+    again = run_batch(case_items(), OperatingPointBackend("10"), out, progress=False, source="/data/a.npz split test")
+    assert again.skipped == len(CASES) and again.done_now == 0 and again.version == "10"
+    fresh = run_batch(case_items(), OperatingPointBackend("1"), out, resume=False, progress=False)
+    assert fresh.done_now == len(CASES) and {r["version"] for r in read_rows(out)} == {"1"}
 
 
 def write_run(folder: Path, status: str, acc: float, auc: float, mtime: float) -> Path:
@@ -236,7 +365,10 @@ def test_folder_batch_over_triton_http_matches_local(served, image_folder: Path,
         p = probs_of(row, classes)
         assert p.sum() == pytest.approx(1.0, abs=1e-5)
         assert np.max(np.abs(p - probs_of(local_rows[key], classes))) <= 1e-5
-        assert row["predicted"] == classes[int(np.argmax(p))] and row["model"] == served.model
+        threshold, positive = operating_point(served.repository)
+        assert row["predicted"] == decided(p, classes, threshold, positive) and row["model"] == served.model
+        assert row["argmax"] == classes[int(np.argmax(p))]
+        assert row["decision_rule"] == f"P({positive}) >= {threshold:.4f}"
     assert summary.errors == 2 and summary.done_now == 10 and summary.skipped == 0
     assert summary.requests == 3  # 8 readable images in batches of 3
     lat = summary.latency_ms
@@ -285,7 +417,12 @@ def test_npz_metrics_over_grpc_match_independent_computation(served, breastmnist
     p = np.array([probs_of(r, classes) for r in rows.values()])
     pos, neg = p[y == 1, 1], p[y == 0, 1]
     pairs = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    assert summary.accuracy == pytest.approx(float(np.mean(p.argmax(1) == y)), abs=1e-12)
+    threshold, positive = operating_point(served.repository)
+    at_op = np.array([classes.index(decided(row, classes, threshold, positive)) for row in p])
+    assert summary.accuracy == pytest.approx(float(np.mean(at_op == y)), abs=1e-12)
+    assert summary.accuracy_argmax == pytest.approx(float(np.mean(p.argmax(1) == y)), abs=1e-12)
+    k = classes.index(positive)
+    assert summary.sensitivity == pytest.approx(float(np.mean(at_op[y == k] == k)), abs=1e-12)
     assert summary.auroc == pytest.approx(pairs / (len(pos) * len(neg)), abs=1e-12)
     local = LocalBackend(served.repository, served.model)
     expected = local.infer(np.stack([np.asarray(i.array, np.float32).transpose(2, 0, 1) / 255.0 for i in items]))
@@ -295,3 +432,81 @@ def test_npz_metrics_over_grpc_match_independent_computation(served, breastmnist
     text = render(compare_with_run(summary, served.run_dir))
     record = json.loads((served.run_dir / "run.json").read_text())
     assert f"{record['test']['acc']:.4f}" in text and f"{summary.accuracy:.4f}" in text
+
+
+def tiled_npz(source: Path, target: Path, copies: int) -> Path:
+    """A MedMNIST .npz whose test split is ``copies`` times that of ``source`` (a long batch)."""
+    data = np.load(source)
+    np.savez(target, test_images=np.concatenate([data["test_images"]] * copies),
+             test_labels=np.concatenate([data["test_labels"]] * copies))
+    return target
+
+
+@pytest.mark.slow
+def test_server_killed_mid_batch_stops_the_run_and_a_rerun_resumes(served, breastmnist_small: Path,
+                                                                    tmp_path: Path) -> None:
+    """``serve batch`` against a Triton killed mid-run: exit 2 naming the URL within seconds, the rows written
+    kept; the same command against a live server resumes them."""
+    from serve.triton_server import TritonServer, free_port
+    from tests.serve.test_predict import run_serve
+
+    big = tiled_npz(breastmnist_small, tmp_path / "big.npz", 100)  # 6,400 images
+    out = tmp_path / "out.csv"
+    doomed = TritonServer(served.repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+                          model_control="explicit", load_models=[served.model]).start(timeout=120)
+    try:
+        args = ["batch", str(big), "--model", served.model, "--out", str(out), "--retries", "1", "--timeout", "5",
+                "--batch-size", "1", "--in-flight", "1"]
+        proc = subprocess.Popen([sys.executable, "-m", "serve", *args, "--url", doomed.http_url], cwd=REPO,
+                                env={**os.environ, "COLUMNS": "250"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and len(out.read_bytes().splitlines()
+                                                                          if out.exists() else []) < 50:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the batch finished before the server was killed"
+        os.killpg(doomed.process.pid, signal.SIGKILL)  # the server dies mid-batch
+        killed = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=120)
+        took = time.monotonic() - killed
+    finally:
+        doomed.stop()
+    assert proc.returncode == 2, stdout + stderr
+    assert took < 30, f"took {took:.1f} s after the kill"
+    assert doomed.http_url in stderr and "stopped answering" in stderr and "rerun the same command" in stderr
+    rows = read_rows(out)
+    kept = [r for r in rows if not r["error"]]
+    assert 50 <= len(kept) < 6400 and len(rows) - len(kept) <= 2  # no flood of error rows: it stopped at the 3rd
+    again = run_serve(*args, "--url", served.server.http_url, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    shown = table_rows(again.stdout)
+    assert shown["resumed (already in CSV)"] == [str(len(kept))]
+    assert shown["processed now"] == [str(6400 - len(kept))] and shown["rows in CSV"] == ["6400"]
+
+
+@pytest.mark.slow
+def test_cli_folder_reports_skipped_types_and_empty_dicom_and_refuses_another_source(served, image_folder: Path,
+                                                                                      tmp_path: Path) -> None:
+    from tests.serve.test_predict import run_serve
+
+    (image_folder / "benign" / "scan.nii").write_bytes(b"\0" * 352)
+    (image_folder / "benign" / "scan.nii.gz").write_bytes(b"\x1f\x8b\x08\0")
+    (image_folder / "malignant" / "blank.dcm").write_bytes(b"")
+    out = tmp_path / "out.csv"
+    common = ["--model", served.model, "--backend", "local", "--model-repository", str(served.repository),
+              "--out", str(out)]
+    first = run_serve("batch", str(image_folder), *common)
+    assert first.returncode == 1, first.stdout + first.stderr  # the unreadable images
+    assert "skipped 2 file(s) of types predict cannot read: .nii 1, .nii.gz 1" in first.stderr
+    rows = read_rows(out)
+    blank = next(r for r in rows if r["path"].endswith("blank.dcm"))
+    assert len(rows) == 11 and blank["error"].endswith("blank.dcm: empty file (0 bytes)")
+    assert {r["source"] for r in rows} == {str(image_folder.resolve())}
+    before = out.read_bytes()
+    other = tmp_path / "other"
+    shutil.copytree(image_folder / "benign", other)
+    second = run_serve("batch", str(other), *common)
+    assert second.returncode == 2, second.stdout + second.stderr
+    assert f"from {image_folder.resolve()}, but this run uses {served.model} v1 on {other.resolve()}" in second.stderr
+    assert "--no-resume" in second.stderr and "Traceback" not in second.stderr
+    assert out.read_bytes() == before  # nothing lost

@@ -13,7 +13,7 @@ from PIL import Image
 
 import medops
 from serve.contract import ModelInfo, ServeError
-from serve.inputs import InputItem, iter_inputs, load_item, parse_label
+from serve.inputs import InputItem, iter_inputs, load_item, parse_label, skipped_text
 from tests.conftest import REPO, write_csv
 from tests.test_repo import BLOCK_TORCH
 
@@ -25,7 +25,9 @@ INFO = ModelInfo(name="m", version="1", input_name="image", output_name="probabi
 
 def png(path: Path, value: int, shape: tuple[int, ...] = (40, 40)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full(shape, value, np.uint8)).save(path)
+    image = np.full(shape, value, np.uint8)
+    image[0, 0] = value + 1 if value < 255 else value - 1  # not blank: serving refuses a blank image
+    Image.fromarray(image).save(path)
     return path
 
 
@@ -56,7 +58,21 @@ def test_folder_with_class_subfolders(class_tree: Path) -> None:
     assert rel == {"benign/a.png": 0, "benign/deep/b.png": 0, "malignant/c.png": 1, "malignant/ct.dcm": 1,
                    "malignant/mr_nosuffix": 1}
     assert all(i.path == i.key and i.array is None for i in items)
-    assert info == {"kind": "folder", "source": str(class_tree), "split": None, "count": 5, "labelled": 5}
+    assert info == {"kind": "folder", "source": str(class_tree), "split": None, "count": 5, "labelled": 5,
+                    "skipped": {".txt": 1}}
+
+
+def test_folder_counts_the_files_it_does_not_read_by_type(class_tree: Path) -> None:
+    for name in ("t1.nii", "t2.nii.gz", "t3.nii.gz"):
+        (class_tree / "benign" / name).write_bytes(b"\0" * 8)
+    items, info = iter_inputs(class_tree, class_names=CLASSES)
+    assert info["count"] == 5 and info["skipped"] == {".nii.gz": 2, ".nii": 1, ".txt": 1}
+    assert skipped_text(info["skipped"]) == "4 file(s) of types predict cannot read: .nii.gz 2, .nii 1, .txt 1"
+    only = class_tree.parent / "volumes"
+    only.mkdir()
+    (only / "t1.nii.gz").write_bytes(b"\0")
+    with pytest.raises(ServeError, match=r"no image files found .*; skipped 1 file\(s\) .*: .nii.gz 1"):
+        iter_inputs(only)
 
 
 def test_folder_labels_only_when_subfolders_are_classes(class_tree: Path) -> None:
@@ -195,6 +211,11 @@ def test_load_item_files_and_arrays(class_tree: Path) -> None:
     np.testing.assert_array_equal(out, medops.preprocess(array[..., None], 28, 1))
 
 
+def test_a_blank_array_is_refused_like_a_blank_file() -> None:
+    with pytest.raises(medops.ImageReadError, match="npz:test:3: blank image: every pixel has the value 0 "):
+        load_item(InputItem("npz:test:3", None, 1, np.zeros((28, 28), np.uint8)), INFO)
+
+
 def test_load_item_errors_name_the_input(tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_text("this is not a png")
@@ -202,4 +223,4 @@ def test_load_item_errors_name_the_input(tmp_path: Path) -> None:
         load_item(InputItem(str(corrupt), str(corrupt), None), INFO)
     assert err.value.path == str(corrupt) and str(corrupt) in str(err.value)
     with pytest.raises(medops.ImageReadError, match=r"npz:test:7: ValueError.*uint8"):
-        load_item(InputItem("npz:test:7", None, None, np.zeros((4, 4), np.float32)), INFO)
+        load_item(InputItem("npz:test:7", None, None, np.arange(16, dtype=np.float32).reshape(4, 4)), INFO)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -14,10 +15,12 @@ import onnxruntime as ort
 import pydicom
 import pytest
 from PIL import Image
+from rich.console import Console
 
 from medops import load_for_model
 from serve.client import open_backend
-from serve.predict import predict_files, top_k_classes
+from serve.contract import ModelInfo
+from serve.predict import predict_files, prediction_result, render_table, top_k_classes
 from serve.triton_server import free_port
 from tests.conftest import BREASTMNIST, REPO
 
@@ -58,6 +61,37 @@ def test_top_k_classes_orders_and_clamps() -> None:
     assert top_k_classes(probs, names, 1) == [{"class": "b", "probability": pytest.approx(0.5)}]
     assert len(top_k_classes(probs, names, 10)) == 4
     assert [t["class"] for t in top_k_classes(np.array([0.5, 0.5]), ["x", "y"], 2)] == ["x", "y"]  # stable ties
+
+
+def file_cells(text: str, name: str) -> list[str]:
+    """The cells of a rendered table's first row for the file whose path ends with ``name``."""
+    line = next(line for line in text.splitlines() if f"{name} " in line)
+    return [c.strip() for c in line.split("│")[1:-1]]
+
+
+def breast_info(**extra: object) -> ModelInfo:
+    return ModelInfo(name="breastmnist", version="10", input_name="image", output_name="probabilities", channels=1,
+                     size=28, max_batch_size=8, class_names=["malignant", "normal_or_benign"], extra=dict(extra))
+
+
+@pytest.mark.parametrize("with_op", [True, False], ids=["operating-point", "argmax"])
+def test_table_shows_the_decision_and_its_rule(with_op: bool) -> None:
+    info = breast_info(threshold=0.2016, positive_class="malignant") if with_op else breast_info()
+    outputs = {"probabilities": np.array([[0.401, 0.599]], np.float32)}
+    result = prediction_result("scan.png", outputs, info, latency_ms=3.0, top_k=2)
+    console = Console(width=250, record=True, file=io.StringIO())
+    console.print(render_table([result], info))
+    text = console.export_text()
+    cells = file_cells(text, "scan.png")
+    if with_op:  # P(malignant) 0.401 >= 0.2016: malignant, though the arg-max is normal_or_benign
+        assert result["decision"] == {"class": "malignant", "threshold": 0.2016, "positive_class": "malignant",
+                                      "rule": "P(malignant) >= 0.2016"}
+        assert cells[:5] == ["scan.png", "malignant", "1", "normal_or_benign", "0.5990"]
+        assert "decision at P(malignant) >= 0.2016 (the version's operating point" in text
+    else:
+        assert result["decision"] == {"class": "normal_or_benign", "rule": "arg-max class (no operating point)"}
+        assert cells[:2] == ["scan.png", "normal_or_benign"]
+        assert "decision: the arg-max class (breastmnist v10 has no operating point)" in text
 
 
 @pytest.mark.slow
@@ -125,6 +159,26 @@ def test_cli_corrupt_file_is_reported_and_others_predicted(served, images: dict[
         assert f"error: {corrupt}:" in proc.stderr
         assert str(images["png"]) in proc.stdout and str(images["npy"]) in proc.stdout
         assert "normal_or_benign" in proc.stdout and "malignant" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_table_decision_is_the_json_decision(served, images: dict[str, Path]) -> None:
+    """The table's decision column is the operating-point decision ``--json`` gives, with the rule stated."""
+    paths = [str(images["png"]), str(images["npy"]), str(images["dcm"])]
+    common = ["predict", *paths, "--model", "breast", "--url", served.server.http_url]
+    as_json = run_serve(*common, "--json")
+    table = run_serve(*common)
+    assert as_json.returncode == table.returncode == 0, as_json.stderr + table.stderr
+    op = json.loads((served.repository / "breast" / "1" / "metadata.json").read_text())["operating_point"]
+    for result in json.loads(as_json.stdout):
+        decision = result["decision"]
+        assert decision["threshold"] == pytest.approx(op["threshold"], abs=1e-6)
+        probs = dict(zip(["malignant", "normal_or_benign"], result["probabilities"], strict=True))
+        expected = op["positive_class"] if probs[op["positive_class"]] >= op["threshold"] else \
+            next(c for c in probs if c != op["positive_class"])
+        assert decision["class"] == expected
+        assert file_cells(table.stdout, Path(result["path"]).name)[1] == expected
+    assert f"decision at P({op['positive_class']}) >= {op['threshold']:.4f}" in table.stdout
 
 
 @pytest.mark.slow
