@@ -1049,6 +1049,16 @@ def data_arguments(data_cfg: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return cfg, settings
 
 
+def run_data_arguments(record: dict[str, Any]) -> dict[str, Any]:
+    """A run's DataModule arguments, as training read its data: the class names in the run's own order when its
+    config left them to the data (a later rule for ordering names must not relabel an old run's images)."""
+    cfg = data_arguments((record.get("config") or {}).get("data") or {})[0]
+    names = (record.get("data") or {}).get("class_names")
+    if cfg and not cfg.get("class_names") and names and str(cfg.get("_target_", "")).endswith("FolderDataModule"):
+        cfg["class_names"] = list(names)
+    return cfg
+
+
 def instantiate_data(data_cfg: Any) -> tuple[FolderDataset | MedMNISTFile, dict[str, Any]]:
     """The torch-free dataset reader of a ``data`` config, and the validation settings."""
     cfg, settings = data_arguments(data_cfg)

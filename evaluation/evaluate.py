@@ -82,11 +82,11 @@ def run_data(source: Any, split: str, wanted: list[str]) -> EvalData:
     """A split of the dataset the run was trained on (subgroup columns when it is a CSV manifest)."""
     from hydra.utils import instantiate
 
-    from datatools.validate_data import data_arguments
+    from datatools.validate_data import run_data_arguments
     from train.datamodules import FolderDataModule
 
-    # as training read it: a run that left unreadable files out (allow_corrupt) is evaluated without them
-    data_cfg = data_arguments((source.record.get("config") or {}).get("data") or {})[0]
+    # as training read it: without the unreadable files it left out (allow_corrupt), in its class order
+    data_cfg = run_data_arguments(source.record)
     if not data_cfg:
         raise EvaluationError(f"{source.checkpoint}: the run record has no data config; pass data=<npz or csv>")
     dm = instantiate(data_cfg)

@@ -216,15 +216,14 @@ def source_datamodule(source: ExportSource, data_path: str | None = None) -> Any
     """The run's DataModule, prepared once per export (``data_path``: a MedMNIST .npz instead)."""
     from hydra.utils import instantiate
 
-    from datatools.validate_data import data_arguments
+    from datatools.validate_data import run_data_arguments
     from medops.datasets import DataError
 
     cache = getattr(source, "datamodules", None)
     if cache is not None and data_path in cache:
         return cache[data_path]
-    # the data-quality settings are not DataModule arguments, but a run that left unreadable files out
-    # (allow_corrupt) is read without them again
-    data_cfg = data_arguments((source.record.get("config") or {}).get("data") or {})[0]
+    # as training read it: without the unreadable files it left out (allow_corrupt), in its class order
+    data_cfg = run_data_arguments(source.record)
     if data_path:
         data_cfg = {"_target_": "train.datamodules.MedMNISTDataModule", "path": data_path, "md5": False}
     if not data_cfg:

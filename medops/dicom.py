@@ -76,16 +76,31 @@ def apply_window(values: np.ndarray, center: float, width: float, function: str 
     return np.rint(np.clip(y, 0.0, 255.0)).astype(np.uint8)
 
 
+# Modality (0008,0060) defined terms, DICOM PS3.3 C.7.3.1.1.1, current and retired. Written out here because
+# pydicom ships no such list; a value outside it is free text a site typed, which may identify someone, so it is
+# never repeated back (``UNRECOGNISED`` instead).
+MODALITY_TERMS = frozenset(
+    "ANN AR ASMT AU BDUS BI BMD CFM CR CT CTPROTOCOL DG DMS DOC DX ECG EEG EMG EOG EPS ES FID GM HC HD IO IOL IVOCT "
+    "IVUS KER KO LEN LS M3D MG MR NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR PT PX REG RESP RF RG "
+    "RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA "
+    "XA XAPROTOCOL XC "
+    "CD CF CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF".split())  # the last line: retired terms
+UNRECOGNISED_MODALITY = "UNRECOGNISED"
+
+
 def dicom_modality(path: str | os.PathLike[str]) -> str | None:
     """The Modality (0008,0060) of a DICOM file (``CT``, ``MR``, ``US``...), upper-case; None when the file is not
-    DICOM or has none. Reads the header only. Modality is a defined term, not an identifier."""
+    DICOM or has none, ``UNRECOGNISED`` for a value that is not a DICOM defined term (free text is never passed
+    on). Reads the header only."""
     try:
         with quiet_pydicom():
             ds = pydicom.dcmread(os.fspath(path), stop_before_pixels=True, specific_tags=["Modality"])
     except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, EOFError):
         return None
     value = str(ds.get("Modality") or "").strip().upper()
-    return value if value.isalnum() and len(value) <= 16 else None
+    if not value:
+        return None
+    return value if value in MODALITY_TERMS else UNRECOGNISED_MODALITY
 
 
 def modality_warning(path: str | os.PathLike[str], trained_on: Sequence[str]) -> str | None:
@@ -97,7 +112,8 @@ def modality_warning(path: str | os.PathLike[str], trained_on: Sequence[str]) ->
     known = sorted({str(m).upper() for m in trained_on})
     if modality is None or modality in known:
         return None
-    return f"DICOM Modality {modality} differs from the training data's ({', '.join(known)}): the model was not " \
+    shown = "a value that is not a DICOM defined term" if modality == UNRECOGNISED_MODALITY else modality
+    return f"DICOM Modality {shown} differs from the training data's ({', '.join(known)}): the model was not " \
         "trained on such images"
 
 

@@ -34,6 +34,10 @@ def test_train_export_serve_chain(tmp_path: Path, breastmnist_small: Path) -> No
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 64 and not any(r["error"] for r in rows)  # the whole test split, through Triton
     record = json.loads((run_dir / "run.json").read_text())
-    correct = sum(r["predicted_index"] == str(["malignant", "normal_or_benign"].index(r["label"])) for r in rows)
+    correct = sum(r["argmax"] == r["label"] for r in rows)
     assert correct / len(rows) == pytest.approx(record["test"]["acc"], abs=1e-6)  # served == trained model
+    (rule,) = {r["decision_rule"] for r in rows}  # the decision a clinician reads: the version's operating point
+    threshold = float(rule.removeprefix("P(malignant) >= "))
+    assert all(r["predicted"] == ("malignant" if float(r["prob_malignant"]) >= threshold else "normal_or_benign")
+               for r in rows)
     assert f"{record['test']['acc']:.4f}" in text  # the comparison with the training run is printed

@@ -301,8 +301,9 @@ def check_data(dm: ImageClassificationDataModule, settings: dict[str, Any], out_
     for warning in report["warnings"]:
         log.warning("data validation: %s", warning)
     if report["violations"]:
-        raise DataError("data validation failed (see data_validation.json; allow with data.validation.allow_leakage"
-                        "/allow_corrupt=true):\n  " + "\n  ".join(report["violations"]))
+        raise DataError("data validation failed (see data_validation.json; each violation names the setting that "
+                        "allows it: data.validation.allow_leakage, allow_corrupt or allow_label_issues=true):\n  "
+                        + "\n  ".join(report["violations"]))
     return {"enabled": True, **validation_summary(report)}
 
 

@@ -453,3 +453,20 @@ def test_declared_class_names_are_not_missing_values_and_clean_labels_pass(tmp_p
                               {})
     assert declared["violations"] == [] and declared["labels"] == {"spelling_variants": [], "missing_like": [],
                                                                    "too_few": []}
+
+
+def test_a_run_is_read_back_as_it_was_trained() -> None:
+    """Evaluation and export rebuild a run's data from its record: the class order it trained with (an older run's
+    names may sort differently today) and the unreadable files it left out."""
+    from datatools.validate_data import run_data_arguments
+
+    folder = {"_target_": "train.datamodules.FolderDataModule", "path": "m.csv", "class_names": None,
+              "validation": {"allow_corrupt": True}}
+    record = {"config": {"data": folder}, "data": {"class_names": ["tumor", "benign"]}}
+    cfg = run_data_arguments(record)
+    assert cfg["class_names"] == ["tumor", "benign"] and cfg["skip_unreadable"] is True and "validation" not in cfg
+    declared = {**folder, "class_names": ["benign", "tumor"]}
+    assert run_data_arguments({**record, "config": {"data": declared}})["class_names"] == ["benign", "tumor"]
+    npz = {"_target_": "train.datamodules.MedMNISTDataModule", "path": "b.npz"}
+    assert "class_names" not in run_data_arguments({**record, "config": {"data": npz}})
+    assert run_data_arguments({"config": {}}) == {}

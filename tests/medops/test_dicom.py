@@ -347,3 +347,20 @@ def test_modality_is_read_from_the_header_only_for_dicom(tmp_path) -> None:
                                             "not trained on such images")
     assert modality_warning(ct, ["ct", "MR"]) is None  # the training modality, any case
     assert modality_warning(ct, []) is None and modality_warning(png, ["US"]) is None  # unknown / not DICOM
+
+
+def test_a_modality_that_is_not_a_defined_term_is_never_repeated(tmp_path) -> None:
+    """Modality is a defined term (CT, MR, US...); a site's free text there may name someone, so it is neither
+    printed in the warning nor taken as the training data's modality."""
+    from medops.dicom import UNRECOGNISED_MODALITY, dicom_modality, modality_warning
+
+    ds = pydicom.dcmread(DATA / "CT_small.dcm")
+    ds.Modality = "SENT93731MOD"
+    odd = tmp_path / "odd.dcm"
+    ds.save_as(odd)
+    assert dicom_modality(odd) == UNRECOGNISED_MODALITY
+    warning = modality_warning(odd, ["US"])
+    assert "SENT93731" not in warning and warning.startswith("DICOM Modality a value that is not a DICOM defined term")
+    ds.Modality = "us"  # a defined term in the wrong case is still that term
+    ds.save_as(odd)
+    assert dicom_modality(odd) == "US" and modality_warning(odd, ["US"]) is None
