@@ -26,6 +26,9 @@ COST_COUNTERS = {  # key: (Prometheus name, help)
                     "CPU time of this stub while onnxruntime runs (every thread of the stub)"),
     "images": ("medops_execute_images_total", "images whose CPU time the two medops_*_cpu_seconds_total count"),
 }
+REFUSED_COUNTER = ("medops_input_refused_total",
+                   "requests refused as the client's fault (HTTP 400 / INVALID_ARGUMENT), by reason: form (input name, "
+                   "dtype, shape) or values (NaN, Inf, outside [0, 1]); Triton counts them as successes")
 DRIFT_DEFAULTS = {"window": 256, "min_window": 64, "every": 32, "hysteresis_on": 2, "hysteresis_off": 3,
                   "alpha": 0.01, "psi_threshold": 0.2}
 
@@ -151,14 +154,16 @@ class TritonPythonModel:
         Triton's CPU beyond execute() is the server's own. Kept here and sent once ``COST_FLUSH_AFTER`` requests or
         images are pending (a send is a round trip to the Triton process, and its own CPU counts with the next
         execute() calls); an execute() that ran no image is left out, so the three stay in step."""
-        self.cost = None
+        self.cost, self.refused = None, None
         if not hasattr(pb_utils, "MetricFamily"):
             return
         labels = {"model": self.model_name, "version": str(version), "stub": str(os.getpid())}
         self.cost_families = {k: pb_utils.MetricFamily(name=n, description=d, kind=pb_utils.MetricFamily.COUNTER)
-                              for k, (n, d) in COST_COUNTERS.items()}
-        self.cost = {"metrics": {k: f.Metric(labels=labels) for k, f in self.cost_families.items()},
+                              for k, (n, d) in {**COST_COUNTERS, "refused": REFUSED_COUNTER}.items()}
+        self.cost = {"metrics": {k: self.cost_families[k].Metric(labels=labels) for k in COST_COUNTERS},
                      "pending": dict.fromkeys(COST_COUNTERS, 0.0), "requests": 0}
+        self.refused = {r: self.cost_families["refused"].Metric(labels={**labels, "reason": r})
+                        for r in ("form", "values")}
 
     def _account(self, start, onnxruntime_s, images, requests):
         """Add one execute() (begun at process time ``start``) to the counters; send them once enough are pending."""
@@ -174,6 +179,17 @@ class TritonPythonModel:
             sending = time.process_time()
             self._flush_cost()
             cost["pending"]["execute"] += time.process_time() - sending  # the send's CPU goes with the next ones
+
+    def _count_refused(self, form, values):
+        """Count refused requests (each a round trip to the Triton process; refusals are rare)."""
+        if getattr(self, "refused", None) is None or not (form or values):
+            return
+        try:
+            for reason, n in (("form", form), ("values", values)):
+                if n:
+                    self.refused[reason].increment(n)
+        except Exception as exc:  # counting must never cost a response
+            pb_utils.Logger.log_warn(f"{self.model_name}: refusal counter failed: {exc}")
 
     def _flush_cost(self):
         """Send what is pending; it is cleared first, so a failed send loses that share rather than counting it
@@ -240,6 +256,8 @@ class TritonPythonModel:
         self.metrics["share"] = [self.families["share"].Metric(labels={**labels, "class": c})
                                  for c in profile["class_names"]]
         self._set(self.metrics["detected"], 0.0)
+        for metric in (self.metrics["score"], *self.metrics["psi"].values(), *self.metrics["p_value"].values()):
+            metric.set(float("nan"))  # no test yet: a p-value of 0 would read as certain drift on a dashboard
         pb_utils.Logger.log_info(
             f"{self.model_name} v{version}: drift monitoring on ({len(features)} features, window "
             f"{settings['window']}, test every {settings['every']} images once {settings['min_window']} are in)"
@@ -253,6 +271,12 @@ class TritonPythonModel:
         percentiles) are computed once over the images kept since the last test, and each gauge update is a round
         trip to the Triton process on the serving cores, so the gauges move with each test, not each batch."""
         m = self.monitor
+        informative = np.ptp(batch.reshape(len(batch), -1), axis=1) > 0
+        if not informative.all():  # blank images (Triton's warm-up sends one) say nothing of the inputs' distribution
+            batch, probs = batch[informative], probs[informative]
+            ood_flags = None if ood_flags is None else ood_flags[informative]
+            if not len(batch):
+                return
         if ood_flags is not None:
             flagged = int(np.count_nonzero(ood_flags))
             if flagged:
@@ -386,8 +410,10 @@ class TritonPythonModel:
             else:
                 arrays.append((i, array))
         if not arrays:
+            self._count_refused(len(requests), 0)
             return responses, 0.0, 0
         batch, valid = self._check_values(arrays, responses)
+        self._count_refused(len(requests) - len(arrays), len(arrays) - len(valid))
         if not valid:
             return responses, 0.0, 0
         try:

@@ -135,6 +135,21 @@ def test_served_model_exposes_drift_gauges_that_trip_on_a_shift(exported_repo: P
                           model_control="explicit", load_models=[MODEL])
     server.start(timeout=120)
     try:
+        started = metric_lines(server)  # after Triton's warm-up (an all-zeros image), before any client
+        assert started.get(f'medops_ood_flagged_total{{model="{MODEL}",version="1"}}', 0) == 0
+        assert started.get(f'medops_drift_window_images{{model="{MODEL}",version="1"}}', 0) == 0
+        p_values = [v for k, v in started.items() if k.startswith("medops_drift_p_value")]
+        assert p_values and np.isnan(p_values).all()  # no test yet: not a p-value of 0 on a dashboard
+        import tritonclient.http as httpclient
+        from tritonclient.utils import InferenceServerException
+
+        raw = httpclient.InferInput("image", [2, 1, 28, 28], "FP32")  # an image sent as 0-255, past any client check
+        raw.set_data_from_numpy(test[:2] * 255)
+        with httpclient.InferenceServerClient(server.http_url) as plain, \
+                pytest.raises(InferenceServerException, match=r"\[0, 1\]"):
+            plain.infer(MODEL, [raw])
+        refused = metric_lines(server)  # refused, and counted (Triton itself counts it as a success)
+        assert refused[f'medops_input_refused_total{{model="{MODEL}",reason="values",version="1"}}'] == 1
         client = TritonBackend(server.http_url, MODEL)
         for i in range(0, len(test), 16):
             client.infer(test[i:i + 16])

@@ -408,6 +408,30 @@ def test_template_counts_its_cpu_time_in_execute_and_in_onnxruntime(tmp_path: Pa
     assert 0 < ort.sent[-1] <= execute.sent[-1]
 
 
+def test_template_counts_refused_requests_by_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton counts a request the model refused (400) as a success: the model's own counter tells a dashboard that
+    clients send wrong tensors (form) or wrong values (an image sent as 0-255)."""
+    _FakeMetricFamily.made = {}
+    model, _ = _tiny_template_model(tmp_path, monkeypatch, _FakeMetricFamily)
+    family = _FakeMetricFamily.made["medops_input_refused_total"]
+    assert family.kind == "counter"
+    form, values = family.metrics
+    assert (form.labels["reason"], values.labels["reason"]) == ("form", "values")
+    responses = model.execute([_FakeRequest(r) for r in (
+        {"image": _FakeTensor("image", BATCH[:1] * 255)},
+        {"image": _FakeTensor("image", BATCH[:1].astype(np.float64))},
+        {},
+        {"image": _FakeTensor("image", BATCH[1:3])},
+    )])
+    assert [r.error is None for r in responses] == [False, False, False, True]
+    assert form.sent == [2] and values.sent == [1]
+    model.execute([_FakeRequest({"image": _FakeTensor("image", np.zeros((1, 1, 5, 5), np.float32))})])
+    assert form.sent == [2, 1] and values.sent == [1]  # every request refused: still counted
+    model.execute([_FakeRequest({"image": _FakeTensor("image", BATCH[:2])})])
+    assert form.sent == [2, 1] and values.sent == [1]  # nothing refused: nothing sent
+    model.finalize()
+
+
 def test_template_serves_when_its_counters_cannot_be_registered(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A Triton that refuses a metric family (a name clash, say) gets a model without counters, not a failed load."""
