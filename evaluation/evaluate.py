@@ -258,12 +258,21 @@ def calibrate(cfg: DictConfig, P_val_raw: np.ndarray, P_raw: np.ndarray, val: Ev
 def _calibration(cfg: DictConfig, P_val_raw: np.ndarray, y_val: np.ndarray, P_raw: np.ndarray,
                  y: np.ndarray) -> tuple[float | None, dict[str, Any]]:
     """The temperature (or None) and the calibration figures of class probabilities with integer labels."""
-    from medops.calibration import apply_temperature, ece_consistency, expected_calibration_error, fit_temperature, nll
+    from medops.calibration import (
+        apply_temperature,
+        ece_consistency,
+        expected_calibration_error,
+        nll,
+        trusted_temperature,
+    )
 
-    temperature = fit_temperature(P_val_raw, y_val) if cfg.calibrate else None
+    temperature, refused = trusted_temperature(P_val_raw, y_val) if cfg.calibrate else (None, None)
+    if refused:
+        log.warning("%s", refused)
     P_val = apply_temperature(P_val_raw, temperature) if temperature else P_val_raw
     P = apply_temperature(P_raw, temperature) if temperature else P_raw
-    calibration: dict[str, Any] = {"ece": expected_calibration_error(P_raw, y), "nll": nll(P_raw, y)}
+    calibration: dict[str, Any] = {"ece": expected_calibration_error(P_raw, y), "nll": nll(P_raw, y),
+                                   **({"not_calibrated": refused} if refused else {})}
     if temperature:
         calibration |= {"temperature": temperature, "ece_calibrated": expected_calibration_error(P, y),
                         "nll_calibrated": nll(P, y),
@@ -528,7 +537,8 @@ def print_result(result: dict[str, Any]) -> None:
         print(f"  {name:<18} {value}  {ci}")
     print(f"  ECE {result['calibration']['ece']:.4f}" + (
         f" -> {result['calibration']['ece_calibrated']:.4f} (T={result['calibration']['temperature']:.3f})"
-        if "temperature" in result["calibration"] else ""))
+        if "temperature" in result["calibration"] else f" ({result['calibration']['not_calibrated']})"
+        if "not_calibrated" in result["calibration"] else ""))
     for method in ("gradcam", "occlusion"):
         check = (result.get("explanations") or {}).get(method) or {}
         if check:

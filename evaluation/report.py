@@ -119,6 +119,7 @@ CALIBRATION_TERMS = {
     "ece_if_calibrated_median": "ECE a perfectly calibrated model shows on this many images: median",
     "ece_if_calibrated_p95": "the same, 95th percentile (above it: miscalibrated beyond chance)",
     "ece_consistency_p_value": "share of perfectly calibrated draws whose ECE reaches the observed one",
+    "not_calibrated": "why no temperature was applied",
 }
 
 

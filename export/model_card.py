@@ -275,7 +275,8 @@ def _positive_and_calibration(metrics: dict[str, Any]) -> list[str]:
                       "graph is NOT temperature-scaled (its operating point was chosen without one): it serves the "
                       f"uncalibrated probabilities, test ECE {_fmt(test.get('ece_before'))} (15 bins)."]
     elif test:
-        lines += ["", f"Calibration: not calibrated (`calibrate=false`); test ECE {_fmt(test.get('ece_before'))}."]
+        why = cal.get("not_calibrated") or "not calibrated (`calibrate=false`)"
+        lines += ["", f"Calibration: {why}; test ECE {_fmt(test.get('ece_before'))}."]
     return lines
 
 

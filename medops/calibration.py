@@ -100,6 +100,20 @@ def fit_temperature(P_val: Any, y_val: Any, logits: Any = None) -> float:
 
 
 
+MIN_CALIBRATION_IMAGES = 30
+
+
+def trusted_temperature(P_val: Any, y_val: Any, logits: Any = None) -> tuple[float | None, str | None]:
+    """:func:`fit_temperature`, or ``(None, reason)`` when there are fewer than ``MIN_CALIBRATION_IMAGES``
+    validation images: one parameter fitted to a handful chases them (T = 0.07 fitted on 9 images took a test ECE
+    from 0.01 to 0.46), and the probabilities are better left as they are. Our own rule: no library has one."""
+    n = len(np.asarray(y_val).reshape(-1))
+    if n < MIN_CALIBRATION_IMAGES:
+        return None, f"not calibrated: {n} validation images are too few to fit a temperature on (at least " \
+                     f"{MIN_CALIBRATION_IMAGES})"
+    return fit_temperature(P_val, y_val, logits), None
+
+
 def ece_consistency(P: Any, y: Any, n_bins: int = 15, n_draws: int = 1000, seed: int = 0) -> dict[str, float]:
     """How large the ECE of ``P`` would be if ``P`` were perfectly calibrated (consistency resampling, Bröcker &
     Smith, Weather and Forecasting 2007): labels are drawn from ``P`` itself ``n_draws`` times and the ECE of each

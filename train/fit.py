@@ -31,10 +31,10 @@ from medops.calibration import (
     apply_temperature,
     ece_consistency,
     expected_calibration_error,
-    fit_temperature,
     label_columns,
     nll,
     sigmoid_temperature,
+    trusted_temperature,
 )
 from medops.datasets import positive_index
 from medops.metrics import (
@@ -230,7 +230,9 @@ def calibrate(cfg: DictConfig, val: tuple[np.ndarray, np.ndarray], test: tuple[n
     """
     if task == "multilabel":
         val, test = label_columns(*val), label_columns(*test)
-    temperature = fit_temperature(*val) if cfg.get("calibrate", True) else None
+    temperature, refused = trusted_temperature(*val) if cfg.get("calibrate", True) else (None, None)
+    if refused:
+        log.warning("%s", refused)
 
     def figures(P: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         out: dict[str, Any] = {"ece_before": expected_calibration_error(P, y), "nll_before": nll(P, y)}
@@ -243,7 +245,8 @@ def calibrate(cfg: DictConfig, val: tuple[np.ndarray, np.ndarray], test: tuple[n
 
     method = None if not temperature else ("one temperature on the sigmoid logits of every label, fitted on val (NLL)"
                                            if task == "multilabel" else "temperature scaling fitted on val (NLL)")
-    return {"method": method, "temperature": temperature, "val": figures(*val), "test": figures(*test)}
+    return {"method": method, "temperature": temperature, "val": figures(*val), "test": figures(*test),
+            **({"not_calibrated": refused} if refused else {})}
 
 
 def log_final(loggers: list[Logger], result: dict[str, Any], plots: dict[str, Path],

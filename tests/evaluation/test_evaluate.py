@@ -188,7 +188,11 @@ def test_a_run_that_left_unreadable_files_out_is_evaluated_and_exported(tmp_path
     run = tmp_path / "run"
     run_cli(*FAST, "data=folder", f"data.path={manifest}", "data.image_size=28", "data.positive_class=malignant",
             "data.validation.allow_corrupt=true", "trainer.max_epochs=1", run_dir=run)
-    assert json.loads((run / "run.json").read_text())["config"]["data"]["skip_unreadable"] is True
+    record = json.loads((run / "run.json").read_text())
+    assert record["config"]["data"]["skip_unreadable"] is True
+    # 8 validation images: no temperature is fitted on so few, and every stage says so
+    why = "not calibrated: 8 validation images are too few to fit a temperature on (at least 30)"
+    assert record["calibration"]["temperature"] is None and record["calibration"]["not_calibrated"] == why
     out = tmp_path / "eval"
     run_evaluate(f"run={run}", f"output_dir={out}", "n_resamples=20", log_dir=tmp_path / "log")
     assert json.loads((out / "evaluation.json").read_text())["evaluation"]["n"] == 8  # the broken file left out
@@ -197,3 +201,5 @@ def test_a_run_that_left_unreadable_files_out_is_evaluated_and_exported(tmp_path
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and (tmp_path / "repo" / "m" / "1" / "model.onnx").is_file()
+    card = (tmp_path / "repo" / "m" / "1" / "MODEL_CARD.md").read_text()
+    assert f"Calibration: {why}; test ECE" in card and "- Probabilities are not calibrated" in card

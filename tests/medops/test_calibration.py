@@ -67,3 +67,17 @@ def test_positive_class_bins_by_hand_and_on_calibrated_draws():
     risk = rng.beta(0.6, 1.4, 40000)  # skewed towards low risk, as a screening population is
     assert positive_class_bins(risk, rng.random(40000) < risk)["error"] < 0.02
     assert positive_class_bins(risk ** 0.3, rng.random(40000) < risk)["error"] > 0.2  # overstated risk
+
+
+def test_a_temperature_is_not_trusted_from_a_handful_of_images():
+    from medops.calibration import trusted_temperature
+
+    rng = np.random.default_rng(4)
+    P = random_probs(400, 2, rng)
+    y = sample_labels(P, rng)
+    over = apply_temperature(P, 0.5)  # over-confident: a temperature near 2 undoes it
+    T, reason = trusted_temperature(over, y)
+    assert reason is None and 1.5 < T < 2.6
+    T, reason = trusted_temperature(over[:29], y[:29])
+    assert T is None and reason.startswith("not calibrated: 29 validation images are too few")
+    assert trusted_temperature(over[:30], y[:30])[0] > 0
