@@ -14,7 +14,6 @@ OUT_OF_SCOPE = (
     "training data; not for images outside the input contract below."
 )
 LIMITATIONS = [
-    "Trained and evaluated on a small public benchmark; figures carry wide uncertainty (see the split sizes).",
     "Low-resolution inputs remove detail a clinician would use.",
     "Performance under distribution shift (new scanners, sites, populations) is unknown.",
 ]
@@ -24,15 +23,22 @@ METRIC_NAMES = {"auroc": "AUROC", "acc": "accuracy", "precision": "precision (un
                 "loss": "loss (training objective)"}
 
 
-def limitations(metrics: dict[str, Any]) -> list[str]:
-    """The card's limitations: the fixed ones and what this version's calibration and operating point allow."""
+def limitations(card: dict[str, Any]) -> list[str]:
+    """The card's limitations: the fixed ones and what this version's data, calibration and operating point
+    allow."""
+    metrics, counts = card["metrics"], card["evaluation_data"].get("counts") or []
+    per_image = card["input_contract"].get("task") != "multilabel"  # multi-label counts are positives per label
+    size = f"{sum(counts)} test images" if per_image and counts and all(isinstance(c, int) for c in counts) \
+        else "its test split"
+    data = (f"Trained and evaluated on one dataset; the test figures rest on {size}, so read them with their "
+            "intervals (clinical evaluation), and they say nothing of other sites or scanners.")
     if metrics.get("temperature_in_graph"):
         calibration = ("Probabilities are temperature-scaled on validation; read them as risks only as far as the "
                        "calibration figures above allow.")
     else:
         calibration = "Probabilities are not calibrated (no temperature was fitted): do not read them as risks."
     chosen = " The operating point was chosen on validation." if metrics.get("operating_point") else ""
-    return [*LIMITATIONS[:2], calibration + chosen, *LIMITATIONS[2:]]
+    return [data, LIMITATIONS[0], calibration + chosen, *LIMITATIONS[1:]]
 
 
 def per_class_figures(confusion: list[list[int]] | None, class_names: list[str]) -> list[dict[str, Any]]:
@@ -62,7 +68,7 @@ def architecture(model: dict[str, Any]) -> str:
 def build_card(meta: dict[str, Any]) -> dict[str, Any]:
     """The model card as a JSON-able dict, from the version's metadata."""
     card = _card_sections(meta)
-    card["limitations"] = limitations(card["metrics"])
+    card["limitations"] = limitations(card)
     return card
 
 

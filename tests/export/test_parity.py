@@ -136,6 +136,10 @@ def test_model_card_limitations_follow_the_calibration() -> None:
             "metrics": {"val": {"precision": 0.5}, "test": {"precision": 0.25}}}
     card = render_markdown(build_card(meta))
     assert "- Probabilities are not calibrated (no temperature was fitted): do not read them as risks." in card
+    assert "the test figures rest on its test split, so read them with their intervals" in card
+    meta["data"] = {"counts": {"test": [42, 114]}}  # multi-label: positives per label, not images
+    assert "the test figures rest on its test split" in render_markdown(build_card(meta))
+    assert "the test figures rest on 156 test images" in render_markdown(build_card({**meta, "input": {}}))
     assert "| precision (unweighted mean over the labels) | 0.5000 | 0.2500 |" in card
     assert "P >= 0.5 for each label" in card
     assert "operating point" not in card.split("## Metrics")[1].split("## Clinical")[0]
