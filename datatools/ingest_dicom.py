@@ -59,6 +59,7 @@ import pydicom
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from medops.datasets import class_order
 from medops.deid import PROFILE, deidentify, pseudonym, quiet_pydicom, remap_uid
 from medops.deid_pixels import FLAGGED_MODALITIES, MASK_RULE, burned_in_reason, mask_text
 from medops.dicom import read_dicom
@@ -270,7 +271,7 @@ def write_dataset(dst: Path, fmt: str, rows: list[dict[str, str]],
             writer.writeheader()
             writer.writerows(rows)
     elif arrays:
-        class_names = sorted({a[1] for a in arrays})
+        class_names = class_order([a[1] for a in arrays])[0]  # the order a manifest of the same labels gets
         np.savez_compressed(
             dst / "images.npz",
             images=np.stack([a[0] for a in arrays]),

@@ -107,6 +107,8 @@ def pull_one(client: Any, uids: tuple[str, str, str], key: str, args: argparse.N
         renamed = path.with_name(f"{key}.dcm")  # the report names the instance by its salted digest only
         path.rename(renamed)
         items = _file_items(renamed, renamed.parent, dst, args, result, number, total)
+    for entry in (*result.errors, *result.skipped, *result.quarantined, *result.burned_in):
+        entry["source"] = key  # the instance's digest, as pull_state.json keys it (no source file to locate)
     for item in items or []:
         _store_item(item, args, dst, rows, [])
     return {"rows": rows, "errors": result.errors, "skipped": result.skipped, "quarantined": result.quarantined,

@@ -199,10 +199,13 @@ def load_model_source(cfg: DictConfig) -> tuple[Any, dict[str, Any] | None]:
 
 def _positive_index(cfg: DictConfig, source: Any, names: list[str]) -> int:
     """The clinically positive class as an index: ``positive_class`` (name or index), else the one the run's data
-    declared (``data.positive_class``), else class 1 (runs recorded before it could be declared)."""
+    declared (``data.positive_class``), else the one training took (the run record's ``data.positive_class``), else
+    class 1 (runs recorded before it could be declared)."""
     declared = cfg.positive_class
     if declared is None:
         declared = ((source.record.get("config") or {}).get("data") or {}).get("positive_class")
+    if declared is None:
+        declared = (source.record.get("data") or {}).get("positive_class")
     try:
         return positive_index(names, declared)
     except DataError as exc:
@@ -245,7 +248,7 @@ def calibrate(cfg: DictConfig, P_val_raw: np.ndarray, P_raw: np.ndarray, val: Ev
 
     if task == "multilabel":
         (Pv, yv), (Pe, ye) = label_columns(P_val_raw, val.labels), label_columns(P_raw, ev.labels)
-        temperature, calibration = _calibration(cfg, Pv, yv, Pe, ye)
+        temperature, calibration = _calibration(cfg, Pv, yv, Pe, ye, n_images=len(val.labels))
         scale = sigmoid_temperature
     else:
         temperature, calibration = _calibration(cfg, P_val_raw, val.labels, P_raw, ev.labels)
@@ -256,7 +259,7 @@ def calibrate(cfg: DictConfig, P_val_raw: np.ndarray, P_raw: np.ndarray, val: Ev
 
 
 def _calibration(cfg: DictConfig, P_val_raw: np.ndarray, y_val: np.ndarray, P_raw: np.ndarray,
-                 y: np.ndarray) -> tuple[float | None, dict[str, Any]]:
+                 y: np.ndarray, n_images: int | None = None) -> tuple[float | None, dict[str, Any]]:
     """The temperature (or None) and the calibration figures of class probabilities with integer labels."""
     from medops.calibration import (
         apply_temperature,
@@ -266,7 +269,7 @@ def _calibration(cfg: DictConfig, P_val_raw: np.ndarray, y_val: np.ndarray, P_ra
         trusted_temperature,
     )
 
-    temperature, refused = trusted_temperature(P_val_raw, y_val) if cfg.calibrate else (None, None)
+    temperature, refused = trusted_temperature(P_val_raw, y_val, n_images=n_images) if cfg.calibrate else (None, None)
     if refused:
         log.warning("%s", refused)
     P_val = apply_temperature(P_val_raw, temperature) if temperature else P_val_raw

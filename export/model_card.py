@@ -36,7 +36,7 @@ def limitations(card: dict[str, Any]) -> list[str]:
         calibration = ("Probabilities are temperature-scaled on validation; read them as risks only as far as the "
                        "calibration figures above allow.")
     else:
-        calibration = "Probabilities are not calibrated (no temperature was fitted): do not read them as risks."
+        calibration = "The served probabilities are not temperature-scaled: do not read them as risks."
     chosen = " The operating point was chosen on validation." if metrics.get("operating_point") else ""
     return [data, LIMITATIONS[0], calibration + chosen, *LIMITATIONS[1:]]
 

@@ -103,11 +103,14 @@ def fit_temperature(P_val: Any, y_val: Any, logits: Any = None) -> float:
 MIN_CALIBRATION_IMAGES = 30
 
 
-def trusted_temperature(P_val: Any, y_val: Any, logits: Any = None) -> tuple[float | None, str | None]:
+def trusted_temperature(P_val: Any, y_val: Any, logits: Any = None,
+                        n_images: int | None = None) -> tuple[float | None, str | None]:
     """:func:`fit_temperature`, or ``(None, reason)`` when there are fewer than ``MIN_CALIBRATION_IMAGES``
-    validation images: one parameter fitted to a handful chases them (T = 0.07 fitted on 9 images took a test ECE
-    from 0.01 to 0.46), and the probabilities are better left as they are. Our own rule: no library has one."""
-    n = len(np.asarray(y_val).reshape(-1))
+    validation images (``n_images``; by default one per row of ``y_val``, which for a multi-label task's
+    :func:`label_columns` are (image, label) pairs, so pass the image count): one parameter fitted to a handful
+    chases them (T = 0.07 fitted on 9 images took a test ECE from 0.01 to 0.46), and the probabilities are better
+    left as they are. Our own rule: no library has one."""
+    n = len(np.asarray(y_val).reshape(-1)) if n_images is None else int(n_images)
     if n < MIN_CALIBRATION_IMAGES:
         return None, f"not calibrated: {n} validation images are too few to fit a temperature on (at least " \
                      f"{MIN_CALIBRATION_IMAGES})"

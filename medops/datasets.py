@@ -215,6 +215,24 @@ def fingerprint_of(data: SplitArrays) -> str:
     return dataset_fingerprint({s: (data.images[s], data.labels[s]) for s in SPLITS})
 
 
+NEGATIVE_FINDINGS = frozenset({"normal", "benign", "negative", "healthy", "control", "absent", "unremarkable"})
+
+
+def finding_by_name(class_names: Sequence[str]) -> int | None:
+    """The index of the finding in a binary task whose other class's name reads as no finding (``normal``,
+    ``benign``, ``negative``, ``healthy``, ``no_pneumonia``, ``non_tumor``...: one of ``NEGATIVE_FINDINGS`` as a
+    word, or a name that starts with the word ``no`` or ``non``), so that ``[abnormal, normal]`` takes ``abnormal``
+    whatever the sort order; None when neither or both names read so. Our own rule, for undeclared data only."""
+    def negative(name: str) -> bool:
+        words = [w for w in re.split(r"[^a-z0-9]+", str(name).lower()) if w]
+        return bool(words) and (words[0] in ("no", "non") or any(w in NEGATIVE_FINDINGS for w in words))
+
+    if len(class_names) != 2:
+        return None
+    flags = [negative(n) for n in class_names]
+    return flags.index(False) if flags.count(True) == 1 else None
+
+
 def positive_index(class_names: Sequence[str], positive_class: str | int | None = None) -> int:
     """The index of the clinically positive class (the finding: malignant, pneumonia) of a binary task.
 
@@ -547,9 +565,10 @@ def label_index(labels: list[str], class_names: list[str] | None, source: str,
             log.warning("%s: class names mix numbers and words %s: numbers come first by value, then the words "
                         "alphabetically; set data.class_names to give the order", source, names)
         if _legacy_order(labels) != names:
-            log.warning("%s: classes in order %s; runs trained before this order was fixed recorded %s (see their "
-                        "run.json data.class_names): re-reading their data needs data.class_names=[%s]", source,
-                        names, _legacy_order(labels), ",".join(_legacy_order(labels)))
+            log.warning("%s: classes in order %s; runs trained before this order was fixed recorded %s (their "
+                        "run.json data.class_names, which their evaluation and export use): a new run that must keep "
+                        "it needs data.class_names=[%s]", source, names, _legacy_order(labels),
+                        ",".join(_legacy_order(labels)))
     if info is not None:
         info["class_order"] = order
     index = {name: i for i, name in enumerate(names)}

@@ -84,8 +84,17 @@ MODALITY_TERMS = frozenset(
     "IVUS KER KO LEN LS M3D MG MR NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PA PLAN POS PR PT PX REG RESP RF RG "
     "RTDOSE RTIMAGE RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA "
     "XA XAPROTOCOL XC "
-    "CD CF CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF".split())  # the last line: retired terms
+    "AS CD CF CP CS DD DF DM DS EC FA FS LP MA MS OPR ST VF".split())  # the last line: retired terms
 UNRECOGNISED_MODALITY = "UNRECOGNISED"
+
+
+def modality_term(value: object) -> str:
+    """A Modality value as it may be shown: the defined term (upper case), ``UNRECOGNISED`` for anything else
+    (free text a site typed), ``""`` for none."""
+    text = str(value or "").strip().upper()
+    if not text:
+        return ""
+    return text if text in MODALITY_TERMS else UNRECOGNISED_MODALITY
 
 
 def dicom_modality(path: str | os.PathLike[str]) -> str | None:
@@ -97,10 +106,7 @@ def dicom_modality(path: str | os.PathLike[str]) -> str | None:
             ds = pydicom.dcmread(os.fspath(path), stop_before_pixels=True, specific_tags=["Modality"])
     except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError, EOFError):
         return None
-    value = str(ds.get("Modality") or "").strip().upper()
-    if not value:
-        return None
-    return value if value in MODALITY_TERMS else UNRECOGNISED_MODALITY
+    return modality_term(ds.get("Modality")) or None
 
 
 def modality_warning(path: str | os.PathLike[str], trained_on: Sequence[str]) -> str | None:

@@ -25,6 +25,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from medops.deid import quiet_pydicom
+from medops.dicom import modality_term
 
 __all__ = [
     "PacsError",
@@ -146,7 +147,7 @@ def find_series(client: Any, study_uid: str, series_uid: str | None = None) -> l
     refs = []
     for s in found:
         number, count = _value(s, "00200011"), _value(s, "00201209")
-        refs.append(SeriesRef(study_uid, str(_value(s, "0020000E")), str(_value(s, "00080060") or ""),
+        refs.append(SeriesRef(study_uid, str(_value(s, "0020000E")), modality_term(_value(s, "00080060")),
                               int(number) if number not in (None, "") else None,
                               int(count) if count not in (None, "") else None))
     if not refs:

@@ -434,9 +434,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _source(info: dict[str, Any]) -> str:
-    """The input a batch row came from, as the CSV's ``source`` records it: the absolute path, and the split."""
+    """The input a batch row came from, as the CSV's ``source`` records it: a digest of its absolute path and split,
+    not the path itself (a folder can carry a patient's name, and it would be on every row)."""
+    import hashlib
+
     split = f" split {info['split']}" if info.get("split") else ""
-    return f"{Path(info['source']).resolve()}{split}"
+    return "input " + hashlib.sha256(f"{Path(info['source']).resolve()}{split}".encode()).hexdigest()[:12]
 
 
 # -- predict / batch from a PACS (DICOMweb) ---------------------------------------------------------------------

@@ -312,9 +312,9 @@ def _complete(row: dict[str, str], class_names: Sequence[str]) -> bool:
         return False
     if not (row["model"] and row["argmax"] in class_names):
         return False
-    if row["predicted"] in class_names:
-        return row["predicted_index"] == str(list(class_names).index(row["predicted"]))
-    return row["predicted"] == NO_LABEL or set(row["predicted"].split("+")) <= set(class_names)  # multi-label
+    if row["predicted_index"] == "":  # multi-label: the labels present, `+`-joined, or (none)
+        return row["predicted"] == NO_LABEL or set(row["predicted"].split("+")) <= set(class_names)
+    return row["predicted"] in class_names and row["predicted_index"] == str(list(class_names).index(row["predicted"]))
 
 
 def _prepare_csv(path: Path, columns: list[str], info: ModelInfo, source: str, resume: bool) -> set[str]:
@@ -561,7 +561,10 @@ def _call(rule: DecisionRule, class_names: Sequence[str]) -> dict[str, str]:
 def _metrics(rows: list[dict[str, str]], class_names: Sequence[str], rule: DecisionRule) -> dict[str, Any]:
     """``labelled``, ``accuracy`` of the ``predicted`` decision, ``accuracy_argmax``, ``auroc`` and, for a binary
     operating point or an abnormal call, ``sensitivity`` and ``specificity`` over the predicted rows with a
-    single-class label."""
+    single-class label. None for multi-label versions: a row's labels are a set, which ``python -m
+    evaluation.evaluate`` scores per label."""
+    if rule.kind == "labels":
+        return {}
     labelled = []
     for row in rows:
         if row["error"] or not row["label"]:

@@ -228,9 +228,11 @@ def calibrate(cfg: DictConfig, val: tuple[np.ndarray, np.ndarray], test: tuple[n
     ECE and NLL are those of every (image, label) pair as a binary prediction
     (:func:`medops.calibration.label_columns`).
     """
+    n_images = len(val[1])
     if task == "multilabel":
         val, test = label_columns(*val), label_columns(*test)
-    temperature, refused = trusted_temperature(*val) if cfg.get("calibrate", True) else (None, None)
+    temperature, refused = (trusted_temperature(*val, n_images=n_images) if cfg.get("calibrate", True)
+                            else (None, None))
     if refused:
         log.warning("%s", refused)
 

@@ -202,4 +202,4 @@ def test_a_run_that_left_unreadable_files_out_is_evaluated_and_exported(tmp_path
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and (tmp_path / "repo" / "m" / "1" / "model.onnx").is_file()
     card = (tmp_path / "repo" / "m" / "1" / "MODEL_CARD.md").read_text()
-    assert f"Calibration: {why}; test ECE" in card and "- Probabilities are not calibrated" in card
+    assert f"Calibration: {why}; test ECE" in card and "- The served probabilities are not temperature-scaled" in card

@@ -135,7 +135,7 @@ def test_model_card_limitations_follow_the_calibration() -> None:
             "input": {"task": "multilabel"}, "model": {}, "data": {}, "lineage": {}, "parity": [],
             "metrics": {"val": {"precision": 0.5}, "test": {"precision": 0.25}}}
     card = render_markdown(build_card(meta))
-    assert "- Probabilities are not calibrated (no temperature was fitted): do not read them as risks." in card
+    assert "- The served probabilities are not temperature-scaled: do not read them as risks." in card
     assert "the test figures rest on its test split, so read them with their intervals" in card
     meta["data"] = {"counts": {"test": [42, 114]}}  # multi-label: positives per label, not images
     assert "the test figures rest on its test split" in render_markdown(build_card(meta))
@@ -148,7 +148,7 @@ def test_model_card_limitations_follow_the_calibration() -> None:
     meta["metrics"] |= {"calibration": {"temperature": 1.4, "test": {"ece_before": 0.2}}, "threshold": threshold}
     card = render_markdown(build_card(meta))  # training fitted a temperature, the graph does not apply it
     assert "graph is NOT temperature-scaled" in card and "uncalibrated probabilities, test ECE 0.2000" in card
-    assert "- Probabilities are not calibrated" in card
+    assert "- The served probabilities are not temperature-scaled" in card
     meta["operating_point"] = {"temperature": 1.4}
     card = render_markdown(build_card(meta))
     assert "(T = 1.400, inside the exported graph)" in card

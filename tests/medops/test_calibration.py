@@ -70,7 +70,7 @@ def test_positive_class_bins_by_hand_and_on_calibrated_draws():
 
 
 def test_a_temperature_is_not_trusted_from_a_handful_of_images():
-    from medops.calibration import trusted_temperature
+    from medops.calibration import label_columns, trusted_temperature
 
     rng = np.random.default_rng(4)
     P = random_probs(400, 2, rng)
@@ -81,3 +81,6 @@ def test_a_temperature_is_not_trusted_from_a_handful_of_images():
     T, reason = trusted_temperature(over[:29], y[:29])
     assert T is None and reason.startswith("not calibrated: 29 validation images are too few")
     assert trusted_temperature(over[:30], y[:30])[0] > 0
+    labels = np.tile(y[:10, None], (1, 10))  # 10 images x 10 labels: 100 pairs, still 10 images
+    T, reason = trusted_temperature(*label_columns(over[:10, 1:].repeat(10, 1), labels), n_images=10)
+    assert T is None and reason.startswith("not calibrated: 10 validation images")

@@ -170,3 +170,14 @@ def test_a_manifest_lists_every_malformed_row_with_a_count(tmp_path: Path) -> No
     assert f"{csv}:3: empty label" in message and f"{csv}:4: empty path" in message
     assert f"{csv}:5: unknown split 'holdout'" in message and "... and 8 more" in message
     assert message.count("empty label") == 18  # the first 20 problems are listed one by one
+
+
+@pytest.mark.parametrize(("names", "finding"), [
+    (["abnormal", "normal"], 0), (["Normal", "Pneumonia"], 1), (["benign", "tumor"], 1),
+    (["no_finding", "mass"], 1), (["non_tumor", "tumor"], 1), (["malignant", "normal_or_benign"], 0),
+    (["a", "b"], None), (["benign", "normal"], None), (["x", "y", "normal"], None),
+])
+def test_the_finding_is_the_class_whose_counterpart_reads_as_none(names: list[str], finding: int | None) -> None:
+    from medops.datasets import finding_by_name
+
+    assert finding_by_name(names) == finding

@@ -501,12 +501,31 @@ def test_cli_folder_reports_skipped_types_and_empty_dicom_and_refuses_another_so
     rows = read_rows(out)
     blank = next(r for r in rows if r["path"].endswith("blank.dcm"))
     assert len(rows) == 11 and blank["error"].endswith("blank.dcm: empty file (0 bytes)")
-    assert {r["source"] for r in rows} == {str(image_folder.resolve())}
+    (source,) = {r["source"] for r in rows}  # one input, named by a digest: a folder name can identify someone
+    assert source.startswith("input ") and len(source) == 18 and image_folder.name not in source
     before = out.read_bytes()
     other = tmp_path / "other"
     shutil.copytree(image_folder / "benign", other)
     second = run_serve("batch", str(other), *common)
     assert second.returncode == 2, second.stdout + second.stderr
-    assert f"from {image_folder.resolve()}, but this run uses {served.model} v1 on {other.resolve()}" in second.stderr
+    assert f"from {source}, but this run uses {served.model} v1 on input " in second.stderr
     assert "--no-resume" in second.stderr and "Traceback" not in second.stderr
     assert out.read_bytes() == before  # nothing lost
+
+
+def test_multilabel_rows_resume_whatever_labels_they_hold(tmp_path: Path) -> None:
+    """A multi-label row's `predicted` is a set (`a`, `a+b`, `(none)`): every one is complete, so a resume keeps
+    them all instead of predicting them again; a set of labels has no single-class accuracy to report."""
+    labels = ["a", "b", "c"]
+    backend = FakeBackend(labels)
+    backend.info.extra = {"metadata": {"input": {"task": "multilabel"},
+                                       "operating_point": {"label_thresholds": {"a": 1e-4, "b": 0.007, "c": 0.9935}}}}
+    items = array_items(6, labels=False)
+    out = tmp_path / "labels.csv"
+    first = run_batch(items, backend, out, progress=False)
+    rows = read_rows(out)
+    assert first.done_now == 6 and [r["predicted"] for r in rows] == ["(none)", "c", "a+b", "c", "a+b", "a+b"]
+    assert {r["predicted_index"] for r in rows} == {""}
+    again = run_batch(items, backend, out, progress=False)
+    assert again.skipped == 6 and again.done_now == 0 and len(read_rows(out)) == 6
+    assert again.accuracy is None and first.accuracy is None

@@ -241,6 +241,18 @@ def test_binary_folder_without_declared_finding_takes_the_second_sorted_name(tmp
     assert dm.class_names == ["benign", "tumor"] and dm.positive_class == "tumor"
 
 
+def test_undeclared_finding_is_the_class_that_is_not_normal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """[abnormal, normal] sorts abnormal first: class 1 would make "normal" the finding; the name rule does not, and
+    the run record says it was taken, not declared."""
+    dm = FolderDataModule(str(_grade_folder(tmp_path / "an", ("normal", "abnormal"))), image_size=8)
+    with caplog.at_level("WARNING"):
+        dm.setup()
+    assert dm.class_names == ["abnormal", "normal"] and dm.positive_class == "abnormal"
+    assert dm.summary()["positive_class"] == "abnormal" and dm.summary()["positive_class_declared"] is False
+    assert "abnormal is taken as the positive class (the finding; the other class, normal, reads as no finding)" \
+        in caplog.text
+
+
 def test_breastmnist_class_order_is_unaffected(breastmnist: Path) -> None:
     named = MedMNISTDataModule(str(breastmnist), class_names=["malignant", "normal_or_benign"],
                                positive_class="malignant")

@@ -15,6 +15,7 @@ every fold of a sweep records the same one.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from medops.datasets import (
     channel_stats,
     check_fold,
     check_grade_order,
+    finding_by_name,
     fingerprint_of,
     label_counts,
     positive_index,
@@ -97,6 +99,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
         self.declared_task = task
         self.task = ""  # resolved by prepare(): binary, multiclass, ordinal or multilabel
         self.declared_positive = positive_class
+        self.inferred_positive: int | None = None  # undeclared binary data: see _infer_positive
         self.declared_modality = [modality] if isinstance(modality, str) else list(modality or [])
         self.declared_abnormal, self.ordinal_cutoff = list(abnormal_classes or []), ordinal_cutoff
         self.batch_size = batch_size
@@ -145,11 +148,20 @@ class ImageClassificationDataModule(L.LightningDataModule):
             elif self.declared_abnormal or self.ordinal_cutoff is not None:
                 log.warning("data.abnormal_classes/ordinal_cutoff apply to multi-class data; ignored for multi-label")
             if self.task == "binary" and self.declared_positive is None:
-                log.warning("data.positive_class is not declared: class 1 (%s) is taken as the positive class (the "
-                            "finding); set data.positive_class=<name> if that is wrong", data.class_names[1])
+                self._infer_positive(data.class_names)
             self.datasets = {s: ArrayDataset(data.images[s], data.labels[s]) for s in SPLITS}
             self.data = data
         return self.data
+
+    def _infer_positive(self, names: Sequence[str]) -> None:
+        """Undeclared binary data: the class whose counterpart's name reads as no finding (``[abnormal, normal]``:
+        abnormal), else class 1; said in a warning, and recorded in the run record as the positive class."""
+        guess = finding_by_name(names)
+        self.inferred_positive = 1 if guess is None else guess
+        why = ("class 1 of the class order" if guess is None
+               else f"the other class, {names[1 - guess]}, reads as no finding")
+        log.warning("data.positive_class is not declared: %s is taken as the positive class (the finding; %s); set "
+                    "data.positive_class=<name> if that is wrong", names[self.inferred_positive], why)
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
@@ -174,7 +186,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
     def positive_class(self) -> str | None:
         """The clinically positive class of a binary task by name (``None`` for other tasks)."""
         names = self.class_names
-        return names[positive_index(names, self.declared_positive)] if self.task == "binary" else None
+        if self.task != "binary":
+            return None
+        declared = self.declared_positive if self.declared_positive is not None else self.inferred_positive
+        return names[positive_index(names, declared)]
 
     @property
     def abnormal(self) -> list[int] | None:
