@@ -22,7 +22,7 @@ from rich.progress import track
 
 from medops.errors import ImageReadError
 from medops.fingerprint import dataset_fingerprint, file_md5
-from medops.io import SUPPORTED_SUFFIXES, fit_to_model, read_image
+from medops.io import SUPPORTED_SUFFIXES, fit_to_model, read_image, refuse_blank
 
 log = logging.getLogger(__name__)
 
@@ -565,10 +565,10 @@ def label_index(labels: list[str], class_names: list[str] | None, source: str,
             log.warning("%s: class names mix numbers and words %s: numbers come first by value, then the words "
                         "alphabetically; set data.class_names to give the order", source, names)
         if _legacy_order(labels) != names:
-            log.warning("%s: classes in order %s; runs trained before this order was fixed recorded %s (their "
-                        "run.json data.class_names, which their evaluation and export use): a new run that must keep "
-                        "it needs data.class_names=[%s]", source, names, _legacy_order(labels),
-                        ",".join(_legacy_order(labels)))
+            log.info("%s: classes in order %s. Only for runs on this data trained before 2026-11-28, which sorted "
+                     "names differently: they recorded %s (their evaluation and export keep it); a new run that must "
+                     "match them needs data.class_names=[%s]", source, names, _legacy_order(labels),
+                     ",".join(_legacy_order(labels)))
     if info is not None:
         info["class_order"] = order
     index = {name: i for i, name in enumerate(names)}
@@ -715,7 +715,9 @@ class FolderDataset:
             raise ImageReadError(str(sample.path), "Git LFS pointer file: the LFS object is not fetched (git lfs pull)")
         if sample.path.is_file() and sample.path.stat().st_size == 0:
             raise ImageReadError(str(sample.path), "empty file (0 bytes)")
-        img = read_image(sample.path, window=self.window)  # type: ignore[arg-type]
+        # a blank image is refused as serving refuses it: it is reported (and left out with allow_corrupt) rather
+        # than trained on and counted in the test figures
+        img = refuse_blank(sample.path, read_image(sample.path, window=self.window))  # type: ignore[arg-type]
         return img, fit_to_model(img, self.size, self.out_channels)
 
     def scan(self) -> ScanResult:

@@ -303,11 +303,16 @@ def test_corrupt_files_reported_and_cli_exit_codes(tmp_path: Path) -> None:
     ds = pydicom.dcmread(REPO / "tests" / "data" / "CT_small.dcm")
     del ds.PixelData
     ds.save_as(root / "bad" / "nopixels.dcm")
-    extra = [{"path": f"bad/{n}", "label": "a", "split": "train"} for n in ("broken.png", "empty.png", "nopixels.dcm")]
+    from PIL import Image
+
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "bad" / "blank.png")  # nothing to classify
+    names = ("broken.png", "empty.png", "nopixels.dcm", "blank.png")
+    extra = [{"path": f"bad/{n}", "label": "a", "split": "train"} for n in names]
     csv_path = _split_csv(root, extra=extra)
     report = run_validation(FolderDataModule(str(csv_path), image_size=32), {})
     bad = {Path(f["path"]).name: f["reason"] for f in report["corrupt"]["files"]}
-    assert set(bad) == {"broken.png", "empty.png", "nopixels.dcm"} and "empty" in bad["empty.png"]
+    assert set(bad) == set(names) and "empty" in bad["empty.png"]
+    assert bad["blank.png"] == "blank image: every pixel has the value 0 (nothing to classify)"
     assert report["geometry"]["original_sizes"] == {"32x32x1": 24}
 
     out = tmp_path / "v1"

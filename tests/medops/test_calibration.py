@@ -84,3 +84,26 @@ def test_a_temperature_is_not_trusted_from_a_handful_of_images():
     labels = np.tile(y[:10, None], (1, 10))  # 10 images x 10 labels: 100 pairs, still 10 images
     T, reason = trusted_temperature(*label_columns(over[:10, 1:].repeat(10, 1), labels), n_images=10)
     assert T is None and reason.startswith("not calibrated: 10 validation images")
+
+
+def test_a_temperature_that_raises_the_validation_ece_is_not_applied():
+    """A weak model's probabilities sit near 0.5; the NLL-optimal temperature sharpens them a lot (T ~ 0.06) and
+    the validation ECE rises: such a temperature is refused, a sound one on the same data kind is kept."""
+    from medops.calibration import trusted_temperature
+
+    rng = np.random.default_rng(0)
+    refused = kept = 0
+    for _ in range(40):
+        y = rng.integers(0, 2, 40)
+        p = 1 / (1 + np.exp(-0.05 * (rng.normal(0, 1, 40) + (y * 2 - 1) * 0.8)))
+        P = np.c_[1 - p, p]
+        T, reason = trusted_temperature(P, y)
+        fitted = fit_temperature(P, y)
+        rise = expected_calibration_error(apply_temperature(P, fitted), y) - expected_calibration_error(P, y)
+        if rise > 0.05:
+            refused += 1
+            assert T is None and reason.startswith(f"not calibrated: the fitted temperature {fitted:.3g} raises")
+        else:
+            kept += 1
+            assert T == fitted and reason is None
+    assert refused >= 1 and kept >= 1

@@ -76,7 +76,9 @@ def test_fewer_patients_than_folds_is_a_data_error(tmp_path: Path) -> None:
     rows = []
     for i in range(12):
         path = tmp_path / f"{i}.png"
-        Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(path)
+        image = np.full((8, 8), 20 * i, np.uint8)
+        image[0, 0] += 1  # one pixel apart: a blank image is refused as data
+        Image.fromarray(image).save(path)
         patient = f"p{i % 3}" if i < 10 else "p9"
         rows.append({"path": str(path), "label": "ab"[i % 2], "patient_id": patient,
                      "split": "test" if i >= 10 else ("val" if patient == "p2" else "train")})
