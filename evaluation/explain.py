@@ -560,8 +560,9 @@ def explanation_grid(
     titles = [f"{'correct' if expl.predicted_class[k] == y[i] else 'WRONG'}: true {expl.class_name(y[i])}\n"
               f"pred {expl.class_name(int(expl.predicted_class[k]))} (p={expl.probability[k]:.2f})"
               for k, i in enumerate(sel)]
-    suptitle = (f"{n_ok} correct, {n_bad} wrong of {len(y)}; shown: {min(n_ok, n_correct)} correct, "
-                f"{min(n_bad, n_wrong)} wrong\n{sanity_line(expl)}")
+    suptitle = (f"{n_ok} correct, {n_bad} wrong of {len(y)} at the arg-max class; shown: {min(n_ok, n_correct)} "
+                f"correct, {min(n_bad, n_wrong)} wrong\n(the maps explain the arg-max class; a binary operating point "
+                f"can decide otherwise)\n{sanity_line(expl)}")
     png, _ = _figure(expl, titles, Path(path), suptitle=suptitle)
     expl.save(png.with_suffix(".npz"))
     return png
