@@ -213,7 +213,7 @@ def _nifti_items(path: Path, rel: Path, label: str, args: argparse.Namespace) ->
     except ImageReadError as err:
         raise ImageReadError(str(rel), err.reason) from None
     pid = pseudonym("nifti:" + rel.as_posix(), args.salt)
-    stem = f"{pid}_{_h(args.salt, 'nifti', rel.as_posix(), n=8)}_{_h(args.salt, 'file', rel.as_posix(), n=8)}"
+    stem = f"{pid}_{_h(args.salt, 'nifti', rel.as_posix(), n=8)}_{source_key(args.salt, rel)}"
     return [Item(img, f"{stem}_{i:04d}", label, pid) for i, img in enumerate(slices)]
 
 
